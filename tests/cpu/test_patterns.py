@@ -1,0 +1,161 @@
+"""Pattern estimation: invariants of the selection, and the batched estimator against the spec."""
+
+import pytest
+import torch
+
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.kernels.naive import naive_probe_stats
+from vllm_flexprefill.kernels.probe import probe_stats
+from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
+from vllm_flexprefill.patterns.estimate import probe_masses, select_blocks
+from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.patterns.naive import naive_head_selection, naive_select_blocks
+from vllm_flexprefill.testing import planted_inputs
+
+BS = 32
+
+
+def test_js_distance_is_nan_free_and_bounded():
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    d = js_distance(p, q)
+    assert torch.isfinite(d).all()
+    assert d[0] == pytest.approx(torch.log(torch.tensor(2.0)).sqrt().item(), abs=1e-6)
+    assert d[1] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < d[2] < d[0]
+
+
+def test_coverage_select_reaches_gamma_with_fewest_blocks():
+    torch.manual_seed(0)
+    mass = torch.softmax(torch.randn(5, 40) * 2, -1)
+    valid = torch.ones_like(mass, dtype=torch.bool)
+    forced = torch.zeros_like(valid)
+    forced[:, 0] = True
+    sel = coverage_select(mass, valid, forced, 0.8, 1, 40)
+    for row in range(5):
+        chosen = mass[row][sel[row]]
+        assert sel[row, 0], "forced block is always chosen"
+        assert chosen.sum() >= 0.8 - 1e-6
+        # dropping the lightest chosen non-forced block falls below gamma
+        rest = mass[row][sel[row] & ~forced[row]]
+        assert chosen.sum() - rest.min() < 0.8
+
+
+def test_coverage_select_respects_budgets_and_validity():
+    mass = torch.full((2, 10), 0.1)
+    valid = torch.arange(10) < torch.tensor([[6], [10]])
+    sel = coverage_select(mass, valid, torch.zeros(2, 10, dtype=torch.bool), 1.0, torch.tensor([2, 2]),
+                          torch.tensor([3, 3]))
+    assert sel.sum(-1).tolist() == [3, 3]
+    assert not sel[0, 6:].any()
+    sel = coverage_select(mass, valid, torch.zeros(2, 10, dtype=torch.bool), 0.01, 8, 9)
+    assert sel.sum(-1).tolist() == [6, 8], "min budget is capped by the valid blocks"
+
+
+def probe_distribution_from_scores(q, k, scale):
+    """Dense fp32 vertical/slash masses for one head, to check probe_masses."""
+    n_probe, k_len = q.shape[0], k.shape[0]
+    probe_pos = torch.arange(k_len - n_probe, k_len)
+    s = scale * q.float() @ k.float().T
+    s = s.masked_fill(torch.arange(k_len)[None, :] > probe_pos[:, None], float("-inf"))
+    a = torch.softmax(s, -1)
+    nb = -(-k_len // BS)
+    col = torch.arange(k_len) // BS
+    vertical = torch.zeros(nb).index_add_(0, col, a.sum(0)) / n_probe
+    off = (probe_pos // BS)[:, None] - col[None, :]
+    slash = torch.zeros(nb).index_add_(0, off.clamp_min(0).flatten(), a.flatten()) / n_probe
+    return vertical, slash
+
+
+@pytest.mark.parametrize("n_probe,k_len", [(32, 200), (7, 7), (20, 97)])
+def test_probe_masses_match_dense_probe(n_probe, k_len):
+    torch.manual_seed(k_len)
+    q = torch.randn(n_probe, 2, 64)
+    k = torch.randn(k_len, 1, 64)
+    m, l = naive_probe_stats(q, k, BS, 0.125)
+    vertical, slash = probe_masses(m, l, n_probe, k_len, BS)
+    for h in range(2):
+        v_ref, s_ref = probe_distribution_from_scores(q[:, h], k[:, 0], 0.125)
+        torch.testing.assert_close(vertical[h], v_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(slash[h], s_ref, atol=1e-5, rtol=0)
+        assert vertical[h].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+CONFIGS = [
+    pytest.param(FlexPrefillConfig(gamma=0.9, tau=0.0, min_budget=64, sparse_block_size=BS, min_sparse_tokens=0),
+                 id="vertical-slash"),
+    pytest.param(FlexPrefillConfig(gamma=0.95, tau=0.1, min_budget=None, max_budget=160, sparse_block_size=BS,
+                                   min_sparse_tokens=0), id="capped"),
+    pytest.param(FlexPrefillConfig(gamma=0.8, tau=0.8, min_budget=32, sparse_block_size=BS, min_sparse_tokens=0),
+                 id="query-aware"),
+]
+
+
+def batch():
+    q_lens, k_lens = [700, 300, 90], [700, 900, 90]
+    q, k, _ = planted_inputs(q_lens, k_lens, 4, 2, 64, dtype=torch.bfloat16, seed=3)
+    return q, k, BatchLayout.build(q_lens, k_lens, BS, "cpu")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_selection_invariants(cfg):
+    q, k, layout = batch()
+    sel = naive_select_blocks(q, k, layout, cfg, 0.125)
+    idx, cnt = sel.block_idx, sel.block_cnt
+    rows = layout.tile_row.long()
+    for t in range(layout.num_tiles):
+        r = rows[t].item()
+        for h in range(q.shape[1]):
+            ids = idx[h, t, :cnt[h, t]]
+            assert (idx[h, t, cnt[h, t]:] == -1).all(), "padding is -1"
+            assert torch.equal(ids, torch.unique(ids)), "sorted and unique"
+            assert ids.max() <= r and ids.min() >= 0, "causal"
+            assert ids[0] == 0 and ids[-1] == r, "sink and diagonal"
+    # budgets: on a vertical-slash head's last tile row every chosen vertical and every
+    # chosen offset shows once, so the row holds between min_blocks and 2 * max_blocks blocks
+    for s in range(layout.num_seqs):
+        last = layout.first_tile[s + 1] - 1
+        nb = layout.num_key_blocks(s)
+        for h in range(q.shape[1]):
+            if sel.query_aware[s, h]:
+                continue
+            assert cnt[h, last] >= min(cfg.min_blocks, nb)
+            if cfg.max_blocks is not None:
+                assert cnt[h, last] <= 2 * cfg.max_blocks
+
+
+def test_vertical_slash_coverage_reaches_gamma():
+    q, k, layout = batch()
+    cfg = FlexPrefillConfig(gamma=0.9, tau=0.0, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
+    n_probe = BS  # 700 >= BS queries, so the probe is one full block
+    for h in range(4):
+        mask, qa = naive_head_selection(q[:700, h], k[:700, h // 2], 700, cfg, 0.125)
+        vertical, slash = probe_distribution_from_scores(q[700 - n_probe:700, h], k[:700, h // 2], 0.125)
+        # the last tile row holds every chosen column and every chosen offset (nb - 1 - c)
+        cols = mask[-1].nonzero().flatten()
+        nb = mask.shape[1]
+        assert not qa
+        assert vertical[cols].sum() >= 0.9 - 1e-5
+        assert slash[nb - 1 - cols].sum() >= 0.9 - 1e-5
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("probe", [naive_probe_stats, probe_stats], ids=["torch-probe", "triton-probe"])
+def test_batched_estimator_matches_spec(cfg, probe):
+    q, k, layout = batch()
+    spec = naive_select_blocks(q, k, layout, cfg, 0.125)
+    got = select_blocks(q, k, layout, cfg, 0.125, probe)
+    assert torch.equal(got.query_aware, spec.query_aware)
+    assert torch.equal(got.block_cnt, spec.block_cnt)
+    assert torch.equal(got.block_idx, spec.block_idx)
+
+
+def test_dense_sequences_keep_every_causal_block():
+    q, k, _ = batch()
+    layout = BatchLayout.build([700, 300, 90], [700, 900, 90], BS, "cpu", sparse=[False, True, False])
+    cfg = FlexPrefillConfig(gamma=0.5, tau=0.0, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
+    sel = select_blocks(q, k, layout, cfg, 0.125, naive_probe_stats)
+    density = sel.density(layout)
+    assert (density[0] == 1).all() and (density[2] == 1).all()
+    assert (density[1] < 1).all()
+    assert not sel.query_aware[0].any()

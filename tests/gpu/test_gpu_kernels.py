@@ -1,0 +1,106 @@
+"""Triton kernels and the whole method on CUDA: against the PyTorch twins and dense SDPA."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
+from vllm_flexprefill.kernels.probe import probe_stats
+from vllm_flexprefill.patterns.estimate import select_blocks
+from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.patterns.naive import naive_select_blocks
+from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, planted_inputs, random_block_lists, rel_err
+
+DEV = "cuda"
+
+
+def cu(lens):
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bs,d,density", [(128, 128, 0.3), (64, 64, 0.5), (128, 64, 1.0), (64, 256, 0.2),
+                                          (128, 256, 0.1)])
+def test_block_sparse_attention_matches_naive(bs, d, density, dtype):
+    torch.manual_seed(bs + d)
+    q_lens, k_lens = [1000, 333, 1], [1000, 1700, 300]
+    layout = BatchLayout.build(q_lens, k_lens, bs, DEV)
+    q = torch.randn(sum(q_lens), 8, d, dtype=dtype, device=DEV)
+    k = torch.randn(sum(k_lens), 2, d, dtype=dtype, device=DEV)
+    v = torch.randn(sum(k_lens), 2, d, dtype=dtype, device=DEV)
+    idx, cnt = random_block_lists(layout, 8, density)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+                           idx, cnt, bs, d ** -0.5, out=out)
+    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, d ** -0.5)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("n_probe,k_len,bs", [(128, 8192, 128), (77, 5000, 64), (128, 4097, 128)])
+def test_probe_stats_matches_naive(n_probe, k_len, bs):
+    torch.manual_seed(k_len)
+    q = torch.randn(n_probe, 8, 128, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(k_len, 2, 128, dtype=torch.bfloat16, device=DEV)
+    m, l = probe_stats(q, k, bs, 128 ** -0.5)
+    m_ref, l_ref = naive_probe_stats(q, k, bs, 128 ** -0.5)
+    assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
+    finite = torch.isfinite(m_ref)
+    torch.testing.assert_close(m[finite], m_ref[finite], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(l, l_ref, atol=1e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.8])
+def test_gpu_estimator_matches_spec(tau):
+    q_lens, k_lens = [4096, 1500], [4096, 6000]
+    q, k, _ = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=7)
+    layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
+    cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=512, sparse_block_size=128, min_sparse_tokens=0)
+    spec = naive_select_blocks(q, k, layout, cfg, 128 ** -0.5)
+    got = select_blocks(q, k, layout, cfg, 128 ** -0.5, probe_stats)
+    assert torch.equal(got.query_aware, spec.query_aware)
+    # bf16 scores on the tensor cores may reorder near-equal blocks; allow a tiny disagreement
+    differ = (got.block_idx != spec.block_idx).any(-1).float().mean().item()
+    assert differ < 0.01, f"{differ:.2%} of (head, tile) block lists differ from the spec"
+
+
+def sdpa_causal(q, k, v):
+    g = q.shape[2] // k.shape[2]
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(g, 1), v.transpose(1, 2).repeat_interleave(g, 1),
+        is_causal=True).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n", [8192, 32768])
+def test_exact_mode_equals_dense(n):
+    torch.manual_seed(n)
+    q = torch.randn(1, n, 32, 128, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(1, n, 8, 128, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(1, n, 8, 128, dtype=torch.bfloat16, device=DEV)
+    out = flex_prefill_attention(q, k, v, min_budget=n, min_sparse_tokens=0)
+    ref = sdpa_causal(q, k, v)
+    assert rel_err(out, ref) < 1e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.parametrize("n", [8192, 32768, 131072])
+def test_planted_structure_long(n):
+    # a whole prompt plus a chunk that continues a cached context of the same length
+    q_lens, k_lens = [n, 4096], [n, n]
+    q, k, v = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=n % 97, needles=12)
+    kw = dict(gamma=0.95, tau=0.1, min_budget=1024, block_size=128, min_sparse_tokens=0)
+    out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), **kw)
+    ref = torch.cat([
+        sdpa_causal(q[None, :n], k[None, :n], v[None, :n])[0],
+        flex_prefill_attention_varlen(q[n:], k[n:], v[n:], cu([4096]), cu([n]), min_budget=n, min_sparse_tokens=0),
+    ])
+    stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), **kw)
+    density = stats.density.mean().item()
+    print(f"n={n} density={density:.3f} rel_err={rel_err(out, ref):.4f}")
+    assert rel_err(out, ref) < PLANTED_REL_ERR
+    assert density < 0.5

@@ -1,0 +1,248 @@
+"""FlexPrefill attention: estimate the blocks that matter, then attend to those only.
+
+Shapes (docs/algorithm.md): B batch, N tokens per sequence, T packed tokens, HQ query
+heads, H key/value heads (HQ = G * H, query head h reads kv head h // G), D head dim.
+
+    selection = select_blocks(q, k, layout, config, scale)   # patterns/
+    out = block_sparse_attention(q, k, v, layout, selection)  # kernels/
+
+CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch twins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexPrefillStats:
+    """What the estimation chose, for inspection.
+
+    density: [N, HQ] computed blocks / causal blocks per sequence and query head.
+    query_aware: [N, HQ] bool, heads that took the query-aware pattern.
+    sparse: per sequence, whether it ran the estimation (False: dense).
+    """
+
+    density: torch.Tensor
+    query_aware: torch.Tensor
+    sparse: tuple[bool, ...]
+
+
+def make_config(
+    gamma: float, tau: float, min_budget: int | None, max_budget: int | None, block_size: int,
+    min_sparse_tokens: int | None,
+) -> FlexPrefillConfig:
+    """Config of the functional API. Without ``min_sparse_tokens``, sequences of at most
+    ``max(2 * block_size, min_budget)`` keys run dense (their budget would cover them)."""
+    if min_sparse_tokens is None:
+        min_sparse_tokens = max(2 * block_size, min_budget or 0) + 1
+    return FlexPrefillConfig(gamma=gamma, tau=tau, min_budget=min_budget, max_budget=max_budget,
+                             sparse_block_size=block_size, min_sparse_tokens=min_sparse_tokens)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> None:
+    """Raises ValueError naming the argument and what is allowed."""
+    layout = "[T, heads, head_dim]" if packed else "[B, N, heads, head_dim]"
+    ndim = 3 if packed else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+        allowed = (torch.float16, torch.bfloat16) if t.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} must be one of {[str(d) for d in allowed]} on {t.device.type}, got {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got {t.dtype} on {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[-2]}) must be a multiple of the number of "
+                         f"key/value heads ({k.shape[-2]})")
+    if not packed and (q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]):
+        raise ValueError(f"q and k must have the same batch size and length for causal prefill, got "
+                         f"{tuple(q.shape[:2])} and {tuple(k.shape[:2])}; use flex_prefill_attention_varlen "
+                         f"for queries that are the end of a longer key range")
+
+
+def lengths(cu_seqlens: torch.Tensor, name: str, total: int) -> list[int]:
+    """Host lengths from cumulative offsets (one device-to-host copy when on the GPU)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor [num_seqs + 1] of cumulative lengths")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must start at 0, not decrease and end at {total} (the packed length), "
+                         f"got {offsets}")
+    return [b - a for a, b in zip(offsets, offsets[1:])]
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
+                  scale: float) -> BlockSelection:
+    """Chooses the key blocks of every (query head, query tile); see patterns/."""
+    if q.is_cuda:
+        from vllm_flexprefill.kernels.probe import probe_stats
+        from vllm_flexprefill.patterns.estimate import select_blocks as batched
+
+        return batched(q, k, layout, cfg, scale, probe_stats)
+    from vllm_flexprefill.patterns.naive import naive_select_blocks
+
+    return naive_select_blocks(q, k, layout, cfg, scale)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
+                     selection: BlockSelection, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attends to the selected blocks; see kernels/."""
+    if q.is_cuda:
+        from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+
+        with torch.cuda.device(q.device):
+            return block_sparse_attention(
+                q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out)
+    from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
+
+    result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def plan_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                cfg: FlexPrefillConfig) -> BatchLayout:
+    q_lens = lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    k_lens = lengths(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if len(q_lens) != len(k_lens):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{len(q_lens)} and {len(k_lens)}")
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        if not 0 < ql <= kl:
+            raise ValueError(f"sequence {i}: need 0 < q_len <= k_len (queries are the last q_len of the k_len "
+                             f"positions), got q_len={ql}, k_len={kl}")
+    sparse = [kl >= cfg.min_sparse_tokens for kl in k_lens]
+    return BatchLayout.build(q_lens, k_lens, cfg.sparse_block_size, q.device, sparse)
+
+
+def scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def flex_prefill_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    gamma: float = 0.95,
+    tau: float = 0.1,
+    min_budget: int | None = 1024,
+    max_budget: int | None = None,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+    min_sparse_tokens: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FlexPrefill over a packed batch; each sequence's queries end its key range.
+
+    Args:
+        q: [Tq, HQ, D]; k, v: [Tk, H, D]; bf16 or fp16 (fp32 too on the CPU).
+        cu_seqlens_q, cu_seqlens_k: [N + 1] int32 cumulative lengths. Sequence i has
+            ``q_len <= k_len``: its queries sit at key positions ``k_len - q_len ..
+            k_len - 1`` (chunked prefill, prefix-cache hits), causal.
+        gamma, tau, min_budget, max_budget, block_size: see ``FlexPrefillConfig``.
+        softmax_scale: Default: 1 / sqrt(D).
+        min_sparse_tokens: sequences with fewer keys run dense. Default:
+            ``max(2 * block_size, min_budget) + 1``.
+        out: optional [Tq, HQ, D] buffer written in place.
+    Returns:
+        [Tq, HQ, D] in q's dtype.
+    """
+    check_inputs(q, k, v, packed=True)
+    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
+    scale = scale_or_default(softmax_scale, q.shape[-1])
+    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
+    selection = select_blocks(q, k, layout, cfg, scale)
+    return sparse_attention(q, k, v, layout, selection, scale, out=out)
+
+
+def flex_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: float = 0.95,
+    tau: float = 0.1,
+    min_budget: int | None = 1024,
+    max_budget: int | None = None,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+    min_sparse_tokens: int | None = None,
+) -> torch.Tensor:
+    """Causal FlexPrefill attention for a batch of equal-length prompts.
+
+    Args:
+        q: [B, N, HQ, D]; k, v: [B, N, H, D]; bf16 or fp16 (fp32 too on the CPU).
+        gamma, tau, min_budget, max_budget, block_size, softmax_scale, min_sparse_tokens:
+            as in ``flex_prefill_attention_varlen``.
+    Returns:
+        [B, N, HQ, D] in q's dtype.
+    """
+    check_inputs(q, k, v, packed=False)
+    b, n = q.shape[:2]
+    cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+    out = flex_prefill_attention_varlen(
+        q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]), v.reshape(b * n, *v.shape[2:]),
+        cu, cu, gamma, tau, min_budget, max_budget, block_size, softmax_scale, min_sparse_tokens)
+    return out.view(b, n, *out.shape[1:])
+
+
+def flex_prefill_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    gamma: float = 0.95,
+    tau: float = 0.1,
+    min_budget: int | None = 1024,
+    max_budget: int | None = None,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+    min_sparse_tokens: int | None = None,
+) -> FlexPrefillStats:
+    """What FlexPrefill would choose for these inputs: density and query-aware heads.
+
+    Takes the batched layout (q [B, N, HQ, D], k [B, N, H, D], no cu_seqlens) or the packed
+    one (q [Tq, HQ, D], k [Tk, H, D] with cu_seqlens_q/k).
+    """
+    packed = cu_seqlens_q is not None
+    check_inputs(q, k, k, packed=packed)
+    if not packed:
+        b, n = q.shape[:2]
+        cu_seqlens_q = cu_seqlens_k = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+        q, k = q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:])
+    elif cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_k is required with cu_seqlens_q")
+    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
+    scale = scale_or_default(softmax_scale, q.shape[-1])
+    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
+    selection = select_blocks(q, k, layout, cfg, scale)
+    return FlexPrefillStats(selection.density(layout), selection.query_aware, layout.sparse)

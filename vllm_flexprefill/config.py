@@ -1,0 +1,108 @@
+"""FlexPrefill hyper-parameters: one frozen dataclass, validated when it is built.
+
+The same dictionary shape is read from vLLM's ``additional_config["flexprefill"]``
+(``--additional-config '{"flexprefill": {...}}'``) and accepted by the functional API.
+The reference implementation's keys (``flex_prefill_gamma``, ``block_size``, ...) are
+accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+# Reference-code keys (bytedance/FlexPrefill ``patch_model_config``) -> our field names.
+REFERENCE_ALIASES = {
+    "block_size": "sparse_block_size",
+    "flex_prefill_gamma": "gamma",
+    "flex_prefill_tau": "tau",
+    "flex_prefill_min_budget": "min_budget",
+    "flex_prefill_max_budget": "max_budget",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexPrefillConfig:
+    """How FlexPrefill chooses the attention blocks it computes."""
+
+    gamma: float = 0.95
+    """Coverage gamma in (0, 1]: the chosen vertical blocks carry at least this share of
+    the probe's vertical attention mass, and the chosen slash (block-diagonal) offsets at
+    least this share of its slash mass. Higher is denser and more accurate."""
+
+    tau: float = 0.1
+    """Pattern threshold tau >= 0: a head whose Jensen-Shannon distance between the
+    pooled estimate and the probe's true block distribution is below tau is query-aware.
+    0 makes every head vertical-slash."""
+
+    min_budget: int | None = 1024
+    """Fewest tokens of vertical blocks and of slash blocks each head keeps (rounded up
+    to whole blocks). None keeps only the forced sink and diagonal."""
+
+    max_budget: int | None = None
+    """Most tokens of vertical blocks and of slash blocks a head may keep (rounded up to
+    whole blocks). None: no cap."""
+
+    sparse_block_size: int = 128
+    """Tile of the sparse pattern and kernels, in tokens (not vLLM's KV page size)."""
+
+    min_sparse_tokens: int = 8192
+    """Sequences whose key length is below this run dense attention: below it the
+    estimation costs more than the skipped blocks save."""
+
+    def __post_init__(self) -> None:
+        where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r} {where}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau >= 0.0 or math.isinf(self.tau):
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r} {where}")
+        for name in ("min_budget", "max_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of tokens or None, got {value!r} {where}")
+        if self.min_budget is not None and self.max_budget is not None and self.min_budget > self.max_budget:
+            raise ValueError(
+                f"min_budget ({self.min_budget}) must not exceed max_budget ({self.max_budget}) {where}")
+        if self.sparse_block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"sparse_block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.sparse_block_size!r} {where}")
+        if isinstance(self.min_sparse_tokens, bool) or not isinstance(self.min_sparse_tokens, int) or self.min_sparse_tokens < 0:
+            raise ValueError(f"min_sparse_tokens must be an integer >= 0, got {self.min_sparse_tokens!r} {where}")
+
+    @property
+    def min_blocks(self) -> int:
+        """Vertical and slash block floor per head (at least 1: the sink / the diagonal)."""
+        return max(1, -(-(self.min_budget or 1) // self.sparse_block_size))
+
+    @property
+    def max_blocks(self) -> int | None:
+        """Vertical and slash block cap per head, or None."""
+        return None if self.max_budget is None else -(-self.max_budget // self.sparse_block_size)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> FlexPrefillConfig:
+        """Builds a config from a user dictionary; unknown keys are an error listing the valid ones."""
+        if values is None:
+            return cls()
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"the flexprefill config must be a dictionary such as {{'gamma': 0.95, 'tau': 0.1}}, "
+                f"got {type(values).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = REFERENCE_ALIASES.get(key, key)
+            if name not in fields:
+                allowed = sorted(fields) + sorted(REFERENCE_ALIASES)
+                raise ValueError(f"unknown flexprefill config key {key!r}; allowed keys: {', '.join(allowed)}")
+            if name in kwargs:
+                raise ValueError(f"flexprefill config sets {name!r} twice (as {key!r} and under another name)")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

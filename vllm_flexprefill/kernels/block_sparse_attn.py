@@ -1,0 +1,137 @@
+"""Block-sparse causal flash attention over per-(query head, query tile) key-block lists.
+
+One program per (query tile, query head). A tile is up to BS queries of one sequence
+(see ``patterns/layout.py`` for the grid); it walks its sorted key-block list in
+sub-tiles of BLOCK_N keys with an online softmax in float32. Only the diagonal block
+(key block == tile row) needs the causal mask. Tiles are launched longest-row first so
+the heaviest programs start early.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_flexprefill.kernels.configs import attention_config, interpreted
+
+
+@triton.jit
+def block_sparse_attn_fwd_kernel(
+    q, k, v, o, lse,
+    cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+    num_tiles, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_ih, stride_it, stride_ch, stride_lh,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_t = (num_tiles - 1 - tl.program_id(0)).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_kh = i_h // GROUP
+    i_s = tl.load(tile_seq + i_t)
+    i_r = tl.load(tile_row + i_t).to(tl.int64)
+    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
+    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
+    k_start = tl.load(cu_seqlens_k + i_s).to(tl.int64)
+    k_len = tl.load(cu_seqlens_k + i_s + 1) - k_start
+    ctx = k_len - q_len
+
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    # absolute positions of the tile's rows; rows before the chunk or past the end are idle
+    o_pos = i_r * BS + tl.arange(0, BS)
+    m_row = (o_pos >= ctx) & (o_pos < k_len)
+    o_q = q_start + o_pos - ctx
+    # [BS, BD]
+    b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_row[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+
+    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BS], dtype=tl.float32)
+    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    p_idx = block_idx + i_h * stride_ih + i_t * stride_it
+    n_blocks = tl.load(block_cnt + i_h * stride_ch + i_t)
+    for i_b in range(n_blocks):
+        i_c = tl.load(p_idx + i_b).to(tl.int64)
+        for i_n in tl.static_range(BS // BLOCK_N):
+            o_key = i_c * BS + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_key = o_key < k_len
+            # [BLOCK_N, BD]
+            b_k = tl.load(k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
+                          mask=m_key[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
+                          mask=m_key[:, None] & m_d[None, :], other=0.0)
+            if UPCAST:
+                b_k = b_k.to(tl.float32)
+            # [BS, BLOCK_N] scores in log2 units
+            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+            if i_c == i_r:
+                b_s = tl.where(o_key[None, :] <= o_pos[:, None], b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_p = tl.exp2(b_s - b_m_safe[:, None])
+            b_alpha = tl.exp2(b_m - b_m_safe)
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+            b_p = b_p.to(v.dtype.element_ty)
+            if UPCAST:
+                b_p = b_p.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
+            b_m = b_m_new
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
+             b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
+    if HAS_LSE:
+        # natural-log log-sum-exp of each query row, for merging partial attentions
+        b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+        tl.store(lse + i_h * stride_lh + o_q, b_lse, mask=m_row)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    tile_seq: torch.Tensor,
+    tile_row: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    block_size: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``kernels.naive.naive_block_sparse_attention``.
+
+    Args:
+        q: [Tq, HQ, D]; k, v: [Tk, H, D] (strided, last dim contiguous), bf16 or fp16.
+        cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32.
+        block_idx: [HQ, NQB, S] int32 sorted key-block ids; block_cnt: [HQ, NQB] int32.
+        out: optional [Tq, HQ, D] buffer written in place.
+        lse: optional [HQ, Tq] float32 buffer that receives each row's log-sum-exp.
+    Returns:
+        out, [Tq, HQ, D] in q's dtype.
+    """
+    t_q, hq, d = q.shape
+    h_kv = k.shape[1]
+    if out is None:
+        out = torch.empty(t_q, hq, v.shape[2], dtype=q.dtype, device=q.device)
+    num_tiles = tile_seq.shape[0]
+    if num_tiles == 0:
+        return out
+    cfg = attention_config(d, block_size)
+    block_sparse_attn_fwd_kernel[(num_tiles, hq)](
+        q, k, v, out, lse if lse is not None else out,
+        cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+        num_tiles, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0), lse.stride(0) if lse is not None else 0,
+        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size,
+        HAS_LSE=lse is not None, UPCAST=interpreted(q),
+        **cfg,
+    )
+    return out

@@ -1,0 +1,33 @@
+"""Launch configurations for the Triton kernels, chosen from shapes only (never GPU names)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """True when a kernel on this tensor runs in Triton's CPU interpreter (TRITON_INTERPRET=1).
+
+    The interpreter computes bf16 dot products wrongly, so kernels upcast their operands to
+    float32 there; bf16 x bf16 products are exact in float32, so results do not change.
+    """
+    return t.device.type == "cpu"
+
+
+def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
+    """Tile and pipeline settings of the block-sparse attention kernel.
+
+    A key block is walked in sub-tiles of BLOCK_N keys; 128-row query tiles with
+    head_dim 128 want 8 warps (two warpgroups) on Hopper.
+    """
+    block_n = min(block_size, 64 if head_dim > 128 else 128)
+    if block_size >= 128 and head_dim >= 128:
+        return {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 2 if head_dim > 128 else 3}
+    if block_size >= 64 or head_dim >= 128:
+        return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+
+
+def probe_config(head_dim: int, block_size: int) -> dict[str, int]:
+    """Settings of the probe-statistics kernel (one key block per program)."""
+    return {"num_warps": 8 if block_size * head_dim >= 128 * 128 else 4, "num_stages": 2}

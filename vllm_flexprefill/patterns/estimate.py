@@ -1,0 +1,145 @@
+"""FlexPrefill pattern estimation batched over heads, for the GPU.
+
+The same selection as ``patterns/naive.py`` (the spec), computed for all query heads of a
+sequence at once from the probe statistics of ``kernels/probe.py``: no host
+synchronisation and no Python loop over heads. Sequences are visited in a host loop; only
+sparse-eligible (long) sequences get here, so a batch holds few of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
+from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, causal_mask, mask_to_lists
+
+ProbeFn = Callable[[torch.Tensor, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[L, H, D] -> [ceil(L / BS), H, D] float32 block means (a partial last block is a true mean)."""
+    n = x.shape[0]
+    nb = -(-n // block_size)
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - n))
+    sums = padded.view(nb, block_size, *x.shape[1:]).sum(1)
+    counts = torch.full((nb,), float(block_size), device=x.device)
+    counts[-1] = n - (nb - 1) * block_size
+    return sums / counts[:, None, None]
+
+
+def probe_masses(
+    m: torch.Tensor, l: torch.Tensor, n_probe: int, k_len: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash block masses from the probe statistics.
+
+    Args:
+        m, l: [HQ, NB, BS] per-(key block, probe row) maximum and sum of exponentials.
+    Returns:
+        vertical [HQ, NB] (mass per key block) and slash [HQ, NB] (mass per block offset
+        row - col), each summing to 1 per head.
+    """
+    hq, nb, bs = m.shape
+    # each probe row's log-sum-exp over all key blocks
+    log_l = torch.where(l > 0, torch.log(l.clamp_min(1e-38)), float("-inf"))
+    lse = torch.logsumexp(m + log_l, dim=1, keepdim=True)
+    weight = torch.where(l > 0, l * torch.exp(m - torch.where(torch.isinf(lse), 0.0, lse)), 0.0)
+    weight = weight / n_probe
+    vertical = weight.sum(-1)
+    rows = torch.arange(bs, device=m.device)
+    row_block = (k_len - n_probe + rows) // block_size
+    offset = row_block[None, :] - torch.arange(nb, device=m.device)[:, None]  # [NB, BS]
+    offset = torch.where((offset >= 0) & (rows < n_probe)[None, :], offset, nb)
+    slash = torch.zeros(hq, nb + 1, device=m.device)
+    slash.scatter_add_(1, offset.flatten().expand(hq, -1), weight.flatten(1))
+    return vertical, slash[:, :nb]
+
+
+def estimate_sequence(
+    q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selects blocks for every query head of one sequence.
+
+    Args:
+        q: [q_len, HQ, D] the sequence's queries (last q_len of k_len positions).
+        k: [k_len, H, D] its keys.
+        probe: ``kernels.probe.probe_stats`` or its naive twin.
+    Returns:
+        mask [HQ, R, NB] bool for the chunk's R query tiles, query_aware [HQ] bool.
+    """
+    bs = cfg.sparse_block_size
+    q_len, hq, _ = q.shape
+    k_len, group = k.shape[0], hq // k.shape[1]
+    nb = -(-k_len // bs)
+    first_row = (k_len - q_len) // bs
+    dev = q.device
+    cols = torch.arange(nb, device=dev)
+    rows = torch.arange(first_row, nb, device=dev)
+
+    n_probe = min(bs, q_len)
+    q_probe = q[q_len - n_probe:]
+    m, l = probe(q_probe, k, bs, scale)
+    vertical, slash = probe_masses(m, l, n_probe, k_len, bs)
+
+    # [NB, HQ, D] key block means, one copy per query head of the group
+    k_bar = block_means(k, bs).repeat_interleave(group, dim=1)
+    q_probe_bar = q_probe.float().mean(0)  # [HQ, D]
+    estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, k_bar), dim=-1)
+    query_aware = js_distance(estimate, vertical) < cfg.tau  # [HQ]
+
+    max_blocks = cfg.max_blocks or nb
+    qa_count = min(cfg.min_blocks, max_blocks)
+    min_count = torch.where(query_aware, qa_count, cfg.min_blocks)
+    max_count = torch.where(query_aware, qa_count, max_blocks)
+    valid = torch.ones(hq, nb, dtype=torch.bool, device=dev)
+    forced = (cols == 0).expand(hq, nb)
+    keep_v = coverage_select(vertical, valid, forced, cfg.gamma, min_count, max_count)
+    keep_s = coverage_select(slash, valid, forced, cfg.gamma, min_count, max_count)
+
+    diff = rows[:, None] - cols[None, :]  # [R, NB]
+    causal = diff >= 0
+    mask = causal & (keep_v[:, None, :] | torch.gather(keep_s, 1, diff.clamp_min(0).flatten()[None].expand(hq, -1))
+                     .view(hq, *diff.shape))
+
+    # pooled block map of the chunk's query tiles; only query-aware heads keep it
+    q_tile = (torch.arange(k_len - q_len, k_len, device=dev) // bs - first_row)
+    r = len(rows)
+    q_bar = torch.zeros(r, hq, q.shape[2], device=dev).index_add_(0, q_tile, q.float())
+    q_bar = q_bar / torch.bincount(q_tile, minlength=r).clamp_min(1)[:, None, None]
+    logits = scale * torch.einsum("rhd,chd->hrc", q_bar, k_bar)
+    pooled = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    keep_qa = coverage_select(pooled.flatten(1), causal.flatten().expand(hq, -1),
+                              torch.zeros(hq, causal.numel(), dtype=torch.bool, device=dev),
+                              cfg.gamma, 0, causal.numel())
+    mask |= keep_qa.view(hq, r, nb) & query_aware[:, None, None]
+    return mask, query_aware
+
+
+def select_blocks(
+    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn
+) -> BlockSelection:
+    """Block lists for a packed batch: estimated for sparse sequences, every causal block for the rest.
+
+    Args:
+        q: [Tq, HQ, D]; k: [Tk, H, D] packed as ``layout`` says.
+    """
+    hq = q.shape[1]
+    mask = causal_mask(layout, hq)
+    query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=q.device)
+    q_off = k_off = 0
+    for s in range(layout.num_seqs):
+        q_len, k_len = layout.q_lens[s], layout.k_lens[s]
+        if layout.sparse[s]:
+            nb = layout.num_key_blocks(s)
+            lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
+            seq_mask, query_aware[s] = estimate_sequence(
+                q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe)
+            mask[:, lo:hi, :nb] = seq_mask
+            mask[:, lo:hi, nb:] = False
+        q_off += q_len
+        k_off += k_len
+    block_idx, block_cnt = mask_to_lists(mask)
+    return BlockSelection(block_idx, block_cnt, query_aware)

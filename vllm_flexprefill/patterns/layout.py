@@ -1,0 +1,165 @@
+"""How a varlen batch sits on the sparse block grid, and the block-list format.
+
+Shape letters (docs/algorithm.md): N sequences, T tokens, HQ query heads, BS the sparse
+block size, NB key blocks of a sequence, NQB query tiles of the batch.
+
+Each sequence holds ``k_len`` keys at positions ``0 .. k_len-1`` and its ``q_len``
+queries are the last ``q_len`` of those positions (a fresh prompt has q_len == k_len; a
+chunk of chunked prefill or a prefix-cache hit has q_len < k_len). Key block ``c`` holds
+positions ``[c*BS, (c+1)*BS)``. Query tiles use the same grid: tile row ``r`` holds the
+sequence's queries whose positions fall in ``[r*BS, (r+1)*BS)``, so the first tile of a
+chunk may be partial, and key block ``r`` is always the tile's diagonal block. Only the
+diagonal block needs a causal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Per-batch plan, computed once on the host from the sequence lengths.
+
+    Every tensor field lives on ``device``; the tuples are host copies for planning.
+    """
+
+    block_size: int
+    q_lens: tuple[int, ...]
+    k_lens: tuple[int, ...]
+    sparse: tuple[bool, ...]
+    """Which sequences run the estimation; the others keep every causal block (dense)."""
+    cu_seqlens_q: torch.Tensor
+    """[N + 1] int32: query offsets into the packed queries."""
+    cu_seqlens_k: torch.Tensor
+    """[N + 1] int32: key offsets into the packed keys/values."""
+    tile_seq: torch.Tensor
+    """[NQB] int32: sequence of each query tile."""
+    tile_row: torch.Tensor
+    """[NQB] int32: block row of each query tile on its sequence's grid."""
+    first_tile: tuple[int, ...]
+    """Index of each sequence's first tile; ``first_tile[N]`` = NQB."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.first_tile[-1]
+
+    def num_key_blocks(self, seq: int) -> int:
+        return -(-self.k_lens[seq] // self.block_size)
+
+    @property
+    def max_key_blocks(self) -> int:
+        """NB of the longest sequence: the width of block masks and lists."""
+        return max((self.num_key_blocks(s) for s in range(self.num_seqs)), default=0)
+
+    def first_row(self, seq: int) -> int:
+        """Block row of a sequence's first query tile."""
+        return (self.k_lens[seq] - self.q_lens[seq]) // self.block_size
+
+    def causal_blocks(self) -> int:
+        """Key blocks a dense causal pass over every tile visits (per head)."""
+        return sum(
+            r + 1 for s in range(self.num_seqs) for r in range(self.first_row(s), self.num_key_blocks(s)))
+
+    @staticmethod
+    def build(
+        q_lens: Sequence[int],
+        k_lens: Sequence[int],
+        block_size: int,
+        device: torch.device | str,
+        sparse: Sequence[bool] | None = None,
+    ) -> BatchLayout:
+        """Plans a batch. ``q_lens[i] <= k_lens[i]``; all lengths are host integers."""
+        q_lens = tuple(int(x) for x in q_lens)
+        k_lens = tuple(int(x) for x in k_lens)
+        if len(q_lens) != len(k_lens):
+            raise ValueError(f"q_lens and k_lens must have one entry per sequence, got {len(q_lens)} and {len(k_lens)}")
+        for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+            if not 0 < ql <= kl:
+                raise ValueError(
+                    f"sequence {i}: need 0 < q_len <= k_len (queries are the last q_len of k_len positions), "
+                    f"got q_len={ql}, k_len={kl}")
+        sparse = tuple(bool(x) for x in sparse) if sparse is not None else (True,) * len(q_lens)
+        tile_seq: list[int] = []
+        tile_row: list[int] = []
+        first_tile = [0]
+        for s, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+            rows = range((kl - ql) // block_size, -(-kl // block_size))
+            tile_seq += [s] * len(rows)
+            tile_row += list(rows)
+            first_tile.append(len(tile_seq))
+
+        def cumsum(lens: tuple[int, ...]) -> torch.Tensor:
+            out = [0]
+            for n in lens:
+                out.append(out[-1] + n)
+            return torch.tensor(out, dtype=torch.int32, device=device)
+
+        return BatchLayout(
+            block_size=block_size,
+            q_lens=q_lens,
+            k_lens=k_lens,
+            sparse=sparse,
+            cu_seqlens_q=cumsum(q_lens),
+            cu_seqlens_k=cumsum(k_lens),
+            tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
+            tile_row=torch.tensor(tile_row, dtype=torch.int32, device=device),
+            first_tile=tuple(first_tile),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+    """The key blocks each (query head, query tile) attends to.
+
+    ``block_idx`` [HQ, NQB, NB_max] int32: key-block ids of the tile's sequence, sorted
+    ascending, each row padded with -1 after ``block_cnt`` entries. ``block_cnt``
+    [HQ, NQB] int32. ``query_aware`` [N, HQ] bool: heads that took the query-aware
+    pattern (False for dense sequences).
+    """
+
+    block_idx: torch.Tensor
+    block_cnt: torch.Tensor
+    query_aware: torch.Tensor
+
+    def density(self, layout: BatchLayout) -> torch.Tensor:
+        """[N, HQ] float: computed blocks / causal blocks per sequence and head."""
+        counts = self.block_cnt.float()
+        out = torch.zeros(layout.num_seqs, counts.shape[0], device=counts.device)
+        for s in range(layout.num_seqs):
+            lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
+            causal = sum(r + 1 for r in range(layout.first_row(s), layout.num_key_blocks(s)))
+            out[s] = counts[:, lo:hi].sum(-1) / causal
+        return out
+
+
+def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compacts a block mask into sorted, -1-padded id lists without host synchronisation.
+
+    Args:
+        mask: [HQ, NQB, NB] bool.
+    Returns:
+        block_idx [HQ, NQB, NB] int32 and block_cnt [HQ, NQB] int32.
+    """
+    hq, nqb, nb = mask.shape
+    pos = torch.cumsum(mask, dim=-1, dtype=torch.int32) - 1
+    # Unselected blocks are written to a spare column that is dropped afterwards.
+    pos = torch.where(mask, pos, nb)
+    ids = torch.arange(nb, dtype=torch.int32, device=mask.device).expand(hq, nqb, nb)
+    out = torch.full((hq, nqb, nb + 1), -1, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, pos.long(), ids)
+    return out[..., :nb].contiguous(), mask.sum(-1, dtype=torch.int32)
+
+
+def causal_mask(layout: BatchLayout, num_heads: int) -> torch.Tensor:
+    """[HQ, NQB, NB_max] bool: every causal block of every tile (dense attention)."""
+    cols = torch.arange(layout.max_key_blocks, device=layout.tile_row.device)
+    mask = cols[None, :] <= layout.tile_row[:, None].long()
+    return mask.unsqueeze(0).expand(num_heads, -1, -1).contiguous()

@@ -1,0 +1,113 @@
+"""Shared test helpers: tolerances, random packed batches, inputs with planted attention.
+
+Used by tests/ and benchmarks/; nothing here runs at import of the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# max |kernel - twin| on identical block lists, by dtype (fp32 math on both sides; the
+# kernel rounds P to the input dtype before the PV product, as flash attention does)
+ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+# relative error ||sparse - dense|| / ||dense|| allowed on inputs with planted structure
+PLANTED_REL_ERR = 0.05
+LOCAL_PEAK = 8.0
+
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens, k_lens, scale: float) -> torch.Tensor:
+    """Causal attention of packed sequences in float32 (queries are the last q_len of k_len).
+
+    q: [Tq, HQ, D]; k, v: [Tk, H, D]. Returns [Tq, HQ, D] float32.
+    """
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    qo = ko = 0
+    for ql, kl in zip(q_lens, k_lens):
+        qs = q[qo:qo + ql].float().transpose(0, 1)
+        ks = k[ko:ko + kl].float().repeat_interleave(group, 1).transpose(0, 1)
+        vs = v[ko:ko + kl].float().repeat_interleave(group, 1).transpose(0, 1)
+        mask = torch.arange(kl, device=q.device)[None, :] <= torch.arange(kl - ql, kl, device=q.device)[:, None]
+        scores = (scale * qs @ ks.transpose(1, 2)).masked_fill(~mask, float("-inf"))
+        out[qo:qo + ql] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
+        qo += ql
+        ko += kl
+    return out
+
+
+def random_block_lists(
+    layout, num_heads: int, density: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random sorted key-block lists that always hold the sink and the diagonal.
+
+    Returns block_idx [HQ, NQB, NB_max] int32 (-1 padded) and block_cnt [HQ, NQB] int32.
+    """
+    from vllm_flexprefill.patterns.layout import mask_to_lists
+
+    nb = layout.max_key_blocks
+    rows = layout.tile_row.long().cpu()
+    cols = torch.arange(nb)
+    causal = cols[None, :] <= rows[:, None]
+    pick = torch.rand(num_heads, len(rows), nb, generator=generator) < density
+    forced = (cols[None, :] == 0) | (cols[None, :] == rows[:, None])
+    mask = causal & (pick | forced)
+    idx, cnt = mask_to_lists(mask)
+    return idx.to(layout.tile_row.device), cnt.to(layout.tile_row.device)
+
+
+def planted_inputs(
+    q_lens, k_lens, num_heads: int, num_kv_heads: int, head_dim: int, dtype=torch.bfloat16,
+    device="cpu", seed: int = 0, needles: int = 6, strength: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed q [Tq, HQ, D], k/v [Tk, H, D] whose attention has planted structure.
+
+    Every head attends to a sink (the first 4 keys) and to a local window (positional
+    features with a peak at distance 0). Even kv heads add vertical lines: ``needles``
+    keys scattered over different blocks that every query seeks. Odd kv heads add a
+    query-specific spike: queries in the last third of each sequence seek one key region
+    that earlier queries ignore.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = head_dim
+    group = num_heads // num_kv_heads
+    # logits are scaled by 1 / sqrt(d); write the planted terms in logit units
+    unit = math.sqrt(math.sqrt(d))
+    n_freq = min(24, (d - 8) // 2)
+    freqs = torch.logspace(math.log10(1 / 16), math.log10(1.5), n_freq, device=device)
+    qs, ks, vs = [], [], []
+    for ql, kl in zip(q_lens, k_lens):
+        pos = torch.arange(kl, dtype=torch.float32, device=device)
+        k = 0.3 * torch.randn(kl, num_kv_heads, d, generator=g, device=device)
+        q = 0.3 * torch.randn(kl, num_heads, d, generator=g, device=device)
+        v = torch.randn(kl, num_kv_heads, d, generator=g, device=device)
+        # local window: the logit gains (LOCAL_PEAK / n_freq) * sum_f cos(w_f (i - j)), LOCAL_PEAK at i == j
+        ang = pos[:, None] * freqs[None, :]
+        feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1) * unit * math.sqrt(LOCAL_PEAK * strength / n_freq)
+        k[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
+        q[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
+        # sink: the first 4 keys, logit 10 for every query
+        k[:4, :, 0] += unit * 2.0
+        q[:, :, 0] += unit * 5.0 * strength
+        for h in range(num_kv_heads):
+            heads = slice(h * group, (h + 1) * group)
+            if h % 2 == 0:
+                # vertical lines: needles in different blocks, logit 11 for every query
+                where = torch.randperm(kl - 8, generator=g, device=device)[:needles] + 4
+                k[where, h, 1] += unit * 2.0
+                q[:, heads, 1] += unit * 5.5 * strength
+            else:
+                # query-specific spike: 16 keys that only the last third of the queries seek
+                lo = int(torch.randint(4, max(5, kl // 2), (1,), generator=g, device=device))
+                k[lo:lo + 16, h, 2] += unit * 2.0
+                q[2 * kl // 3:, heads, 2] += unit * 5.5 * strength
+        qs.append(q[kl - ql:])
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(qs).to(dtype), torch.cat(ks).to(dtype), torch.cat(vs).to(dtype)
