@@ -20,9 +20,12 @@ def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
     A key block is walked in sub-tiles of BLOCK_N keys; 128-row query tiles with
     head_dim 128 want 8 warps (two warpgroups) on Hopper.
     """
-    block_n = min(block_size, 64 if head_dim > 128 else 128)
+    if head_dim > 128:
+        # a 128 x 256 query tile already takes 64 KB of shared memory
+        return {"BLOCK_N": min(block_size, 32), "num_warps": 8, "num_stages": 1}
+    block_n = min(block_size, 128)
     if block_size >= 128 and head_dim >= 128:
-        return {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 2 if head_dim > 128 else 3}
+        return {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
     if block_size >= 64 or head_dim >= 128:
         return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
