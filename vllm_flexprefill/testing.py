@@ -79,34 +79,37 @@ def planted_inputs(
     group = num_heads // num_kv_heads
     # logits are scaled by 1 / sqrt(d); write the planted terms in logit units
     unit = math.sqrt(math.sqrt(d))
-    n_freq = min(24, (d - 8) // 2)
+    n_freq = (d - 8) // 2
     freqs = torch.logspace(math.log10(1 / 16), math.log10(1.5), n_freq, device=device)
     qs, ks, vs = [], [], []
     for ql, kl in zip(q_lens, k_lens):
+        # the diffuse background grows with the length; planted logits grow by log(length)
+        # so that the structure keeps its share of the attention mass
+        boost = 1.0 + max(0.0, math.log(kl / 2048)) / 10.0
         pos = torch.arange(kl, dtype=torch.float32, device=device)
         k = 0.3 * torch.randn(kl, num_kv_heads, d, generator=g, device=device)
         q = 0.3 * torch.randn(kl, num_heads, d, generator=g, device=device)
         v = torch.randn(kl, num_kv_heads, d, generator=g, device=device)
         # local window: the logit gains (LOCAL_PEAK / n_freq) * sum_f cos(w_f (i - j)), LOCAL_PEAK at i == j
         ang = pos[:, None] * freqs[None, :]
-        feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1) * unit * math.sqrt(LOCAL_PEAK * strength / n_freq)
+        feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1) * unit * math.sqrt(LOCAL_PEAK * boost * strength / n_freq)
         k[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         q[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         # sink: the first 4 keys, logit 10 for every query
         k[:4, :, 0] += unit * 2.0
-        q[:, :, 0] += unit * 5.0 * strength
+        q[:, :, 0] += unit * 5.0 * boost * strength
         for h in range(num_kv_heads):
             heads = slice(h * group, (h + 1) * group)
             if h % 2 == 0:
                 # vertical lines: needles in different blocks, logit 11 for every query
                 where = torch.randperm(kl - 8, generator=g, device=device)[:needles] + 4
                 k[where, h, 1] += unit * 2.0
-                q[:, heads, 1] += unit * 5.5 * strength
+                q[:, heads, 1] += unit * 5.5 * boost * strength
             else:
                 # query-specific spike: 16 keys that only the last third of the queries seek
                 lo = int(torch.randint(4, max(5, kl // 2), (1,), generator=g, device=device))
                 k[lo:lo + 16, h, 2] += unit * 2.0
-                q[2 * kl // 3:, heads, 2] += unit * 5.5 * strength
+                q[2 * kl // 3:, heads, 2] += unit * 5.5 * boost * strength
         qs.append(q[kl - ql:])
         ks.append(k)
         vs.append(v)

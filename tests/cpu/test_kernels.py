@@ -69,3 +69,43 @@ def test_probe_stats_matches_naive(n_probe, k_len, bs, hq, h):
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(l, l_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("first_row,num_rows,nb,pooled", [(0, 7, 7, True), (3, 4, 7, True), (2, 9, 11, False)])
+def test_block_lists_match_naive_mask(first_row, num_rows, nb, pooled):
+    from vllm_flexprefill.kernels.block_lists import write_block_lists
+    from vllm_flexprefill.kernels.naive import naive_block_mask
+    from vllm_flexprefill.patterns.layout import mask_to_lists
+
+    torch.manual_seed(nb)
+    hq, first_tile, tiles = 4, 2, num_rows + 3
+    args = dict(keep_v=torch.rand(hq, nb) < 0.3, keep_s=torch.rand(hq, nb) < 0.3)
+    if pooled:
+        args.update(pooled=torch.rand(hq, num_rows * nb), threshold=torch.rand(hq),
+                    query_aware=torch.tensor([True, False, True, False]))
+    for dense in (False, True):
+        kw = {} if dense else args
+        idx = torch.full((hq, tiles, nb + 2), -1, dtype=torch.int32)
+        cnt = torch.full((hq, tiles), 77, dtype=torch.int32)
+        write_block_lists(idx, cnt, first_tile, first_row, num_rows, nb, **kw)
+        ref_idx, ref_cnt = mask_to_lists(naive_block_mask(first_row, num_rows, nb, **kw).expand(hq, -1, -1))
+        rows = slice(first_tile, first_tile + num_rows)
+        assert torch.equal(cnt[:, rows], ref_cnt)
+        assert torch.equal(idx[:, rows, :nb], ref_idx)
+        assert (idx[:, rows, nb:] == -1).all() and (cnt[:, :first_tile] == 77).all(), "other tiles untouched"
+
+
+def test_coverage_threshold_matches_sorted_prefix():
+    from vllm_flexprefill.kernels.block_lists import coverage_threshold
+    from vllm_flexprefill.kernels.naive import naive_coverage_threshold
+
+    torch.manual_seed(0)
+    pooled = torch.softmax(torch.randn(6, 5, 40) * 3, -1).reshape(6, 200)
+    qa = torch.tensor([True, True, False, True, True, True])
+    for gamma in (0.5, 0.9, 0.99):
+        got = coverage_threshold(pooled, qa, gamma * 5)
+        ref = naive_coverage_threshold(pooled, qa, gamma * 5)
+        assert torch.equal(got >= 2, ref >= 2)
+        assert torch.equal(pooled >= got[:, None], pooled >= ref[:, None]), "same blocks kept"
+        kept = torch.where(pooled >= got[:, None], pooled, 0.0).sum(-1)
+        assert (kept[qa] >= gamma * 5 - 1e-4).all()

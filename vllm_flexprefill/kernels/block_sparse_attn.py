@@ -104,6 +104,7 @@ def block_sparse_attention(
     scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``kernels.naive.naive_block_sparse_attention``.
 
@@ -113,6 +114,7 @@ def block_sparse_attention(
         block_idx: [HQ, NQB, S] int32 sorted key-block ids; block_cnt: [HQ, NQB] int32.
         out: optional [Tq, HQ, D] buffer written in place.
         lse: optional [HQ, Tq] float32 buffer that receives each row's log-sum-exp.
+        config: launch settings (BLOCK_N, num_warps, num_stages); default from kernels/configs.py.
     Returns:
         out, [Tq, HQ, D] in q's dtype.
     """
@@ -123,7 +125,7 @@ def block_sparse_attention(
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0:
         return out
-    cfg = attention_config(d, block_size)
+    cfg = config or attention_config(d, block_size)
     block_sparse_attn_fwd_kernel[(num_tiles, hq)](
         q, k, v, out, lse if lse is not None else out,
         cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,

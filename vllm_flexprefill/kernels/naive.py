@@ -82,3 +82,37 @@ def naive_probe_stats(
     m = torch.nn.functional.pad(m, (0, pad), value=float("-inf"))
     l = torch.nn.functional.pad(l, (0, pad), value=0.0)
     return m, l
+
+
+def naive_block_mask(
+    first_row: int, num_rows: int, nb: int,
+    keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+    query_aware: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of ``kernels.block_lists.write_block_lists`` as a mask: [HQ, R, NB] bool
+    (``mask_to_lists`` turns it into the lists). Same arguments; keep_v None means dense."""
+    device = keep_v.device if keep_v is not None else "cpu"
+    rows = torch.arange(first_row, first_row + num_rows, device=device)
+    cols = torch.arange(nb, device=device)
+    diff = rows[:, None] - cols[None, :]
+    causal = diff >= 0
+    if keep_v is None:
+        return causal[None]
+    offsets = keep_s[:, diff.clamp_min(0)]  # [HQ, R, NB]
+    mask = causal & (keep_v[:, None, :] | offsets)
+    if pooled is not None:
+        chosen = pooled.view(-1, num_rows, nb) >= threshold[:, None, None]
+        mask |= causal & chosen & query_aware[:, None, None]
+    return mask
+
+
+def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: float) -> torch.Tensor:
+    """Twin of ``kernels.block_lists.coverage_threshold``: the smallest value of the
+    shortest descending prefix whose mass reaches ``target`` (2 for heads that are not
+    query-aware)."""
+    values = torch.sort(pooled.float(), dim=-1, descending=True).values
+    before = torch.cumsum(values, -1) - values
+    count = (before < target).sum(-1).clamp_min(1)
+    crossing = torch.gather(values, -1, (count - 1)[:, None])[:, 0]
+    return torch.where(query_aware, crossing, 2.0)

@@ -1,21 +1,24 @@
 """FlexPrefill pattern estimation batched over heads, for the GPU.
 
 The same selection as ``patterns/naive.py`` (the spec), computed for all query heads of a
-sequence at once from the probe statistics of ``kernels/probe.py``: no host
-synchronisation and no Python loop over heads. Sequences are visited in a host loop; only
-sparse-eligible (long) sequences get here, so a batch holds few of them.
+sequence at once: the probe statistics come from ``kernels/probe.py``, the query-aware
+threshold and the block lists from ``kernels/block_lists.py``. No host synchronisation
+and no Python loop over heads. Sequences are visited in a host loop; only sparse-eligible
+(long) sequences get here, so a batch holds few of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.kernels.block_lists import coverage_threshold, write_block_lists
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, causal_mask, mask_to_lists
+from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
 
 ProbeFn = Callable[[torch.Tensor, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,17 +61,32 @@ def probe_masses(
     return vertical, slash[:, :nb]
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceChoice:
+    """What the estimation chose for one sequence (all heads).
+
+    keep_v, keep_s: [HQ, NB] bool, chosen key blocks (verticals) and block offsets (slashes).
+    pooled: [HQ, R * NB] float32 pooled block map of the chunk's tiles, or None when tau = 0.
+    threshold: [HQ] float32, query-aware heads keep ``pooled >= threshold`` (2 for the others).
+    query_aware: [HQ] bool.
+    """
+
+    keep_v: torch.Tensor
+    keep_s: torch.Tensor
+    pooled: torch.Tensor | None
+    threshold: torch.Tensor | None
+    query_aware: torch.Tensor
+
+
 def estimate_sequence(
     q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selects blocks for every query head of one sequence.
+) -> SequenceChoice:
+    """Chooses blocks for every query head of one sequence.
 
     Args:
         q: [q_len, HQ, D] the sequence's queries (last q_len of k_len positions).
         k: [k_len, H, D] its keys.
         probe: ``kernels.probe.probe_stats`` or its naive twin.
-    Returns:
-        mask [HQ, R, NB] bool for the chunk's R query tiles, query_aware [HQ] bool.
     """
     bs = cfg.sparse_block_size
     q_len, hq, _ = q.shape
@@ -77,7 +95,6 @@ def estimate_sequence(
     first_row = (k_len - q_len) // bs
     dev = q.device
     cols = torch.arange(nb, device=dev)
-    rows = torch.arange(first_row, nb, device=dev)
 
     n_probe = min(bs, q_len)
     q_probe = q[q_len - n_probe:]
@@ -98,24 +115,20 @@ def estimate_sequence(
     forced = (cols == 0).expand(hq, nb)
     keep_v = coverage_select(vertical, valid, forced, cfg.gamma, min_count, max_count)
     keep_s = coverage_select(slash, valid, forced, cfg.gamma, min_count, max_count)
+    if cfg.tau == 0:
+        return SequenceChoice(keep_v, keep_s, None, None, query_aware)
 
-    diff = rows[:, None] - cols[None, :]  # [R, NB]
-    causal = diff >= 0
-    mask = causal & (keep_v[:, None, :] | torch.gather(keep_s, 1, diff.clamp_min(0).flatten()[None].expand(hq, -1))
-                     .view(hq, *diff.shape))
-
-    # pooled block map of the chunk's query tiles; only query-aware heads keep it
-    q_tile = (torch.arange(k_len - q_len, k_len, device=dev) // bs - first_row)
+    # pooled block map of the chunk's query tiles; query-aware heads keep its top gamma
+    rows = torch.arange(first_row, nb, device=dev)
     r = len(rows)
+    q_tile = torch.arange(k_len - q_len, k_len, device=dev) // bs - first_row
     q_bar = torch.zeros(r, hq, q.shape[2], device=dev).index_add_(0, q_tile, q.float())
     q_bar = q_bar / torch.bincount(q_tile, minlength=r).clamp_min(1)[:, None, None]
     logits = scale * torch.einsum("rhd,chd->hrc", q_bar, k_bar)
-    pooled = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    keep_qa = coverage_select(pooled.flatten(1), causal.flatten().expand(hq, -1),
-                              torch.zeros(hq, causal.numel(), dtype=torch.bool, device=dev),
-                              cfg.gamma, 0, causal.numel())
-    mask |= keep_qa.view(hq, r, nb) & query_aware[:, None, None]
-    return mask, query_aware
+    logits = logits.masked_fill(cols[None, None, :] > rows[None, :, None], float("-inf"))
+    pooled = torch.softmax(logits, dim=-1).view(hq, r * nb)
+    threshold = coverage_threshold(pooled, query_aware, cfg.gamma * r)
+    return SequenceChoice(keep_v, keep_s, pooled, threshold, query_aware)
 
 
 def select_blocks(
@@ -127,19 +140,21 @@ def select_blocks(
         q: [Tq, HQ, D]; k: [Tk, H, D] packed as ``layout`` says.
     """
     hq = q.shape[1]
-    mask = causal_mask(layout, hq)
+    block_idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32, device=q.device)
+    block_cnt = torch.empty(hq, layout.num_tiles, dtype=torch.int32, device=q.device)
     query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=q.device)
     q_off = k_off = 0
     for s in range(layout.num_seqs):
         q_len, k_len = layout.q_lens[s], layout.k_lens[s]
+        where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
+                     num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
         if layout.sparse[s]:
-            nb = layout.num_key_blocks(s)
-            lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
-            seq_mask, query_aware[s] = estimate_sequence(
-                q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe)
-            mask[:, lo:hi, :nb] = seq_mask
-            mask[:, lo:hi, nb:] = False
+            choice = estimate_sequence(q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe)
+            query_aware[s] = choice.query_aware
+            write_block_lists(block_idx, block_cnt, **where, keep_v=choice.keep_v, keep_s=choice.keep_s,
+                              pooled=choice.pooled, threshold=choice.threshold, query_aware=choice.query_aware)
+        else:
+            write_block_lists(block_idx, block_cnt, **where)
         q_off += q_len
         k_off += k_len
-    block_idx, block_cnt = mask_to_lists(mask)
     return BlockSelection(block_idx, block_cnt, query_aware)

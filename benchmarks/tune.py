@@ -1,0 +1,49 @@
+"""Sweeps launch settings of the block-sparse kernel (Llama shapes, bf16) and prints ms per config.
+
+    python benchmarks/tune.py --lengths 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton.testing
+
+from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+from vllm_flexprefill.kernels.configs import attention_config
+from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.testing import random_block_lists
+
+HQ, H, D, BS = 32, 8, 128, 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
+    args = parser.parse_args()
+    for n in args.lengths:
+        q = torch.randn(n, HQ, D, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(n, H, D, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(n, H, D, dtype=torch.bfloat16, device="cuda")
+        layout = BatchLayout.build([n], [n], BS, "cuda")
+        out = torch.empty_like(q)
+        for density in (1.0, 0.1):
+            idx, cnt = random_block_lists(layout, HQ, density, torch.Generator().manual_seed(0))
+            print(f"N={n} density={density} default={attention_config(D, BS)}")
+            for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+                cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+                try:
+                    ms = triton.testing.do_bench(
+                        lambda: block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
+                                                       layout.tile_seq, layout.tile_row, idx, cnt, BS, D ** -0.5,
+                                                       out=out, config=cfg), warmup=50, rep=300,
+                        return_mode="median")
+                    print(f"  {cfg}: {ms:.3f} ms", flush=True)
+                except Exception as e:  # out of shared memory and the like
+                    print(f"  {cfg}: {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

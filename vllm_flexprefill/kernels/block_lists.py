@@ -1,0 +1,136 @@
+"""Building the per-(query head, query tile) key-block lists of one sequence in one pass.
+
+A tile at block row ``r`` keeps key block ``c <= r`` when column c is a chosen vertical,
+when offset ``r - c`` is a chosen slash, or (query-aware heads only) when the pooled
+block map ``P[r, c]`` reaches the head's threshold. Dense sequences keep every ``c <= r``.
+One program per (tile, head) compacts the chosen ids with a prefix sum.
+
+Also here: the per-head threshold of the query-aware selection, found by bisection so
+that no sort over the whole block map is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_flexprefill.kernels.configs import interpreted
+
+
+@triton.jit
+def block_lists_kernel(
+    keep_v, keep_s, pooled, threshold, query_aware, block_idx, block_cnt,
+    first_row, first_tile, nb,
+    stride_vh, stride_ph, stride_pr, stride_ih, stride_it, stride_ch,
+    DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    row = first_row + i_r
+    p_out = block_idx + i_h * stride_ih + (first_tile + i_r) * stride_it
+    if HAS_POOLED:
+        # a per-lane copy of the head's flag, so it combines with lane masks
+        qa = (tl.zeros([BC], dtype=tl.int32) + tl.load(query_aware + i_h).to(tl.int32)) != 0
+        thr = tl.load(threshold + i_h)
+    n = 0
+    for c0 in range(0, row + 1, BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c <= row
+        if DENSE:
+            sel = m_c
+        else:
+            b_v = tl.load(keep_v + i_h * stride_vh + o_c, mask=m_c, other=0) != 0
+            b_s = tl.load(keep_s + i_h * stride_vh + (row - o_c), mask=m_c, other=0) != 0
+            sel = (b_v | b_s) & m_c
+            if HAS_POOLED:
+                b_p = tl.load(pooled + i_h * stride_ph + i_r * stride_pr + o_c, mask=m_c & qa, other=0.0)
+                sel = sel | ((b_p >= thr) & m_c & qa)
+        b_sel = sel.to(tl.int32)
+        pos = n + tl.cumsum(b_sel, axis=0) - 1
+        tl.store(p_out + pos, o_c.to(tl.int32), mask=sel)
+        n += tl.sum(b_sel, axis=0)
+    tl.store(block_cnt + i_h * stride_ch + first_tile + i_r, n)
+
+
+def write_block_lists(
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    first_tile: int,
+    first_row: int,
+    num_rows: int,
+    nb: int,
+    keep_v: torch.Tensor | None = None,
+    keep_s: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    query_aware: torch.Tensor | None = None,
+) -> None:
+    """Writes the lists of one sequence's tiles into the batch arrays.
+
+    Args:
+        block_idx: [HQ, NQB, NB_max] int32, pre-filled with -1; block_cnt: [HQ, NQB] int32.
+        first_tile, first_row, num_rows: where the sequence's tiles sit (host integers).
+        keep_v, keep_s: [HQ, NB] bool chosen verticals / slash offsets; None for a dense sequence.
+        pooled: [HQ, R * NB] float32 pooled block map (rows of NB), threshold: [HQ] float32,
+            query_aware: [HQ] bool; None when no head may be query-aware.
+    """
+    hq = block_idx.shape[0]
+    dense = keep_v is None
+    has_pooled = pooled is not None
+    dummy = block_cnt
+    block_lists_kernel[(num_rows, hq)](
+        keep_v if not dense else dummy, keep_s if not dense else dummy,
+        pooled if has_pooled else dummy, threshold if has_pooled else dummy,
+        query_aware if has_pooled else dummy,
+        block_idx, block_cnt, first_row, first_tile, nb,
+        keep_v.stride(0) if not dense else 0,
+        pooled.stride(0) if has_pooled else 0, nb,
+        block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
+        DENSE=dense, HAS_POOLED=has_pooled, BC=128, num_warps=4,
+    )
+
+
+@triton.jit
+def coverage_threshold_kernel(
+    pooled, query_aware, threshold, goal, n, stride_ph,
+    ITERS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i_h = tl.program_id(0).to(tl.int64)
+    if tl.load(query_aware + i_h) == 0:
+        tl.store(threshold + i_h, 2.0)
+        return
+    # bisection in log2 space between 2^-126 (keep all) and 1 (keep the largest)
+    lo = -126.0
+    hi = 0.0
+    for _ in range(ITERS):
+        mid = 0.5 * (lo + hi)
+        t = tl.exp2(mid)
+        mass = 0.0
+        for i0 in range(0, n, BLOCK):
+            o = i0 + tl.arange(0, BLOCK)
+            b_p = tl.load(pooled + i_h * stride_ph + o, mask=o < n, other=0.0)
+            mass += tl.sum(tl.where(b_p >= t, b_p, 0.0), axis=0)
+        if mass >= goal:
+            lo = mid
+        else:
+            hi = mid
+    tl.store(threshold + i_h, tl.exp2(lo))
+
+
+def coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: float,
+                       iters: int = 24) -> torch.Tensor:
+    """Per head, a threshold t whose blocks ``P >= t`` carry at least ``target`` mass.
+
+    ``t`` is within a factor 2^(126 / 2^iters) of the largest such threshold. Heads that
+    are not query-aware get t = 2 (keep nothing).
+
+    Args:
+        pooled: [HQ, R * NB] float32 contiguous rows, non-negative.
+        query_aware: [HQ] bool. target: the mass to reach.
+    """
+    hq, n = pooled.shape
+    out = torch.empty(hq, dtype=torch.float32, device=pooled.device)
+    coverage_threshold_kernel[(hq,)](pooled, query_aware, out, target, n, pooled.stride(0),
+                                     ITERS=iters, BLOCK=1024 if not interpreted(pooled) else 256, num_warps=8)
+    return out
