@@ -13,7 +13,9 @@ import torch
 # kernel rounds P to the input dtype before the PV product, as flash attention does)
 ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 # relative error ||sparse - dense|| / ||dense|| allowed on inputs with planted structure
-PLANTED_REL_ERR = 0.05
+# gamma = 0.95 leaves up to 5 % of the probe rows' attention mass out, which moves outputs by a
+# similar share; 0.06 allows that and catches a missed structure (errors of 0.1 and more)
+PLANTED_REL_ERR = 0.06
 LOCAL_PEAK = 8.0
 
 
