@@ -61,8 +61,8 @@ def coverage_select(
     total = mass.sum(-1, keepdim=True)
     count = (before < gamma * total).sum(-1)
     n_valid = valid.sum(-1)
-    count = torch.minimum(torch.maximum(count, torch.as_tensor(min_count, device=mass.device)),
-                          torch.as_tensor(max_count, device=mass.device))
+    count = torch.maximum(count, min_count) if isinstance(min_count, torch.Tensor) else count.clamp_min(min_count)
+    count = torch.minimum(count, max_count) if isinstance(max_count, torch.Tensor) else count.clamp_max(max_count)
     count = torch.minimum(count, n_valid)
     rank_selected = torch.arange(mass.shape[-1], device=mass.device) < count.unsqueeze(-1)
     selected = torch.zeros_like(valid)

@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_lists import coverage_threshold, write_block_lists
@@ -23,15 +22,25 @@ from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
 ProbeFn = Callable[[torch.Tensor, torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
 
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[L, H, D] -> [ceil(L / BS), H, D] float32 block means (a partial last block is a true mean)."""
+def block_means(x: torch.Tensor, block_size: int, offset: int = 0) -> torch.Tensor:
+    """[L, H, D] -> [NB, H, D] float32 means over the blocks of a grid on which x starts
+    ``offset`` tokens into its first block (partial first/last blocks are true means).
+
+    Sums accumulate in float32 without copying x to float32.
+    """
     n = x.shape[0]
-    nb = -(-n // block_size)
-    padded = F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - n))
-    sums = padded.view(nb, block_size, *x.shape[1:]).sum(1)
-    counts = torch.full((nb,), float(block_size), device=x.device)
-    counts[-1] = n - (nb - 1) * block_size
-    return sums / counts[:, None, None]
+    head = min(n, (block_size - offset) % block_size)  # tokens in a partial first block
+    parts = []
+    if head:
+        parts.append(x[:head].sum(0, keepdim=True, dtype=torch.float32) / head)
+    full = (n - head) // block_size
+    if full:
+        body = x[head:head + full * block_size].view(full, block_size, *x.shape[1:])
+        parts.append(body.sum(1, dtype=torch.float32) / block_size)
+    tail = n - head - full * block_size
+    if tail:
+        parts.append(x[n - tail:].sum(0, keepdim=True, dtype=torch.float32) / tail)
+    return torch.cat(parts)
 
 
 def probe_masses(
@@ -103,7 +112,7 @@ def estimate_sequence(
 
     # [NB, HQ, D] key block means, one copy per query head of the group
     k_bar = block_means(k, bs).repeat_interleave(group, dim=1)
-    q_probe_bar = q_probe.float().mean(0)  # [HQ, D]
+    q_probe_bar = q_probe.mean(0, dtype=torch.float32)  # [HQ, D]
     estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, k_bar), dim=-1)
     query_aware = js_distance(estimate, vertical) < cfg.tau  # [HQ]
 
@@ -121,9 +130,7 @@ def estimate_sequence(
     # pooled block map of the chunk's query tiles; query-aware heads keep its top gamma
     rows = torch.arange(first_row, nb, device=dev)
     r = len(rows)
-    q_tile = torch.arange(k_len - q_len, k_len, device=dev) // bs - first_row
-    q_bar = torch.zeros(r, hq, q.shape[2], device=dev).index_add_(0, q_tile, q.float())
-    q_bar = q_bar / torch.bincount(q_tile, minlength=r).clamp_min(1)[:, None, None]
+    q_bar = block_means(q, bs, offset=(k_len - q_len) % bs)  # [R, HQ, D]
     logits = scale * torch.einsum("rhd,chd->hrc", q_bar, k_bar)
     logits = logits.masked_fill(cols[None, None, :] > rows[None, :, None], float("-inf"))
     pooled = torch.softmax(logits, dim=-1).view(hq, r * nb)
