@@ -50,9 +50,14 @@ class FlexPrefillConfig:
     sparse_block_size: int = 128
     """Tile of the sparse pattern and kernels, in tokens (not vLLM's KV page size)."""
 
-    min_sparse_tokens: int = 8192
-    """Sequences whose key length is below this run dense attention: below it the
-    estimation costs more than the skipped blocks save."""
+    min_sparse_tokens: int = 24576
+    """Sequences whose key length (context + new tokens) is below this run dense
+    attention: below it the estimation costs more than the skipped blocks save
+    (measured crossover on H100, docs/benchmarks.md)."""
+
+    min_sparse_query_tokens: int = 1024
+    """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
+    sequence: dense attention of a short chunk costs less than the estimation."""
 
     def __post_init__(self) -> None:
         where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
@@ -70,8 +75,10 @@ class FlexPrefillConfig:
         if self.sparse_block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"sparse_block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.sparse_block_size!r} {where}")
-        if isinstance(self.min_sparse_tokens, bool) or not isinstance(self.min_sparse_tokens, int) or self.min_sparse_tokens < 0:
-            raise ValueError(f"min_sparse_tokens must be an integer >= 0, got {self.min_sparse_tokens!r} {where}")
+        for name in ("min_sparse_tokens", "min_sparse_query_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r} {where}")
 
     @property
     def min_blocks(self) -> int:

@@ -116,3 +116,94 @@ def planted_inputs(
         ks.append(k)
         vs.append(v)
     return torch.cat(qs).to(dtype), torch.cat(ks).to(dtype), torch.cat(vs).to(dtype)
+
+
+# --- tiny random models for end-to-end runs (no downloads) ---------------------------------
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega red green blue black white river mountain valley city harbor garden "
+         "needle haystack answer question number secret key value remember find the a of to and is in").split()
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+ARCHITECTURES = {
+    # model_type, HF architecture, whether q/k/v projections carry a bias
+    "llama": ("llama", "LlamaForCausalLM", False),
+    "yi": ("llama", "LlamaForCausalLM", False),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", True),
+}
+
+
+def random_text(num_words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (num_words,), generator=g).tolist()
+    return " ".join(WORDS[i] for i in idx)
+
+
+def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4, kv_heads: int = 2,
+                    layers: int = 2, intermediate: int = 512, max_len: int = 16384, seed: int = 0) -> str:
+    """Writes a random decoder (config.json, safetensors weights, a trained BPE tokenizer).
+
+    head_dim = hidden // heads (64 by default). Weights are scaled so that attention and
+    logits are peaked, which keeps greedy decoding stable against rounding.
+    """
+    import json
+    import pathlib
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    model_type, hf_arch, qkv_bias = ARCHITECTURES[arch]
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([random_text(2000, s) for s in range(20)], trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": max_len, "chat_template": CHAT_TEMPLATE}))
+
+    head_dim = hidden // heads
+    config = {
+        "architectures": [hf_arch], "model_type": model_type, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": max_len,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "head_dim": head_dim,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale / math.sqrt(shape[-1])).contiguous()
+
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+               "model.norm.weight": torch.ones(hidden), "lm_head.weight": w(vocab, hidden, scale=4.0)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden, scale=3.0),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, scale=3.0),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(intermediate, hidden),
+            p + "mlp.up_proj.weight": w(intermediate, hidden),
+            p + "mlp.down_proj.weight": w(hidden, intermediate),
+        })
+        if qkv_bias:
+            tensors[p + "self_attn.q_proj.bias"] = torch.zeros(heads * head_dim)
+            tensors[p + "self_attn.k_proj.bias"] = torch.zeros(kv_heads * head_dim)
+            tensors[p + "self_attn.v_proj.bias"] = torch.zeros(kv_heads * head_dim)
+    save_file(tensors, str(path / "model.safetensors"))
+    return str(path)

@@ -1,0 +1,165 @@
+"""FlexPrefill on CUDA: vLLM's FlashAttention backend for decodes and short prefills,
+FlexPrefill's Triton kernels for long prefills.
+
+The backend subclasses FlashAttention, so the KV-cache layout and the cache writes are
+FlashAttention's own. Each step the builder plans the batch (``routing.plan_batch``):
+without a long prefill it returns FlashAttention's metadata unchanged (pure-decode
+batches stay capturable by CUDA graphs); otherwise the dense requests run FlashAttention
+in contiguous runs and the long prefills run FlexPrefill. A long prefill reads every key
+position 0 .. seq_len-1 from the paged cache (the current chunk is written there before
+attention runs), so fresh prompts, chunked-prefill continuations and prefix-cache hits
+take the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+
+from vllm_flexprefill.backend.routing import SparsePlan, plan_batch
+from vllm_flexprefill.backend.settings import config_from_vllm, log_once, unsupported_layer_reason
+from vllm_flexprefill.backend.sparse import sparse_prefill
+
+
+@dataclasses.dataclass
+class FlexPrefillMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata for the whole batch, plus the FlexPrefill plan.
+
+    runs: (first token, end token, FlashAttention metadata) of each run of dense requests.
+    """
+
+    plan: SparsePlan | None = None
+    runs: tuple = ()
+
+
+def slice_requests(cm, r0: int, r1: int):
+    """CommonAttentionMetadata of requests [r0, r1) (host slicing; device views and one subtraction)."""
+    qsl = cm.query_start_loc_cpu
+    t0, t1 = int(qsl[r0]), int(qsl[r1])
+    q_cpu = qsl[r0:r1 + 1] - t0
+    seq_cpu = cm.seq_lens_cpu_upper_bound[r0:r1] if cm.seq_lens_cpu_upper_bound is not None else None
+    causal = cm.causal[r0:r1] if isinstance(cm.causal, torch.Tensor) else cm.causal
+    return type(cm)(
+        query_start_loc=cm.query_start_loc[r0:r1 + 1] - t0,
+        query_start_loc_cpu=q_cpu,
+        seq_lens=cm.seq_lens[r0:r1],
+        num_reqs=r1 - r0,
+        num_actual_tokens=t1 - t0,
+        max_query_len=int((q_cpu[1:] - q_cpu[:-1]).max()),
+        max_seq_len=int(seq_cpu.max()) if seq_cpu is not None else cm.max_seq_len,
+        block_table_tensor=cm.block_table_tensor[r0:r1],
+        slot_mapping=cm.slot_mapping[t0:t1],
+        causal=causal,
+        seq_lens_cpu_upper_bound=seq_cpu,
+    ), t0, t1
+
+
+class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
+    supports_update_block_table = False
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.flex_config = config_from_vllm(vllm_config)
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        reasons = {getattr(layer.impl, "unsupported", "a non-FlexPrefill impl") for layer in layers.values()} - {None}
+        self.flex_enabled = not reasons
+        if reasons:
+            log_once(f"group-{sorted(reasons)}", "FlexPrefill: a KV-cache group with %s runs FlashAttention only",
+                     ", ".join(sorted(reasons)))
+        else:
+            log_once("builder", "FlexPrefill active: %s", self.flex_config)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        # prefill batches run eagerly; only pure-decode batches may be captured whole
+        dense = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return min(dense, AttentionCGSupport.UNIFORM_BATCH, key=lambda s: s.value)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        cm = common_attn_metadata
+        plan = None
+        if self.flex_enabled and cm.max_query_len > 1:
+            seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
+            plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.kv_cache_spec.block_size,
+                              self.flex_config, decode_threshold=1)
+        if plan is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        # ahead-of-time scheduling writes one persistent buffer; several builds in a step
+        # would overwrite each other, so mixed batches schedule inside the kernel
+        whole = super().build(common_prefix_len, cm, fast_build=True)
+        runs = []
+        for r0, r1 in plan.dense_runs:
+            run_cm, t0, t1 = slice_requests(cm, r0, r1)
+            runs.append((t0, t1, super().build(0, run_cm, fast_build=True)))
+        fields = {f.name: getattr(whole, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
+        return FlexPrefillMetadata(**fields, plan=plan, runs=tuple(runs))
+
+
+class FlexPrefillImpl(FlashAttentionImpl):
+    # decode context parallelism would shard the KV cache that FlexPrefill reads whole
+    can_return_lse_for_decode = False
+    supports_dcp = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flex_config = config_from_vllm(get_current_vllm_config())
+        self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if not isinstance(attn_metadata, FlexPrefillMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        for t0, t1, md in attn_metadata.runs:
+            super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
+                            value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
+        plan = attn_metadata.plan
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        # [Tk, H, D]: every key position of the sparse requests, gathered from their pages
+        k = key_cache[plan.kv_pages, plan.kv_offsets]
+        v = value_cache[plan.kv_pages, plan.kv_offsets]
+        rows = plan.q_rows
+        if isinstance(rows, slice):
+            sparse_prefill(query[rows], k, v, plan, self.flex_config, self.scale, out=output[rows],
+                           layer_name=getattr(layer, "layer_name", ""))
+        else:
+            out = sparse_prefill(query.index_select(0, rows), k, v, plan, self.flex_config, self.scale,
+                                 layer_name=getattr(layer, "layer_name", ""))
+            output.index_copy_(0, rows, out)
+        return output
+
+
+class FlexPrefillBackend(FlashAttentionBackend):
+    supported_kv_cache_dtypes = ["auto", "bfloat16", "float16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "FLEX_PREFILL"
+
+    @staticmethod
+    def get_impl_cls():
+        return FlexPrefillImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return FlexPrefillMetadataBuilder
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+
+class FlexPrefillCustomBackend(FlexPrefillBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"

@@ -1,0 +1,106 @@
+"""The ``vllm.general_plugins`` entry point: registers the FlexPrefill attention backend.
+
+vLLM calls ``register()`` in every process (front end, engine core, each worker). It is
+idempotent, cheap and CUDA-free: it registers class paths only and imports no kernels.
+
+Selection, all three work:
+    --attention-backend FLEX_PREFILL     (vLLM >= 0.32, which can register new names)
+    --attention-backend CUSTOM           (every supported vLLM)
+    VLLM_ATTENTION_BACKEND=FLEX_PREFILL  (older guides; vLLM itself ignores the variable)
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm_flexprefill.backend import compat
+
+NAME = "FLEX_PREFILL"
+ENV_VAR = "VLLM_ATTENTION_BACKEND"
+CUDA_CLASSES = {NAME: "vllm_flexprefill.backend.cuda.FlexPrefillBackend",
+                "CUSTOM": "vllm_flexprefill.backend.cuda.FlexPrefillCustomBackend"}
+CPU_CLASSES = {NAME: "vllm_flexprefill.backend.cpu.FlexPrefillCPUBackend",
+               "CUSTOM": "vllm_flexprefill.backend.cpu.FlexPrefillCPUCustomBackend"}
+
+_registered = False
+
+
+def register() -> None:
+    """Registers FLEX_PREFILL (where vLLM can name new backends) and CUSTOM."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    problem = compat.unsupported_reason()
+    if problem is not None:
+        compat.logger.error("vllm-flexprefill is not registered: %s", problem)
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, CUDA_CLASSES["CUSTOM"])
+    if hasattr(AttentionBackendEnum, "register"):
+        if NAME not in AttentionBackendEnum.__members__:
+            register_backend(NAME, CUDA_CLASSES[NAME])
+        # Enum members pickle by value; a spawned process or Ray actor unpickles the
+        # config before it loads plugins. This rebuilds the member by name instead.
+        AttentionBackendEnum[NAME].__reduce_ex__ = lambda protocol: (backend_member, (NAME,))
+    wrap_backend_selection()
+
+
+def backend_member(name: str):
+    """Unpickling hook: the enum member, registering the plugin first if needed."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if name not in AttentionBackendEnum.__members__:
+        register()
+    return AttentionBackendEnum[name]
+
+
+def ours(backend) -> bool:
+    """True when ``backend`` (an AttentionBackendEnum member or None) is FlexPrefill."""
+    if backend is None or backend.name not in (NAME, "CUSTOM"):
+        return False
+    try:
+        return backend.get_path().startswith("vllm_flexprefill.")
+    except ValueError:  # CUSTOM with nothing registered
+        return False
+
+
+def selection_from_env():
+    """The backend named by VLLM_ATTENTION_BACKEND when it names FlexPrefill, else None."""
+    value = os.environ.get(ENV_VAR, "").strip().upper()
+    if value not in (NAME, "CUSTOM"):
+        return None
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[NAME] if NAME in AttentionBackendEnum.__members__ else AttentionBackendEnum.CUSTOM
+
+
+def wrap_backend_selection() -> None:
+    """Makes the current platform honour FlexPrefill.
+
+    The CPU platform ignores any selected backend but its own; the wrapper returns our
+    CPU class when FlexPrefill is selected. On every platform the wrapper also applies
+    VLLM_ATTENTION_BACKEND when no backend was selected.
+    """
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    original = platform.get_attn_backend_cls
+    if getattr(original, "_flexprefill", False):
+        return
+    on_cpu = current_platform.is_cpu()
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if selected_backend is None:
+            selected_backend = selection_from_env()
+        if ours(selected_backend) and on_cpu:
+            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+                raise ValueError("FLEX_PREFILL supports standard (non-MLA, non-sparse) attention only; "
+                                 "choose another --attention-backend for this model")
+            compat.logger.info("Using FlexPrefill attention backend (CPU).")
+            return CPU_CLASSES[selected_backend.name]
+        return original(selected_backend, attn_selector_config, *args, **kwargs)
+
+    get_attn_backend_cls._flexprefill = True
+    platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)

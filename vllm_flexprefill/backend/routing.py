@@ -1,0 +1,100 @@
+"""Per-step planning: which requests of a batch run FlexPrefill, and how to reach their data.
+
+Runs once per batch in the metadata builder, from host copies of the lengths, so that a
+layer's ``forward`` does no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.patterns.layout import BatchLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePlan:
+    """The requests of one batch that run FlexPrefill.
+
+    layout: the sparse requests packed in batch order (their queries are the last
+        q_len of seq_len positions).
+    q_rows: where their query tokens sit in the batch: a slice when they are
+        contiguous, else a [Tq] int64 index.
+    kv_pages, kv_offsets: [Tk] int64 page and in-page offset of every key position
+        0 .. seq_len-1 of every sparse request in the paged KV cache (None on the CPU,
+        where only fresh prompts run sparse and their keys are the layer's inputs).
+    dense_runs: request ranges [r0, r1) that run the dense delegate.
+    """
+
+    layout: BatchLayout
+    q_rows: slice | torch.Tensor
+    kv_pages: torch.Tensor | None
+    kv_offsets: torch.Tensor | None
+    requests: tuple[int, ...]
+    dense_runs: tuple[tuple[int, int], ...]
+
+
+def choose_sparse(q_lens: list[int], seq_lens: list[int], cfg: FlexPrefillConfig, decode_threshold: int,
+                  fresh_only: bool) -> list[bool]:
+    """Per request: True when it is a prefill long enough for FlexPrefill to pay off."""
+    return [
+        ql > decode_threshold and sl >= cfg.min_sparse_tokens and ql >= min(cfg.min_sparse_query_tokens, sl)
+        and (not fresh_only or ql == sl)
+        for ql, sl in zip(q_lens, seq_lens)
+    ]
+
+
+def dense_runs(sparse: list[bool]) -> tuple[tuple[int, int], ...]:
+    """Maximal ranges of consecutive dense requests."""
+    runs = []
+    start = None
+    for i, s in enumerate([*sparse, True]):
+        if not s and start is None:
+            start = i
+        elif s and start is not None:
+            runs.append((start, i))
+            start = None
+    return tuple(runs)
+
+
+def plan_batch(
+    query_start_loc_cpu: torch.Tensor,
+    seq_lens_cpu: torch.Tensor,
+    block_table: torch.Tensor | None,
+    page_size: int,
+    cfg: FlexPrefillConfig,
+    decode_threshold: int,
+    fresh_only: bool = False,
+) -> SparsePlan | None:
+    """Plans a batch; None when no request runs FlexPrefill (the dense delegate takes all).
+
+    Args:
+        query_start_loc_cpu: [num_reqs + 1] host offsets of each request's new tokens.
+        seq_lens_cpu: [num_reqs] host context + new tokens per request.
+        block_table: [num_reqs, max_pages] device page ids, or None (CPU: fresh prompts only).
+        page_size: tokens per KV-cache page (the kernel block size of the block table).
+    """
+    starts = query_start_loc_cpu.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    seq_lens = seq_lens_cpu.tolist()[:len(q_lens)]
+    sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only)
+    requests = tuple(i for i, s in enumerate(sparse) if s)
+    if not requests:
+        return None
+    device = block_table.device if block_table is not None else "cpu"
+    sq = [q_lens[i] for i in requests]
+    sk = [seq_lens[i] for i in requests]
+    layout = BatchLayout.build(sq, sk, cfg.sparse_block_size, device)
+    contiguous = all(b == a + 1 for a, b in zip(requests, requests[1:]))
+    if contiguous:
+        q_rows: slice | torch.Tensor = slice(starts[requests[0]], starts[requests[-1] + 1])
+    else:
+        q_rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in requests]).to(device)
+    kv_pages = kv_offsets = None
+    if block_table is not None:
+        positions = [torch.arange(n, device=device) for n in sk]
+        kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
+        kv_offsets = torch.cat([pos % page_size for pos in positions])
+    return SparsePlan(layout, q_rows, kv_pages, kv_offsets, requests, dense_runs(sparse))

@@ -1,0 +1,29 @@
+"""The FlexPrefill call shared by the CPU and CUDA backends."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_flexprefill.attention import select_blocks, sparse_attention
+from vllm_flexprefill.backend.compat import logger
+from vllm_flexprefill.backend.routing import SparsePlan
+from vllm_flexprefill.config import FlexPrefillConfig
+
+
+def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, cfg: FlexPrefillConfig,
+                   scale: float, out: torch.Tensor | None = None, layer_name: str = "") -> torch.Tensor:
+    """FlexPrefill over the plan's packed requests.
+
+    q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions.
+    Returns out [Tq, HQ, D] (written in place when given).
+    """
+    selection = select_blocks(q, k, plan.layout, cfg, scale)
+    if logger.isEnabledFor(logging.DEBUG):
+        # a host synchronisation, only when debug logging asks for it
+        density = selection.density(plan.layout)
+        logger.debug("FlexPrefill %s: requests %s density %.3f (per request %s), query-aware heads %d",
+                     layer_name, plan.requests, density.mean().item(),
+                     [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
+    return sparse_attention(q, k, v, plan.layout, selection, scale, out=out)
