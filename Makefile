@@ -21,7 +21,7 @@ $(STAMP): setup.py entry_points.txt pyproject.toml
 demo: install
 	$(PY) examples/demo.py
 
-test: install test-cpu test-gpu
+test: install test-cpu test-gpu test-e2e
 
 # CPU tier: Triton kernels run in Triton's interpreter on CPU tensors
 test-cpu:
@@ -31,6 +31,7 @@ test-cpu:
 test-gpu:
 	$(PY) -m pytest -q tests/gpu
 
+# end to end: vLLM with the plugin on tiny random models (several engine starts, a few minutes)
 test-e2e:
 	$(PY) -m pytest -q tests/e2e
 

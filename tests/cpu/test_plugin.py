@@ -1,0 +1,68 @@
+"""The plugin's registration, in fresh processes with real vLLM (no engine started)."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def run(code: str, **env) -> str:
+    import os
+
+    full_env = {**os.environ, **env}
+    full_env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_entry_point_registers_both_names_idempotently():
+    out = run(
+        "from vllm.plugins import load_general_plugins; load_general_plugins();"
+        "from vllm_flexprefill.backend.plugin import register; register(); register();"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E;"
+        "print(E['FLEX_PREFILL'].get_path(), E.CUSTOM.get_path())")
+    assert out == ("vllm_flexprefill.backend.cuda.FlexPrefillBackend "
+                   "vllm_flexprefill.backend.cuda.FlexPrefillCustomBackend")
+
+
+def test_registered_name_survives_pickling_into_a_process_without_plugins():
+    # a spawned engine process or a Ray actor unpickles the config before loading plugins
+    payload = run(
+        "import pickle, cloudpickle; from vllm_flexprefill.backend.plugin import register; register();"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E;"
+        "print(pickle.dumps(E['FLEX_PREFILL']).hex(), cloudpickle.dumps(E['FLEX_PREFILL']).hex())")
+    first, second = payload.split()
+    code = ("import pickle, cloudpickle;"
+            f"a = pickle.loads(bytes.fromhex('{first}')); b = cloudpickle.loads(bytes.fromhex('{second}'));"
+            "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E;"
+            "print(a is E['FLEX_PREFILL'], b is E['FLEX_PREFILL'])")
+    assert run(code, VLLM_PLUGINS="") == "True True"
+
+
+def test_cpu_platform_returns_our_backend_when_selected():
+    out = run(
+        "from vllm_flexprefill.backend.plugin import register; register();"
+        "from vllm.platforms import current_platform as p;"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E;"
+        "from vllm.v1.attention.selector import AttentionSelectorConfig as C;"
+        "import inspect, torch;"
+        "fields = {n: False for n in C._fields};"
+        "fields.update(head_size=64, dtype=torch.bfloat16, kv_cache_dtype='auto', block_size=32);"
+        "cfg = C(**{k: v for k, v in fields.items() if k in C._fields});"
+        "print(p.get_attn_backend_cls(E['FLEX_PREFILL'], cfg), p.get_attn_backend_cls(None, cfg))")
+    assert out == "vllm_flexprefill.backend.cpu.FlexPrefillCPUBackend vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
+
+
+def test_unsupported_vllm_version_is_reported():
+    from vllm_flexprefill.backend import compat
+
+    assert compat.unsupported_reason() is None
+    original = compat.vllm_version
+    try:
+        compat.vllm_version = lambda: "0.20.1"
+        assert compat.unsupported_reason() == "vllm-flexprefill supports vLLM >= 0.26, < 0.34; found 0.20.1"
+    finally:
+        compat.vllm_version = original

@@ -1,0 +1,67 @@
+"""LLM.generate with the plugin on a tiny random model (chunked prefill and prefix caching on)."""
+
+import json
+import re
+
+import pytest
+from conftest import EXACT, SPARSE, flex_calls, generate
+
+
+EXACT_ARGS = ["--num-prompts", "3", "--prompt-words", "1500", "2500", "3000", "--repeat", "2",
+              "--max-num-batched-tokens", "1024"]
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model, tmp_path_factory):
+    """Greedy tokens of vLLM's own CPU backend (round 2 hits the prefix cache)."""
+    rounds, log = generate(tmp_path_factory.mktemp("stock"), tiny_model, "--attention-backend", "auto", *EXACT_ARGS)
+    assert rounds is not None, log[-3000:]
+    return rounds
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2-mp"])
+def test_exact_mode_tokens_equal_stock_backend(tiny_model, tmp_path, stock, tp):
+    from conftest import vllm_env
+
+    extra = ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"] if tp > 1 else []
+    flex, log = generate(tmp_path, tiny_model, "--attention-backend", "FLEX_PREFILL",
+                         "--additional-config", json.dumps(EXACT), *EXACT_ARGS, *extra,
+                         env=vllm_env(VLLM_CPU_OMP_THREADS_BIND="0|1") if tp > 1 else None)
+    assert flex is not None, log[-3000:]
+    calls = flex_calls(log)
+    assert calls, "FlexPrefill never ran"
+    assert all("density 1.000" in line for line in calls)
+    assert [len(r["token_ids"][0]) for r in flex] == [8, 8]
+    for got, want in zip(flex, stock):
+        assert got["token_ids"] == want["token_ids"]
+
+
+def test_default_settings_run_sparse_through_custom_name(tiny_model, tmp_path):
+    flex, log = generate(tmp_path, tiny_model, "--attention-backend", "CUSTOM",
+                         "--additional-config", json.dumps(SPARSE), "--num-prompts", "2",
+                         "--prompt-words", "3000", "--max-num-batched-tokens", "4096")
+    assert flex is not None, log[-3000:]
+    densities = [float(re.search(r"density ([0-9.]+)", line).group(1)) for line in flex_calls(log)]
+    assert densities and max(densities) < 1.0, densities
+    assert all(len(ids) == 8 for ids in flex[0]["token_ids"])
+
+
+def test_environment_variable_selects_flexprefill(tiny_model, tmp_path):
+    from conftest import vllm_env
+
+    flex, log = generate(tmp_path, tiny_model, "--attention-backend", "auto", "--additional-config",
+                         json.dumps(SPARSE), "--num-prompts", "1", "--prompt-words", "2000",
+                         env=vllm_env(VLLM_ATTENTION_BACKEND="FLEX_PREFILL"))
+    assert flex is not None, log[-3000:]
+    assert flex_calls(log), "VLLM_ATTENTION_BACKEND=FLEX_PREFILL did not select FlexPrefill"
+
+
+def test_bad_config_stops_startup_with_what_to_fix(tiny_model, tmp_path):
+    out, log = generate(tmp_path, tiny_model, "--additional-config", json.dumps({"flexprefill": {"gama": 0.9}}),
+                        "--num-prompts", "1", "--prompt-words", "100", timeout=240)
+    assert out is None, "the engine started with an unknown config key"
+    assert "unknown flexprefill config key 'gama'; allowed keys:" in log
+    out, log = generate(tmp_path, tiny_model, "--additional-config", json.dumps({"flexprefill": {"gamma": 2}}),
+                        "--num-prompts", "1", "--prompt-words", "100", timeout=240)
+    assert out is None
+    assert "gamma must be a number in (0, 1]" in log
