@@ -128,10 +128,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} 
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 ARCHITECTURES = {
-    # model_type, HF architecture, whether q/k/v projections carry a bias
-    "llama": ("llama", "LlamaForCausalLM", False),
-    "yi": ("llama", "LlamaForCausalLM", False),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", True),
+    # model_type, HF architecture, q/k/v projection bias, extra per-layer norms
+    "llama": ("llama", "LlamaForCausalLM", False, ()),
+    "yi": ("llama", "LlamaForCausalLM", False, ()),  # Yi checkpoints are Llama-architecture
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", True, ()),
+    "glm4": ("glm4", "Glm4ForCausalLM", True, ("post_self_attn_layernorm", "post_mlp_layernorm")),
 }
 
 
@@ -156,7 +157,7 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    model_type, hf_arch, qkv_bias = ARCHITECTURES[arch]
+    model_type, hf_arch, qkv_bias, extra_norms = ARCHITECTURES[arch]
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -178,7 +179,10 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
         "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": max_len,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "head_dim": head_dim,
+        "attention_bias": qkv_bias,
     }
+    if arch == "glm4":
+        config["partial_rotary_factor"] = 0.5
     (path / "config.json").write_text(json.dumps(config, indent=1))
 
     g = torch.Generator().manual_seed(seed)
@@ -201,9 +205,11 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
             p + "mlp.up_proj.weight": w(intermediate, hidden),
             p + "mlp.down_proj.weight": w(hidden, intermediate),
         })
+        for norm in extra_norms:
+            tensors[p + norm + ".weight"] = torch.ones(hidden)
         if qkv_bias:
-            tensors[p + "self_attn.q_proj.bias"] = torch.zeros(heads * head_dim)
-            tensors[p + "self_attn.k_proj.bias"] = torch.zeros(kv_heads * head_dim)
-            tensors[p + "self_attn.v_proj.bias"] = torch.zeros(kv_heads * head_dim)
+            tensors[p + "self_attn.q_proj.bias"] = 0.1 * torch.randn(heads * head_dim, generator=g)
+            tensors[p + "self_attn.k_proj.bias"] = 0.1 * torch.randn(kv_heads * head_dim, generator=g)
+            tensors[p + "self_attn.v_proj.bias"] = 0.1 * torch.randn(kv_heads * head_dim, generator=g)
     save_file(tensors, str(path / "model.safetensors"))
     return str(path)

@@ -65,3 +65,18 @@ def test_bad_config_stops_startup_with_what_to_fix(tiny_model, tmp_path):
                         "--num-prompts", "1", "--prompt-words", "100", timeout=240)
     assert out is None
     assert "gamma must be a number in (0, 1]" in log
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "glm4", "yi"])
+def test_exact_mode_other_architectures(arch, tmp_path):
+    from vllm_flexprefill.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / f"tiny-{arch}", arch=arch, seed=3)
+    args = ["--num-prompts", "2", "--prompt-words", "1200", "2000", "--max-num-batched-tokens", "1024"]
+    stock, log = generate(tmp_path, model, "--attention-backend", "auto", *args)
+    assert stock is not None, log[-3000:]
+    flex, log = generate(tmp_path, model, "--attention-backend", "FLEX_PREFILL",
+                         "--additional-config", json.dumps(EXACT), *args)
+    assert flex is not None, log[-3000:]
+    assert flex_calls(log), f"FlexPrefill never ran for {arch}"
+    assert flex[0]["token_ids"] == stock[0]["token_ids"]

@@ -43,7 +43,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                           decode_threshold=1, fresh_only=True)
         if plan is None:
             return md
-        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata) if f.init}
         return FlexPrefillCPUMetadata(**fields, plan=plan)
 
 

@@ -90,7 +90,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         plan = None
         if self.flex_enabled and cm.max_query_len > 1:
             seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
-            plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.kv_cache_spec.block_size,
+            plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.block_size,
                               self.flex_config, decode_threshold=1)
         if plan is None:
             return super().build(common_prefix_len, cm, fast_build)
@@ -101,7 +101,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         for r0, r1 in plan.dense_runs:
             run_cm, t0, t1 = slice_requests(cm, r0, r1)
             runs.append((t0, t1, super().build(0, run_cm, fast_build=True)))
-        fields = {f.name: getattr(whole, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
+        fields = {f.name: getattr(whole, f.name) for f in dataclasses.fields(FlashAttentionMetadata) if f.init}
         return FlexPrefillMetadata(**fields, plan=plan, runs=tuple(runs))
 
 
