@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, float16 on GPUs")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default=None)
     parser.add_argument("--load-format", default="auto")
@@ -40,6 +40,10 @@ def main() -> None:
 
     from vllm_flexprefill.testing import make_tiny_model, random_text
 
+    import torch
+
+    if args.dtype is None:
+        args.dtype = "float16" if torch.cuda.is_available() else "float32"
     model = args.model or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
     kwargs = dict(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=True,
@@ -51,8 +55,6 @@ def main() -> None:
         kwargs["additional_config"] = json.loads(args.additional_config)
     if args.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = args.distributed_executor_backend
-    import torch
-
     # on the CPU platform this is the share of RAM for the KV cache
     kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2)
     llm = LLM(**kwargs)

@@ -1,0 +1,128 @@
+"""Time to first token and decode time in vLLM: FLASH_ATTN vs FLEX_PREFILL, same GPU, same run.
+
+Llama-3.1-8B shapes (all 32 layers) with random weights (load_format="dummy"), prompts of
+random token ids, batch 1, prefix caching off. Each engine runs in its own process.
+
+    python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --chunked on off --out bench-results
+
+Engines: "FLASH_ATTN"; "FLEX_PREFILL" (default settings); "FLEX_10" (FLEX_PREFILL with
+tau = 0 and max_budget = N / 40 tokens, which keeps about 10 % of the causal blocks on
+random-weight attention; one engine per length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+
+
+def engine_run(spec: dict) -> dict:
+    """One engine: TTFT per length (median of reps), decode ms/token at the first length."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=spec["model"], load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
+                  gpu_memory_utilization=0.9, enable_chunked_prefill=spec["chunked"],
+                  max_num_batched_tokens=8192 if spec["chunked"] else spec["max_model_len"], max_num_seqs=4,
+                  compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                      "cudagraph_capture_sizes": [1, 2, 4]})
+    kwargs["attention_backend"] = "FLASH_ATTN" if spec["backend"] == "FLASH_ATTN" else "FLEX_PREFILL"
+    if spec.get("flexprefill"):
+        kwargs["additional_config"] = {"flexprefill": spec["flexprefill"]}
+    llm = LLM(**kwargs)
+    g = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return {"prompt_token_ids": torch.randint(1000, 120000, (n,), generator=g).tolist()}
+
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    llm.generate([prompt(1024)], one, use_tqdm=False)  # warm-up
+    out = {"ttft_ms": {}, "decode_ms_per_token": None}
+    for n in spec["lengths"]:
+        times = []
+        for _ in range(spec["reps"]):
+            p = prompt(n)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            llm.generate([p], one, use_tqdm=False)
+            times.append((time.perf_counter() - start) * 1000)
+        out["ttft_ms"][n] = statistics.median(times)
+    # decode: 129 tokens minus 1 token on the same prompt length, per generated token
+    n = spec["decode_length"]
+    many = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True, detokenize=False)
+    p = prompt(n)
+    start = time.perf_counter()
+    llm.generate([p], one, use_tqdm=False)
+    t1 = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([p], many, use_tqdm=False)
+    t129 = time.perf_counter() - start
+    out["decode_ms_per_token"] = (t129 - t1) * 1000 / 128
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--engines", nargs="+", default=["FLASH_ATTN", "FLEX_PREFILL", "FLEX_10"])
+    parser.add_argument("--chunked", nargs="+", default=["on"], choices=["on", "off"])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--decode-length", type=int, default=8192)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
+    args = parser.parse_args()
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = pathlib.Path(tempfile.mkdtemp()) / "llama-3.1-8b-shapes"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    max_len = max(args.lengths) + 256
+
+    runs = []
+    for chunked in args.chunked:
+        for engine in args.engines:
+            if engine == "FLEX_10":
+                specs = [dict(flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40}, lengths=[n])
+                         for n in args.lengths]
+            else:
+                specs = [dict(flexprefill=None, lengths=args.lengths)]
+            for spec in specs:
+                spec.update(model=str(model), backend=engine, chunked=chunked == "on", reps=args.reps,
+                            max_model_len=max_len, decode_length=args.decode_length)
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    result = pool.apply(engine_run, (spec,))
+                for n, ms in result["ttft_ms"].items():
+                    row = {"engine": engine, "chunked": chunked, "N": n, "ttft_ms": ms,
+                           "decode_ms_per_token": result["decode_ms_per_token"]}
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
+    (out_dir / "ttft.json").write_text(json.dumps(runs, indent=1))
+    print(f"{'chunked':>7} {'N':>7} " + " ".join(f"{e:>12}" for e in args.engines) + "  speedup(FLEX_10) decode(ms/tok)")
+    for chunked in args.chunked:
+        for n in args.lengths:
+            cells = {r["engine"]: r for r in runs if r["chunked"] == chunked and r["N"] == n}
+            line = f"{chunked:>7} {n:>7} " + " ".join(f"{cells[e]['ttft_ms']:12.1f}" if e in cells else f"{'-':>12}"
+                                                      for e in args.engines)
+            if "FLASH_ATTN" in cells and "FLEX_10" in cells:
+                line += f"  {cells['FLASH_ATTN']['ttft_ms'] / cells['FLEX_10']['ttft_ms']:.2f}x"
+            line += "  " + " ".join(f"{e}={cells[e]['decode_ms_per_token']:.2f}" for e in cells)
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
