@@ -66,3 +66,23 @@ def test_unsupported_vllm_version_is_reported():
         assert compat.unsupported_reason() == "vllm-flexprefill supports vLLM >= 0.26, < 0.34; found 0.20.1"
     finally:
         compat.vllm_version = original
+
+
+def test_name_aliases_custom_where_vllm_cannot_register_names():
+    import enum
+
+    from vllm_flexprefill.backend.plugin import alias_name_to_custom
+
+    class Meta(enum.EnumMeta):
+        def __getitem__(cls, name):
+            return super().__getitem__(name)
+
+    class Backends(enum.Enum, metaclass=Meta):
+        FLASH_ATTN = "fa"
+        CUSTOM = None
+
+    alias_name_to_custom(Backends)
+    alias_name_to_custom(Backends)  # idempotent
+    assert Backends["FLEX_PREFILL"] is Backends.CUSTOM
+    assert Backends["flex_prefill"] is Backends.CUSTOM
+    assert Backends["FLASH_ATTN"] is Backends.FLASH_ATTN

@@ -4,7 +4,7 @@ vLLM calls ``register()`` in every process (front end, engine core, each worker)
 idempotent, cheap and CUDA-free: it registers class paths only and imports no kernels.
 
 Selection, all three work:
-    --attention-backend FLEX_PREFILL     (vLLM >= 0.32, which can register new names)
+    --attention-backend FLEX_PREFILL     (a registered name on vLLM >= 0.32, an alias of CUSTOM before)
     --attention-backend CUSTOM           (every supported vLLM)
     VLLM_ATTENTION_BACKEND=FLEX_PREFILL  (older guides; vLLM itself ignores the variable)
 """
@@ -44,7 +44,29 @@ def register() -> None:
         # Enum members pickle by value; a spawned process or Ray actor unpickles the
         # config before it loads plugins. This rebuilds the member by name instead.
         AttentionBackendEnum[NAME].__reduce_ex__ = lambda protocol: (backend_member, (NAME,))
+    else:
+        alias_name_to_custom(AttentionBackendEnum)
     wrap_backend_selection()
+
+
+def alias_name_to_custom(enum_cls) -> None:
+    """vLLM < 0.32 cannot add enum members: there FLEX_PREFILL names the CUSTOM member.
+
+    Wraps the enum's name lookup (used by --attention-backend parsing and the selector),
+    so FLEX_PREFILL works on every supported vLLM and pickles as the static CUSTOM member.
+    """
+    meta = type(enum_cls)
+    original = meta.__getitem__
+    if getattr(original, "_flexprefill", False):
+        return
+
+    def __getitem__(cls, name):
+        if cls is enum_cls and isinstance(name, str) and name.upper() == NAME:
+            name = "CUSTOM"
+        return original(cls, name)
+
+    __getitem__._flexprefill = True
+    meta.__getitem__ = __getitem__
 
 
 def backend_member(name: str):
@@ -73,7 +95,7 @@ def selection_from_env():
         return None
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    return AttentionBackendEnum[NAME] if NAME in AttentionBackendEnum.__members__ else AttentionBackendEnum.CUSTOM
+    return AttentionBackendEnum[NAME]
 
 
 def wrap_backend_selection() -> None:
