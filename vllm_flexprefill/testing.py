@@ -98,14 +98,17 @@ def planted_inputs(
         k[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         q[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         # sink: the first 4 keys, logit 10 for every query
-        k[:4, :, 0] += unit * 2.0
+        k[:4] = 0.0
+        k[:4, :, 0] = unit * 2.0
         q[:, :, 0] += unit * 5.0 * boost * strength
         for h in range(num_kv_heads):
             heads = slice(h * group, (h + 1) * group)
             if h % 2 == 0:
                 # vertical lines: needles in different blocks, logit 11 for every query
                 where = torch.randperm(kl - 8, generator=g, device=device)[:needles] + 4
-                k[where, h, 1] += unit * 2.0
+                # content alone makes a needle: every query sees each with the same logit
+                k[where, h] = 0.0
+                k[where, h, 1] = unit * 2.0
                 q[:, heads, 1] += unit * 5.5 * boost * strength
             else:
                 # query-specific spike: 16 keys that only the last third of the queries seek

