@@ -32,7 +32,17 @@ LLAMA_8B = {
 
 
 def engine_run(spec: dict) -> dict:
-    """One engine: TTFT per length (median of reps), decode ms/token at the first length."""
+    """engine_measure in this process; failures come back as text (vLLM's errors don't pickle)."""
+    import traceback
+
+    try:
+        return engine_measure(spec)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+def engine_measure(spec: dict) -> dict:
+    """One engine: TTFT per length (median of reps), decode ms/token at decode_length."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -106,6 +116,9 @@ def main() -> None:
                             max_model_len=max_len, decode_length=args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
+                if "error" in result:
+                    print(f"{engine} chunked={chunked} failed:\n{result['error'][-4000:]}", flush=True)
+                    continue
                 for n, ms in result["ttft_ms"].items():
                     row = {"engine": engine, "chunked": chunked, "N": n, "ttft_ms": ms,
                            "decode_ms_per_token": result["decode_ms_per_token"]}
