@@ -100,8 +100,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = pathlib.Path(tempfile.mkdtemp()) / "llama-3.1-8b-shapes"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps(LLAMA_8B))
     max_len = max(args.lengths) + 256
+    # room for a 128k-token prompt plus the generated tokens
+    (model / "config.json").write_text(json.dumps({**LLAMA_8B, "max_position_embeddings": max_len}))
 
     runs = []
     for chunked in args.chunked:
