@@ -43,6 +43,8 @@ def engine_run(spec: dict) -> dict:
 
 def engine_measure(spec: dict) -> dict:
     """One engine: TTFT per length (median of reps), decode ms/token at decode_length."""
+    # the engine core runs in this (pool worker) process, which may not start children
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
     from vllm import LLM, SamplingParams
 
