@@ -31,9 +31,13 @@ def server(tiny_model, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w")
+    import torch
+
+    on_gpu = torch.cuda.is_available()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "8192", "--max-num-batched-tokens", "1024", "--gpu-memory-utilization", "0.2",
+           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float16" if on_gpu else "float32", "--max-model-len", "8192",
+           "--max-num-batched-tokens", "1024", "--gpu-memory-utilization", "0.85" if on_gpu else "0.2",
            "--attention-backend", "FLEX_PREFILL", "--additional-config", json.dumps(SPARSE)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
     base = f"http://127.0.0.1:{port}"
