@@ -1,0 +1,99 @@
+"""Per-step planning of a mixed batch, and FlexPrefill over a shuffled paged KV cache.
+
+Follows vLLM's own backend tests: context keys/values scattered into randomly permuted
+pages (page 0 unused), a batch mixing a decode, a fresh prompt, a chunked-prefill
+continuation, a prefix-cache hit and a short prompt; the sparse requests' outputs are
+compared with causal attention per request.
+"""
+
+import itertools
+
+import torch
+
+from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
+from vllm_flexprefill.backend.sparse import sparse_prefill
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.testing import ATOL, dense_reference
+
+PAGE = 16
+#          decode   fresh   chunk   prefix-hit  short
+Q_LENS = [1, 700, 300, 200, 50]
+SEQ_LENS = [500, 700, 1000, 900, 50]
+
+
+def paged_batch(seed=0):
+    """Query rows for the batch, full-sequence K/V per request, and a shuffled paged cache."""
+    g = torch.Generator().manual_seed(seed)
+    hq, h, d = 4, 2, 64
+    keys = [torch.randn(n, h, d, generator=g) for n in SEQ_LENS]
+    values = [torch.randn(n, h, d, generator=g) for n in SEQ_LENS]
+    query = torch.randn(sum(Q_LENS), hq, d, generator=g)
+    pages_per_req = [-(-n // PAGE) for n in SEQ_LENS]
+    perm = (torch.randperm(sum(pages_per_req), generator=g) + 1).tolist()  # page 0 stays unused
+    num_pages = sum(pages_per_req) + 1
+    key_cache = torch.full((num_pages, PAGE, h, d), float("nan"))
+    value_cache = torch.full((num_pages, PAGE, h, d), float("nan"))
+    block_table = torch.zeros(len(SEQ_LENS), max(pages_per_req), dtype=torch.int32)
+    it = iter(perm)
+    for i, n in enumerate(SEQ_LENS):
+        for p in range(pages_per_req[i]):
+            page = next(it)
+            block_table[i, p] = page
+            rows = slice(p * PAGE, min(n, (p + 1) * PAGE))
+            key_cache[page, : rows.stop - rows.start] = keys[i][rows]
+            value_cache[page, : rows.stop - rows.start] = values[i][rows]
+    return query, keys, values, key_cache, value_cache, block_table
+
+
+def test_choose_sparse_and_dense_runs():
+    cfg = FlexPrefillConfig(min_sparse_tokens=600, min_sparse_query_tokens=100)
+    sparse = choose_sparse(Q_LENS, SEQ_LENS, cfg, decode_threshold=1, fresh_only=False)
+    assert sparse == [False, True, True, True, False]
+    assert choose_sparse(Q_LENS, SEQ_LENS, cfg, decode_threshold=1, fresh_only=True) == \
+        [False, True, False, False, False]
+    assert dense_runs(sparse) == ((0, 1), (4, 5))
+    assert dense_runs([False, False, True]) == ((0, 2),)
+    assert dense_runs([True, True]) == ()
+
+
+def test_sparse_requests_over_a_shuffled_paged_cache_match_causal_attention():
+    query, keys, values, key_cache, value_cache, block_table = paged_batch()
+    cfg = FlexPrefillConfig(min_budget=100000, min_sparse_tokens=600, min_sparse_query_tokens=100,
+                            sparse_block_size=32)
+    qsl = torch.tensor([0, *itertools.accumulate(Q_LENS)], dtype=torch.int32)
+    plan = plan_batch(qsl, torch.tensor(SEQ_LENS), block_table, PAGE, cfg, decode_threshold=1)
+    assert plan.requests == (1, 2, 3)
+    assert plan.dense_runs == ((0, 1), (4, 5))
+    assert plan.q_rows == slice(1, 1201)
+    # the gather the CUDA backend does in forward
+    k = key_cache[plan.kv_pages, plan.kv_offsets]
+    v = value_cache[plan.kv_pages, plan.kv_offsets]
+    assert torch.equal(k, torch.cat([keys[i] for i in plan.requests]))
+    assert torch.equal(v, torch.cat([values[i] for i in plan.requests]))
+    out = torch.full((1200, 4, 64), float("nan"))
+    sparse_prefill(query[plan.q_rows], k, v, plan, cfg, 0.125, out=out)
+    want = dense_reference(query[plan.q_rows], k, v, [Q_LENS[i] for i in plan.requests],
+                           [SEQ_LENS[i] for i in plan.requests], 0.125)
+    torch.testing.assert_close(out, want, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_non_contiguous_sparse_requests_use_an_index():
+    cfg = FlexPrefillConfig(min_sparse_tokens=600, min_sparse_query_tokens=100)
+    q_lens, seq_lens = [700, 1, 300], [700, 400, 1000]
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    table = torch.arange(3 * 70, dtype=torch.int32).view(3, 70)
+    plan = plan_batch(qsl, torch.tensor(seq_lens), table, PAGE, cfg, decode_threshold=1)
+    assert plan.requests == (0, 2)
+    assert torch.equal(plan.q_rows, torch.cat([torch.arange(0, 700), torch.arange(701, 1001)]))
+    assert plan.dense_runs == ((1, 2),)
+    assert plan.layout.q_lens == (700, 300) and plan.layout.k_lens == (700, 1000)
+    # token t of request 2 lives at page table[2, t // PAGE], offset t % PAGE
+    t = torch.arange(1000)
+    assert torch.equal(plan.kv_pages[700:], table[2, t // PAGE].long())
+    assert torch.equal(plan.kv_offsets[700:], t % PAGE)
+
+
+def test_batches_without_long_prefills_are_left_to_the_dense_backend():
+    cfg = FlexPrefillConfig()
+    qsl = torch.tensor([0, 1, 2, 5000], dtype=torch.int32)
+    assert plan_batch(qsl, torch.tensor([9000, 100, 5000]), None, PAGE, cfg, decode_threshold=1) is None
