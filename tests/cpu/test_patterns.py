@@ -140,11 +140,12 @@ def test_vertical_slash_coverage_reaches_gamma():
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("probe", [naive_probe_stats, probe_stats], ids=["torch-probe", "triton-probe"])
-def test_batched_estimator_matches_spec(cfg, probe):
+@pytest.mark.parametrize("probe,fused", [(naive_probe_stats, False), (probe_stats, False), (probe_stats, True)],
+                         ids=["torch-probe", "triton-probe", "triton-probe-fused-select"])
+def test_batched_estimator_matches_spec(cfg, probe, fused):
     q, k, layout = batch()
     spec = naive_select_blocks(q, k, layout, cfg, 0.125)
-    got = select_blocks(q, k, layout, cfg, 0.125, probe)
+    got = select_blocks(q, k, layout, cfg, 0.125, probe, fused)
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
@@ -159,3 +160,20 @@ def test_dense_sequences_keep_every_causal_block():
     assert (density[0] == 1).all() and (density[2] == 1).all()
     assert (density[1] < 1).all()
     assert not sel.query_aware[0].any()
+
+
+@pytest.mark.parametrize("n_probe,k_len,tau,budgets", [(32, 700, 0.1, (2, 9, 2)), (5, 300, 0.9, (1, 4, 1)),
+                                                       (32, 1000, 0.0, (3, 32, 3))])
+def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets):
+    from vllm_flexprefill.kernels.head_select import select_heads
+    from vllm_flexprefill.patterns.estimate import block_means, select_heads_torch
+
+    q, k, _ = planted_inputs([k_len], [k_len], 4, 2, 64, dtype=torch.bfloat16, seed=k_len)
+    m, l = naive_probe_stats(q[-n_probe:], k, BS, 0.125)
+    k_means, q_mean = block_means(k, BS), q[-n_probe:].mean(0, dtype=torch.float32)
+    min_b, max_b, qa_b = budgets
+    cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=min_b * BS, max_budget=max_b * BS, sparse_block_size=BS)
+    got = select_heads(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b)
+    want = select_heads_torch(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg, 2)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

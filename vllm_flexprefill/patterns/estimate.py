@@ -16,6 +16,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_lists import coverage_threshold, write_block_lists
+from vllm_flexprefill.kernels.head_select import MAX_BLOCKS, select_heads
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
 
@@ -88,7 +89,7 @@ class SequenceChoice:
 
 
 def estimate_sequence(
-    q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn
+    q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn, fused: bool = True
 ) -> SequenceChoice:
     """Chooses blocks for every query head of one sequence.
 
@@ -96,6 +97,9 @@ def estimate_sequence(
         q: [q_len, HQ, D] the sequence's queries (last q_len of k_len positions).
         k: [k_len, H, D] its keys.
         probe: ``kernels.probe.probe_stats`` or its naive twin.
+        fused: choose verticals and slashes with ``kernels.head_select`` (one launch)
+            instead of the PyTorch twin (about a hundred); sequences of more than
+            ``MAX_BLOCKS`` blocks always take the PyTorch path.
     """
     bs = cfg.sparse_block_size
     q_len, hq, _ = q.shape
@@ -103,31 +107,26 @@ def estimate_sequence(
     nb = -(-k_len // bs)
     first_row = (k_len - q_len) // bs
     dev = q.device
-    cols = torch.arange(nb, device=dev)
 
     n_probe = min(bs, q_len)
     q_probe = q[q_len - n_probe:]
     m, l = probe(q_probe, k, bs, scale)
-    vertical, slash = probe_masses(m, l, n_probe, k_len, bs)
-
-    # [NB, HQ, D] key block means, one copy per query head of the group
-    k_bar = block_means(k, bs).repeat_interleave(group, dim=1)
+    k_block_means = block_means(k, bs)  # [NB, H, D]
     q_probe_bar = q_probe.mean(0, dtype=torch.float32)  # [HQ, D]
-    estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, k_bar), dim=-1)
-    query_aware = js_distance(estimate, vertical) < cfg.tau  # [HQ]
-
     max_blocks = cfg.max_blocks or nb
     qa_count = min(cfg.min_blocks, max_blocks)
-    min_count = torch.where(query_aware, qa_count, cfg.min_blocks)
-    max_count = torch.where(query_aware, qa_count, max_blocks)
-    valid = torch.ones(hq, nb, dtype=torch.bool, device=dev)
-    forced = (cols == 0).expand(hq, nb)
-    keep_v = coverage_select(vertical, valid, forced, cfg.gamma, min_count, max_count)
-    keep_s = coverage_select(slash, valid, forced, cfg.gamma, min_count, max_count)
+    if fused and nb <= MAX_BLOCKS:
+        keep_v, keep_s, query_aware = select_heads(m, l, k_block_means, q_probe_bar, n_probe, k_len, scale,
+                                                   cfg.gamma, cfg.tau, cfg.min_blocks, max_blocks, qa_count)
+    else:
+        keep_v, keep_s, query_aware = select_heads_torch(m, l, k_block_means, q_probe_bar, n_probe, k_len,
+                                                         scale, cfg, group)
     if cfg.tau == 0:
         return SequenceChoice(keep_v, keep_s, None, None, query_aware)
+    k_bar = k_block_means.repeat_interleave(group, dim=1)  # [NB, HQ, D]
 
     # pooled block map of the chunk's query tiles; query-aware heads keep its top gamma
+    cols = torch.arange(nb, device=dev)
     rows = torch.arange(first_row, nb, device=dev)
     r = len(rows)
     q_bar = block_means(q, bs, offset=(k_len - q_len) % bs)  # [R, HQ, D]
@@ -138,8 +137,30 @@ def estimate_sequence(
     return SequenceChoice(keep_v, keep_s, pooled, threshold, query_aware)
 
 
+def select_heads_torch(
+    m: torch.Tensor, l: torch.Tensor, k_block_means: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int,
+    k_len: int, scale: float, cfg: FlexPrefillConfig, group: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch twin of ``kernels.head_select.select_heads``: keep_v, keep_s [HQ, NB], query_aware [HQ]."""
+    hq, nb, bs = m.shape
+    vertical, slash = probe_masses(m, l, n_probe, k_len, bs)
+    k_bar = k_block_means.repeat_interleave(group, dim=1)
+    estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, k_bar), dim=-1)
+    query_aware = js_distance(estimate, vertical) < cfg.tau  # [HQ]
+    max_blocks = cfg.max_blocks or nb
+    qa_count = min(cfg.min_blocks, max_blocks)
+    min_count = torch.where(query_aware, qa_count, cfg.min_blocks)
+    max_count = torch.where(query_aware, qa_count, max_blocks)
+    valid = torch.ones(hq, nb, dtype=torch.bool, device=m.device)
+    forced = (torch.arange(nb, device=m.device) == 0).expand(hq, nb)
+    keep_v = coverage_select(vertical, valid, forced, cfg.gamma, min_count, max_count)
+    keep_s = coverage_select(slash, valid, forced, cfg.gamma, min_count, max_count)
+    return keep_v, keep_s, query_aware
+
+
 def select_blocks(
-    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn
+    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn,
+    fused: bool = True,
 ) -> BlockSelection:
     """Block lists for a packed batch: estimated for sparse sequences, every causal block for the rest.
 
@@ -156,7 +177,7 @@ def select_blocks(
         where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
                      num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
         if layout.sparse[s]:
-            choice = estimate_sequence(q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe)
+            choice = estimate_sequence(q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe, fused)
             query_aware[s] = choice.query_aware
             write_block_lists(block_idx, block_cnt, **where, keep_v=choice.keep_v, keep_s=choice.keep_s,
                               pooled=choice.pooled, threshold=choice.threshold, query_aware=choice.query_aware)
