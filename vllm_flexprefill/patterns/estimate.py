@@ -89,7 +89,7 @@ class SequenceChoice:
 
 
 def estimate_sequence(
-    q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn, fused: bool = True
+    q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn, fused: bool = False
 ) -> SequenceChoice:
     """Chooses blocks for every query head of one sequence.
 
@@ -160,7 +160,7 @@ def select_heads_torch(
 
 def select_blocks(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn,
-    fused: bool = True,
+    fused: bool = False,
 ) -> BlockSelection:
     """Block lists for a packed batch: estimated for sparse sequences, every causal block for the rest.
 
