@@ -55,14 +55,15 @@ def test_probe_stats_matches_naive(n_probe, k_len, bs):
     torch.testing.assert_close(l, l_ref, atol=1e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-select", "fused-select"])
 @pytest.mark.parametrize("tau", [0.1, 0.8])
-def test_gpu_estimator_matches_spec(tau):
+def test_gpu_estimator_matches_spec(tau, fused):
     q_lens, k_lens = [4096, 1500], [4096, 6000]
     q, k, _ = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=7)
     layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=512, sparse_block_size=128, min_sparse_tokens=0)
     spec = naive_select_blocks(q, k, layout, cfg, 128 ** -0.5)
-    got = select_blocks(q, k, layout, cfg, 128 ** -0.5, probe_stats)
+    got = select_blocks(q, k, layout, cfg, 128 ** -0.5, probe_stats, fused=fused)
     assert torch.equal(got.query_aware, spec.query_aware)
     # bf16 scores on the tensor cores may reorder near-equal blocks; allow a tiny disagreement
     differ = (got.block_idx != spec.block_idx).any(-1).float().mean().item()
