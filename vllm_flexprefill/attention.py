@@ -147,6 +147,15 @@ def scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget, block_size,
+                    softmax_scale, min_sparse_tokens) -> tuple[BatchLayout, BlockSelection, float]:
+    """Validated config, batch plan and block selection shared by the public functions."""
+    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
+    scale = scale_or_default(softmax_scale, q.shape[-1])
+    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
+    return layout, select_blocks(q, k, layout, cfg, scale), scale
+
+
 def flex_prefill_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -178,10 +187,8 @@ def flex_prefill_attention_varlen(
         [Tq, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, packed=True)
-    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
-    scale = scale_or_default(softmax_scale, q.shape[-1])
-    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
-    selection = select_blocks(q, k, layout, cfg, scale)
+    layout, selection, scale = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget,
+                                               block_size, softmax_scale, min_sparse_tokens)
     return sparse_attention(q, k, v, layout, selection, scale, out=out)
 
 
@@ -241,8 +248,6 @@ def flex_prefill_stats(
         q, k = q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:])
     elif cu_seqlens_k is None:
         raise ValueError("cu_seqlens_k is required with cu_seqlens_q")
-    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
-    scale = scale_or_default(softmax_scale, q.shape[-1])
-    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
-    selection = select_blocks(q, k, layout, cfg, scale)
+    layout, selection, _ = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget,
+                                           block_size, softmax_scale, min_sparse_tokens)
     return FlexPrefillStats(selection.density(layout), selection.query_aware, layout.sparse)
