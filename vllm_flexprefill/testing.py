@@ -186,6 +186,9 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
     }
     if arch == "glm4":
         config["partial_rotary_factor"] = 0.5
+    if arch == "yi":
+        # Yi-9B-200K: Llama architecture with a very large RoPE base for its long context
+        config["rope_theta"] = 10000000.0
     (path / "config.json").write_text(json.dumps(config, indent=1))
 
     g = torch.Generator().manual_seed(seed)
