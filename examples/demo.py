@@ -108,6 +108,11 @@ def main() -> None:
     else:
         print("FlexPrefill ran no sparse prefill (prompt below min_sparse_tokens)")
     print(f"time ratio stock / FlexPrefill: {results['stock']['seconds'] / results['FLEX_PREFILL']['seconds']:.2f}x")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("(CPU: FlexPrefill runs its plain-PyTorch path here, on top of the dense kernel; "
+              "its speed-up is on GPUs, docs/benchmarks.md)")
 
 
 if __name__ == "__main__":
