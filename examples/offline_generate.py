@@ -36,11 +36,10 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
+    import torch
     from vllm import LLM, SamplingParams
 
     from vllm_flexprefill.testing import make_tiny_model, random_text
-
-    import torch
 
     if args.dtype is None:
         args.dtype = "float16" if torch.cuda.is_available() else "float32"

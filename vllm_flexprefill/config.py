@@ -63,7 +63,8 @@ class FlexPrefillConfig:
         where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r} {where}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau >= 0.0 or math.isinf(self.tau):
+        if (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau >= 0.0
+                or math.isinf(self.tau)):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r} {where}")
         for name in ("min_budget", "max_budget"):
             value = getattr(self, name)

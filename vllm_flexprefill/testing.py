@@ -94,7 +94,8 @@ def planted_inputs(
         v = torch.randn(kl, num_kv_heads, d, generator=g, device=device)
         # local window: the logit gains (LOCAL_PEAK / n_freq) * sum_f cos(w_f (i - j)), LOCAL_PEAK at i == j
         ang = pos[:, None] * freqs[None, :]
-        feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1) * unit * math.sqrt(LOCAL_PEAK * boost * strength / n_freq)
+        amplitude = unit * math.sqrt(LOCAL_PEAK * boost * strength / n_freq)
+        feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1) * amplitude
         k[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         q[:, :, 8:8 + 2 * n_freq] += feats[:, None, :]
         # sink: the first 4 keys, logit 10 for every query

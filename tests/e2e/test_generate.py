@@ -6,7 +6,6 @@ import re
 import pytest
 from conftest import EXACT, SPARSE, flex_calls, generate
 
-
 EXACT_ARGS = ["--num-prompts", "3", "--prompt-words", "1500", "2500", "3000", "--repeat", "2",
               "--max-num-batched-tokens", "1024"]
 

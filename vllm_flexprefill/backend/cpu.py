@@ -19,7 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_flexprefill.backend.routing import plan_batch
+from vllm_flexprefill.backend.routing import SparsePlan, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, log_once, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
