@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements, in one command per stage, for a machine with vLLM
+# 0.26 from ../shared/gpu (source .gpu-bundle/setup.sh first). Output goes to $OUT.
+#
+#   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
+#   bash benchmarks/run-gpu.sh kernels    # kernel benchmark -> $OUT/kernels.{json,png}
+#   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
+#   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_PREFILL -> $OUT/ttft.json
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench-results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Running pip as" || true
+for stage in "$@"; do
+  case "$stage" in
+    tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
+    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tail -8 ;;
+    e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
+           | tee "$OUT/e2e.log" | grep -E "passed|failed|Error" | tail -5 ;;
+    ttft) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --engines FLASH_ATTN FLEX_10 \
+            --reps 1 --out "$OUT" 2>&1 | grep -E "^\{|^chunked|^ +on|failed" | tail -14 ;;
+    *) echo "unknown stage $stage (tests, kernels, e2e, ttft)"; exit 2 ;;
+  esac
+done
