@@ -97,3 +97,25 @@ def test_batches_without_long_prefills_are_left_to_the_dense_backend():
     cfg = FlexPrefillConfig()
     qsl = torch.tensor([0, 1, 2, 5000], dtype=torch.int32)
     assert plan_batch(qsl, torch.tensor([9000, 100, 5000]), None, PAGE, cfg, decode_threshold=1) is None
+
+
+def test_slice_requests_gives_metadata_of_a_request_range():
+    import pytest
+
+    cuda = pytest.importorskip("vllm_flexprefill.backend.cuda")
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0, *itertools.accumulate(Q_LENS)], dtype=torch.int32)
+    seq = torch.tensor(SEQ_LENS, dtype=torch.int32)
+    table = torch.arange(5 * 70, dtype=torch.int32).view(5, 70)
+    slots = torch.arange(int(qsl[-1]) + 8)  # padded past the last token
+    cm = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=5,
+                                 num_actual_tokens=int(qsl[-1]), max_query_len=700, max_seq_len=1000,
+                                 block_table_tensor=table, slot_mapping=slots, seq_lens_cpu_upper_bound=seq)
+    part, t0, t1 = cuda.slice_requests(cm, 3, 5)
+    assert (t0, t1) == (1001, 1251)
+    assert part.num_reqs == 2 and part.num_actual_tokens == 250
+    assert part.query_start_loc.tolist() == [0, 200, 250] == part.query_start_loc_cpu.tolist()
+    assert part.seq_lens.tolist() == [900, 50] and part.max_seq_len == 900 and part.max_query_len == 200
+    assert torch.equal(part.block_table_tensor, table[3:5])
+    assert torch.equal(part.slot_mapping, slots[1001:1251])
