@@ -4,7 +4,8 @@
 #
 #     bash benchmarks/ray-parts.sh                # -> .gpu-bundle/ray-part-aa, ray-part-ab
 #
-# then carry one part per call beside the vLLM bundle parts, and on the GPU machine:
+# then, after the two vLLM bundle calls, carry one Ray part per call (each call may carry
+# 64 MiB in all), and on the GPU machine:
 #
 #     mkdir -p $HOME/gpu-env/ray && cp .gpu-bundle/ray-part-* $HOME/gpu-env/ray/
 #     cat $HOME/gpu-env/ray/ray-part-* > /tmp/ray.whl && python -m pip install -q --no-deps \
