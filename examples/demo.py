@@ -56,6 +56,7 @@ def run(backend: str, args: dict, prompt: str) -> dict:
     flex_logger.setLevel(logging.DEBUG)
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"])
     llm.generate([prompt[:200]], params)  # warm-up
+    handler.densities.clear()
     start = time.perf_counter()
     out = llm.generate([prompt], params)[0]
     seconds = time.perf_counter() - start
@@ -79,10 +80,10 @@ def main() -> None:
     from vllm_flexprefill.testing import make_tiny_model, random_text
 
     tiny = args.model is None
-    model = args.model or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
+    model = args.model or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny-llama"), local_attention=True)
     words = random_text(args.prompt_words, seed=7).split()
     words.insert(len(words) // 3, "the secret key is omega")
-    prompt = " ".join(words) + " question what is the secret key answer"
+    prompt = "<s> " + " ".join(words) + " question what is the secret key answer"
     flexprefill = {"gamma": args.gamma, "tau": args.tau,
                    "min_budget": args.min_budget or (256 if tiny else 1024)}
     if tiny:
@@ -97,13 +98,13 @@ def main() -> None:
             results[backend] = pool.apply(run, (backend, settings, prompt))
 
     print()
-    print(f"model: {model}{' (tiny, random weights)' if tiny else ''}")
+    print(f"model: {model}{' (tiny, random weights with a sink token and local attention)' if tiny else ''}")
     print(f"prompt: {results['stock']['prompt_tokens']} tokens; FlexPrefill settings: {flexprefill}")
     for backend, r in results.items():
         print(f"  {backend:>12}: {r['seconds'] * 1000:8.1f} ms  answer: {r['answer']!r}")
     dens = results["FLEX_PREFILL"]["densities"]
     if dens:
-        print(f"FlexPrefill density per layer call: mean {sum(dens) / len(dens):.3f}, "
+        print(f"FlexPrefill density per layer call: {[round(x, 3) for x in dens]}, mean {sum(dens) / len(dens):.3f}, "
               f"min {min(dens):.3f}, max {max(dens):.3f} ({len(dens)} calls)")
     else:
         print("FlexPrefill ran no sparse prefill (prompt below min_sparse_tokens)")

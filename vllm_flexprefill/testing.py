@@ -147,11 +147,15 @@ def random_text(num_words: int, seed: int = 0) -> str:
 
 
 def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4, kv_heads: int = 2,
-                    layers: int = 2, intermediate: int = 512, max_len: int = 16384, seed: int = 0) -> str:
+                    layers: int = 2, intermediate: int = 512, max_len: int = 16384, seed: int = 0,
+                    local_attention: bool = False) -> str:
     """Writes a random decoder (config.json, safetensors weights, a trained BPE tokenizer).
 
     head_dim = hidden // heads (64 by default). Weights are scaled so that attention and
-    logits are peaked, which keeps greedy decoding stable against rounding.
+    logits are peaked, which keeps greedy decoding stable against rounding. With
+    ``local_attention`` every embedding carries a constant component that the query and key
+    projections map to one shared vector, so under RoPE each head attends mostly to nearby
+    tokens: attention with structure, as trained models have, instead of diffuse attention.
     """
     import json
     import pathlib
@@ -197,7 +201,12 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
     def w(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale / math.sqrt(shape[-1])).contiguous()
 
-    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+    embed = torch.randn(vocab, hidden, generator=g)
+    if local_attention:
+        embed[:, 0] = 8.0
+        embed[:, 1] = 0.0
+        embed[1, 1] = 12.0  # "<s>": the attention sink
+    tensors = {"model.embed_tokens.weight": embed,
                "model.norm.weight": torch.ones(hidden), "lm_head.weight": w(vocab, hidden, scale=4.0)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -212,6 +221,18 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
             p + "mlp.up_proj.weight": w(intermediate, hidden),
             p + "mlp.down_proj.weight": w(hidden, intermediate),
         })
+        if local_attention:
+            # q = k = the same vector for every token (from the constant component): under
+            # RoPE the logit is sum_f |u_f|^2 cos(theta_f (i - j)), peaked at i == j
+            for proj, n_heads in (("q_proj", heads), ("k_proj", kv_heads)):
+                weight = tensors[p + f"self_attn.{proj}.weight"] * 0.3
+                weight[:, 0] = 1.2 / 7.0
+                weight[:, 1] = 0.0
+                if proj == "k_proj":
+                    # the sink's key lines up with every query in the slowest RoPE pair
+                    slow = [h * head_dim + d for h in range(n_heads) for d in (head_dim // 2 - 1, head_dim - 1)]
+                    weight[slow, 1] = 4.0
+                tensors[p + f"self_attn.{proj}.weight"] = weight
         for norm in extra_norms:
             tensors[p + norm + ".weight"] = torch.ones(hidden)
         if qkv_bias:
