@@ -151,11 +151,11 @@ def select_heads_torch(
     qa_count = min(cfg.min_blocks, max_blocks)
     min_count = torch.where(query_aware, qa_count, cfg.min_blocks)
     max_count = torch.where(query_aware, qa_count, max_blocks)
-    valid = torch.ones(hq, nb, dtype=torch.bool, device=m.device)
-    forced = (torch.arange(nb, device=m.device) == 0).expand(hq, nb)
-    keep_v = coverage_select(vertical, valid, forced, cfg.gamma, min_count, max_count)
-    keep_s = coverage_select(slash, valid, forced, cfg.gamma, min_count, max_count)
-    return keep_v, keep_s, query_aware
+    # verticals and slashes in one call: [2, HQ, NB]
+    valid = torch.ones(2, hq, nb, dtype=torch.bool, device=m.device)
+    forced = (torch.arange(nb, device=m.device) == 0).expand(2, hq, nb)
+    keep = coverage_select(torch.stack([vertical, slash]), valid, forced, cfg.gamma, min_count, max_count)
+    return keep[0], keep[1], query_aware
 
 
 def select_blocks(
