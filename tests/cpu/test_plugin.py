@@ -86,3 +86,13 @@ def test_name_aliases_custom_where_vllm_cannot_register_names():
     assert Backends["FLEX_PREFILL"] is Backends.CUSTOM
     assert Backends["flex_prefill"] is Backends.CUSTOM
     assert Backends["FLASH_ATTN"] is Backends.FLASH_ATTN
+
+
+def test_cuda_backend_refuses_fp8_kv_cache():
+    cuda = pytest.importorskip("vllm_flexprefill.backend.cuda")
+    assert cuda.FlexPrefillBackend.supports_kv_cache_dtype("auto")
+    assert cuda.FlexPrefillBackend.supports_kv_cache_dtype("bfloat16")
+    assert not cuda.FlexPrefillBackend.supports_kv_cache_dtype("fp8")
+    assert not cuda.FlexPrefillBackend.supports_kv_cache_dtype("fp8_e4m3")
+    assert cuda.FlexPrefillCustomBackend.get_name() == "CUSTOM"
+    assert cuda.FlexPrefillBackend.get_name() == "FLEX_PREFILL"

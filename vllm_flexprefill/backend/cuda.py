@@ -158,6 +158,11 @@ class FlexPrefillBackend(FlashAttentionBackend):
     def supports_batch_invariance(cls) -> bool:
         return False
 
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        # the sparse kernels read the cache as the model dtype; FP8 caches are refused at startup
+        return kv_cache_dtype is None or kv_cache_dtype in cls.supported_kv_cache_dtypes
+
 
 class FlexPrefillCustomBackend(FlexPrefillBackend):
     @staticmethod
