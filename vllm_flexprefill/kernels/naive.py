@@ -28,7 +28,6 @@ def naive_block_sparse_attention(
     bs = layout.block_size
     hq, group = q.shape[1], q.shape[1] // k.shape[1]
     out = torch.empty(q.shape[0], hq, v.shape[2], dtype=q.dtype, device=q.device)
-    q_off = k_off = 0
     for s in range(layout.num_seqs):
         q_len, k_len = layout.q_lens[s], layout.k_lens[s]
         lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
@@ -43,13 +42,11 @@ def naive_block_sparse_attention(
         tile_of_query = q_pos // bs - layout.first_row(s)
         token_mask = tile_mask[:, tile_of_query][:, :, k_pos // bs]
         token_mask &= k_pos[None, None, :] <= q_pos[None, :, None]
-        qs = q[q_off:q_off + q_len].float().transpose(0, 1)
-        ks = k[k_off:k_off + k_len].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        vs = v[k_off:k_off + k_len].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        qs = q[layout.q_range(s)].float().transpose(0, 1)
+        ks = k[layout.k_range(s)].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[layout.k_range(s)].float().repeat_interleave(group, dim=1).transpose(0, 1)
         scores = (scale * qs @ ks.transpose(1, 2)).masked_fill(~token_mask, float("-inf"))
-        out[q_off:q_off + q_len] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
-        q_off += q_len
-        k_off += k_len
+        out[layout.q_range(s)] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
     return out
 
 

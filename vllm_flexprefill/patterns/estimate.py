@@ -171,18 +171,14 @@ def select_blocks(
     block_idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32, device=q.device)
     block_cnt = torch.empty(hq, layout.num_tiles, dtype=torch.int32, device=q.device)
     query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=q.device)
-    q_off = k_off = 0
     for s in range(layout.num_seqs):
-        q_len, k_len = layout.q_lens[s], layout.k_lens[s]
         where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
                      num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
         if layout.sparse[s]:
-            choice = estimate_sequence(q[q_off:q_off + q_len], k[k_off:k_off + k_len], cfg, scale, probe, fused)
+            choice = estimate_sequence(q[layout.q_range(s)], k[layout.k_range(s)], cfg, scale, probe, fused)
             query_aware[s] = choice.query_aware
             write_block_lists(block_idx, block_cnt, **where, keep_v=choice.keep_v, keep_s=choice.keep_s,
                               pooled=choice.pooled, threshold=choice.threshold, query_aware=choice.query_aware)
         else:
             write_block_lists(block_idx, block_cnt, **where)
-        q_off += q_len
-        k_off += k_len
     return BlockSelection(block_idx, block_cnt, query_aware)

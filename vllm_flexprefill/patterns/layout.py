@@ -15,6 +15,7 @@ diagonal block needs a causal mask.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,18 @@ class BatchLayout:
     """[NQB] int32: block row of each query tile on its sequence's grid."""
     first_tile: tuple[int, ...]
     """Index of each sequence's first tile; ``first_tile[N]`` = NQB."""
+    q_starts: tuple[int, ...]
+    """Host copy of cu_seqlens_q."""
+    k_starts: tuple[int, ...]
+    """Host copy of cu_seqlens_k."""
+
+    def q_range(self, seq: int) -> slice:
+        """Rows of a sequence's queries in the packed queries."""
+        return slice(self.q_starts[seq], self.q_starts[seq + 1])
+
+    def k_range(self, seq: int) -> slice:
+        """Rows of a sequence's keys in the packed keys/values."""
+        return slice(self.k_starts[seq], self.k_starts[seq + 1])
 
     @property
     def num_seqs(self) -> int:
@@ -63,10 +76,13 @@ class BatchLayout:
         """Block row of a sequence's first query tile."""
         return (self.k_lens[seq] - self.q_lens[seq]) // self.block_size
 
+    def causal_blocks_of(self, seq: int) -> int:
+        """Key blocks a dense causal pass over one sequence's tiles visits (per head)."""
+        return sum(r + 1 for r in range(self.first_row(seq), self.num_key_blocks(seq)))
+
     def causal_blocks(self) -> int:
         """Key blocks a dense causal pass over every tile visits (per head)."""
-        return sum(
-            r + 1 for s in range(self.num_seqs) for r in range(self.first_row(s), self.num_key_blocks(s)))
+        return sum(self.causal_blocks_of(s) for s in range(self.num_seqs))
 
     @staticmethod
     def build(
@@ -96,22 +112,20 @@ class BatchLayout:
             tile_row += list(rows)
             first_tile.append(len(tile_seq))
 
-        def cumsum(lens: tuple[int, ...]) -> torch.Tensor:
-            out = [0]
-            for n in lens:
-                out.append(out[-1] + n)
-            return torch.tensor(out, dtype=torch.int32, device=device)
-
+        q_starts = (0, *itertools.accumulate(q_lens))
+        k_starts = (0, *itertools.accumulate(k_lens))
         return BatchLayout(
             block_size=block_size,
             q_lens=q_lens,
             k_lens=k_lens,
             sparse=sparse,
-            cu_seqlens_q=cumsum(q_lens),
-            cu_seqlens_k=cumsum(k_lens),
+            cu_seqlens_q=torch.tensor(q_starts, dtype=torch.int32, device=device),
+            cu_seqlens_k=torch.tensor(k_starts, dtype=torch.int32, device=device),
             tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
             tile_row=torch.tensor(tile_row, dtype=torch.int32, device=device),
             first_tile=tuple(first_tile),
+            q_starts=q_starts,
+            k_starts=k_starts,
         )
 
 
@@ -135,8 +149,7 @@ class BlockSelection:
         out = torch.zeros(layout.num_seqs, counts.shape[0], device=counts.device)
         for s in range(layout.num_seqs):
             lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
-            causal = sum(r + 1 for r in range(layout.first_row(s), layout.num_key_blocks(s)))
-            out[s] = counts[:, lo:hi].sum(-1) / causal
+            out[s] = counts[:, lo:hi].sum(-1) / layout.causal_blocks_of(s)
         return out
 
 

@@ -116,11 +116,6 @@ def naive_select_blocks(
     group = hq // h_kv
     mask = causal_mask(layout, hq)
     query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=q.device)
-    cu_q = [0]
-    cu_k = [0]
-    for s in range(layout.num_seqs):
-        cu_q.append(cu_q[-1] + layout.q_lens[s])
-        cu_k.append(cu_k[-1] + layout.k_lens[s])
     for s in range(layout.num_seqs):
         if not layout.sparse[s]:
             continue
@@ -128,7 +123,7 @@ def naive_select_blocks(
         tiles = slice(layout.first_tile[s], layout.first_tile[s + 1])
         for h in range(hq):
             head_mask, qa = naive_head_selection(
-                q[cu_q[s]:cu_q[s + 1], h].cpu(), k[cu_k[s]:cu_k[s + 1], h // group].cpu(), layout.k_lens[s],
+                q[layout.q_range(s), h].cpu(), k[layout.k_range(s), h // group].cpu(), layout.k_lens[s],
                 cfg, scale)
             mask[h, tiles, :nb] = head_mask.to(mask.device)
             mask[h, tiles, nb:] = False
