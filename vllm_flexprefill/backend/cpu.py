@@ -20,7 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_flexprefill.backend.routing import SparsePlan, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, log_once, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -33,7 +33,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.flex_config = config_from_vllm(vllm_config)
-        log_once("cpu-builder", "FlexPrefill active (CPU): %s", self.flex_config)
+        logger.info_once("FlexPrefill active (CPU): %s", self.flex_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -53,7 +53,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         self.flex_config = config_from_vllm(get_current_vllm_config())
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
         if self.unsupported:
-            log_once(f"cpu-layer-{self.unsupported}", "FlexPrefill: layers with %s run dense attention",
+            logger.info_once("FlexPrefill: layers with %s run dense attention",
                      self.unsupported)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

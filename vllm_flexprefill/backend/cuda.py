@@ -27,7 +27,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from vllm_flexprefill.backend.routing import SparsePlan, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, log_once, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -74,10 +74,10 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         reasons = {getattr(layer.impl, "unsupported", "a non-FlexPrefill impl") for layer in layers.values()} - {None}
         self.flex_enabled = not reasons
         if reasons:
-            log_once(f"group-{sorted(reasons)}", "FlexPrefill: a KV-cache group with %s runs FlashAttention only",
+            logger.info_once("FlexPrefill: a KV-cache group with %s runs FlashAttention only",
                      ", ".join(sorted(reasons)))
         else:
-            log_once("builder", "FlexPrefill active: %s", self.flex_config)
+            logger.info_once("FlexPrefill active: %s", self.flex_config)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
+
 from vllm_flexprefill.attention import SUPPORTED_HEAD_DIMS
-from vllm_flexprefill.backend.compat import logger
 from vllm_flexprefill.config import FlexPrefillConfig
 
 KEY = "flexprefill"
-_logged: set[str] = set()
+# vLLM's logger: info_once drops repeats of the same message in this process
+logger = init_logger("vllm.flexprefill")
 
 
 def config_from_vllm(vllm_config) -> FlexPrefillConfig:
@@ -20,12 +22,6 @@ def config_from_vllm(vllm_config) -> FlexPrefillConfig:
         return FlexPrefillConfig.from_dict(extra.get(KEY))
     except ValueError as e:
         raise ValueError(f"invalid --additional-config '{{\"{KEY}\": ...}}': {e}") from None
-
-
-def log_once(key: str, message: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(message, *args)
 
 
 def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:
