@@ -63,10 +63,8 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         plan = getattr(attn_metadata, "plan", None)
         if plan is None or self.unsupported:
             return output
-        # fresh prompts only: their keys and values are this step's inputs
+        # fresh prompts only: their keys and values are this step's inputs (the plan lives on the CPU)
         rows = plan.q_rows
-        if not isinstance(rows, slice):
-            rows = rows.cpu()
         out = sparse_prefill(query[rows], key[rows], value[rows], plan, self.flex_config, self.scale,
                              layer_name=getattr(layer, "layer_name", ""))
         output.view(output.shape[0], self.num_heads, -1)[rows] = out
