@@ -99,7 +99,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: Fl
         from vllm_flexprefill.kernels.probe import probe_stats
         from vllm_flexprefill.patterns.estimate import select_blocks as batched
 
-        return batched(q, k, layout, cfg, scale, probe_stats)
+        # per-head selection in one launch (kernels/head_select.py), not ~100 small ones
+        return batched(q, k, layout, cfg, scale, probe_stats, fused=True)
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 
     return naive_select_blocks(q, k, layout, cfg, scale)

@@ -66,12 +66,12 @@ def head_select_kernel(
         m_blk = (o_c < nb)[:, None] & m_i[None, :]
         b_mm = tl.load(p_m + o_c[:, None] * stride_mc + o_i[None, :], mask=m_blk, other=float("-inf"))
         b_ll = tl.load(p_l + o_c[:, None] * stride_mc + o_i[None, :], mask=m_blk, other=0.0)
-        b_x = tl.where(b_ll > 0, b_mm + tl.log(tl.maximum(b_ll, 1e-38)), float("-inf"))
+        b_x = tl.where(b_ll > 0, b_mm + tl.log(tl.maximum(b_ll, 1e-30)), float("-inf"))
         b_new = tl.maximum(b_run, tl.max(b_x, axis=0))
         b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
         b_sum = b_sum * tl.exp(b_run - b_safe) + tl.sum(tl.exp(b_x - b_safe[None, :]), axis=0)
         b_run = b_new
-    b_lse = tl.where(b_sum > 0, b_run + tl.log(tl.maximum(b_sum, 1e-38)), 0.0)
+    b_lse = tl.where(b_sum > 0, b_run + tl.log(tl.maximum(b_sum, 1e-30)), 0.0)
 
     # per key block: vertical mass, and the slash mass split by the probe row's block row
     last_row = (k_len - 1) // BS
