@@ -5,6 +5,8 @@
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmark -> $OUT/kernels.{json,png}
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
+#   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
+#                                         # Ray from benchmarks/ray-parts.sh)
 #   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_PREFILL -> $OUT/ttft.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,10 @@ for stage in "$@"; do
     kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tail -8 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
            | tee "$OUT/e2e.log" | grep -E "passed|failed|Error" | tail -5 ;;
+    tp2) timeout 500 python -m pytest -q -rs tests/e2e/test_generate.py -k "tp2" 2>&1 \
+           | tee "$OUT/tp2.log" | grep -E "passed|failed|SKIP|Error" | tail -5 ;;
     ttft) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --engines FLASH_ATTN FLEX_10 \
             --reps 1 --out "$OUT" 2>&1 | grep -E "^\{|^chunked|^ +on|failed" | tail -14 ;;
-    *) echo "unknown stage $stage (tests, kernels, e2e, ttft)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, kernels, e2e, tp2, ttft)"; exit 2 ;;
   esac
 done

@@ -48,6 +48,9 @@ def test_exact_mode_tokens_equal_stock_backend(tiny_model, tmp_path, stock, tp, 
     calls = flex_calls(log)
     assert calls, "FlexPrefill never ran"
     assert all("density 1.000" in line for line in calls)
+    # chunk continuations and prefix-cache hits (new < all tokens) run FlexPrefill too
+    lengths = [tuple(map(int, m)) for line in calls for m in re.findall(r"'(\d+)/(\d+)'", line)]
+    assert any(q < k for q, k in lengths), lengths[:20]
     assert [len(r["token_ids"][0]) for r in flex] == [8, 8]
     for got, want in zip(flex, stock):
         assert got["token_ids"] == want["token_ids"]

@@ -23,7 +23,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Spar
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
         density = selection.density(plan.layout)
-        logger.debug("FlexPrefill %s: requests %s density %.3f (per request %s), query-aware heads %d",
-                     layer_name, plan.requests, density.mean().item(),
+        logger.debug("FlexPrefill %s: requests %s new/all tokens %s density %.3f (per request %s), "
+                     "query-aware heads %d", layer_name, plan.requests,
+                     [f"{q}/{k}" for q, k in zip(plan.layout.q_lens, plan.layout.k_lens)], density.mean().item(),
                      [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
     return sparse_attention(q, k, v, plan.layout, selection, scale, out=out)

