@@ -113,8 +113,15 @@ def run_backend(model: str, requests: list[Request], flexprefill: dict, dtype: t
     vllm_config = engine_config(model, str(dtype).removeprefix("torch."), flexprefill)
     batch, num_pages = make_batch(requests, dtype, device, seed)
     prefix = f"model.layers.{seed}.self_attn.attn"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as the model loader does: layers take the model dtype
+    try:
+        with set_current_vllm_config(vllm_config):
+            layer = Attention(HQ, D, D ** -0.5, num_kv_heads=H, cache_config=vllm_config.cache_config,
+                              prefix=prefix)
+    finally:
+        torch.set_default_dtype(default_dtype)
     with set_current_vllm_config(vllm_config):
-        layer = Attention(HQ, D, D ** -0.5, num_kv_heads=H, cache_config=vllm_config.cache_config, prefix=prefix)
         backend = layer.attn_backend
         assert backend.get_name() in ("FLEX_PREFILL", "CUSTOM"), backend  # CUSTOM: vLLM < 0.32 aliases it
         builder = backend.get_builder_cls()(layer.get_kv_cache_spec(vllm_config), [prefix], vllm_config,
