@@ -99,9 +99,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: Fl
         from vllm_flexprefill.kernels.probe import probe_stats
         from vllm_flexprefill.patterns.estimate import select_blocks as batched
 
-        # The fused per-head selection (fused=True, kernels/head_select.py) runs in 0.6-1.1 ms
-        # instead of 1.6-2.5 ms on H100, but Triton compiles it anew for each power-of-two
-        # block count, 3-6 s each: the first long prompt of a process would pay ~15 s.
+        # the fused per-head selection (fused=True, kernels/head_select.py) is opt-in until its
+        # first-call and steady cost are measured in vLLM (docs/benchmarks.md)
         return batched(q, k, layout, cfg, scale, probe_stats)
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 

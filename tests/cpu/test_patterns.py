@@ -162,9 +162,12 @@ def test_dense_sequences_keep_every_causal_block():
     assert not sel.query_aware[0].any()
 
 
-@pytest.mark.parametrize("n_probe,k_len,tau,budgets", [(32, 700, 0.1, (2, 9, 2)), (5, 300, 0.9, (1, 4, 1)),
-                                                       (32, 1000, 0.0, (3, 32, 3))])
-def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets):
+@pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [
+    (32, 700, 0.1, (2, 9, 2), 1024), (5, 300, 0.9, (1, 4, 1), 1024), (32, 1000, 0.0, (3, 32, 3), 1024),
+    (32, 1000, 0.1, (2, 32, 2), 8),  # loops over several chunks
+    (17, 2000, 0.9, (40, 40, 40), 32),  # budget beyond the block count
+])
+def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets, chunk):
     from vllm_flexprefill.kernels.head_select import select_heads
     from vllm_flexprefill.patterns.estimate import block_means, select_heads_torch
 
@@ -173,7 +176,8 @@ def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets):
     k_means, q_mean = block_means(k, BS), q[-n_probe:].mean(0, dtype=torch.float32)
     min_b, max_b, qa_b = budgets
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=min_b * BS, max_budget=max_b * BS, sparse_block_size=BS)
-    got = select_heads(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b)
+    got = select_heads(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b,
+                       chunk=chunk)
     want = select_heads_torch(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg, 2)
     for g, w in zip(got, want):
         assert torch.equal(g, w)

@@ -4,7 +4,9 @@ From the probe statistics (``kernels/probe.py``) one program recovers the head's
 and slash masses, runs the Jensen-Shannon pattern test against the pooled estimate, and
 chooses the vertical blocks and slash offsets that cover ``gamma`` of their masses within
 the budget. It replaces about a hundred small PyTorch launches, whose host cost (about
-2 ms per sequence and layer) dominated the estimation below 64k tokens.
+2 ms per sequence and layer) dominated the estimation below 64k tokens. Every loop runs
+over the blocks in fixed chunks and the coverage choice bisects over order keys instead
+of sorting, so one compilation serves every sequence length.
 
 Twins: ``patterns/estimate.py: probe_masses`` and ``patterns/coverage.py`` (PyTorch).
 """
@@ -15,28 +17,70 @@ import torch
 import triton
 import triton.language as tl
 
-# in-register sort of the block masses; longer sequences use the PyTorch path
-MAX_BLOCKS = 4096
+# larger than every order key (a key is at most 0x7F800000 << 32 | 0x7FFFFFFF)
+NO_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
-def _cover(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, NBP: tl.constexpr):
-    """Marks the fewest entries (forced one first, then by descending mass) reaching gamma."""
-    o_c = tl.arange(0, NBP)
-    m_c = o_c < nb
-    mass = tl.load(mass_ptr + o_c, mask=m_c, other=0.0)
-    total = tl.sum(mass, axis=0)
+def _order_key(mass, o_c, forced_idx):
+    """A unique int64 per entry, larger for earlier entries of the descending order: the
+    forced entry first, then by mass (non-negative float bits order like the floats), ties
+    broken towards the lower index, as a stable descending sort would."""
     bits = tl.where(o_c == forced_idx, float("inf"), mass).to(tl.int32, bitcast=True).to(tl.int64)
-    # descending order, lower index first on ties (as a stable descending sort)
-    key = tl.where(m_c, (bits << 32) | (NBP - 1 - o_c).to(tl.int64), -1)
-    key = tl.sort(key, descending=True)
-    idx = (NBP - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
-    m_s = key >= 0
-    sorted_mass = tl.load(mass_ptr + idx, mask=m_s, other=0.0)
-    before = tl.cumsum(sorted_mass, axis=0) - sorted_mass
-    count = tl.sum(((before < gamma * total) & m_s).to(tl.int32), axis=0)
+    return (bits << 32) | (0x7FFFFFFF - o_c).to(tl.int64)
+
+
+@triton.jit
+def _above(mass_ptr, nb, forced_idx, key, BV: tl.constexpr):
+    """(mass of the entries whose order key exceeds ``key``, number of entries with order key >= ``key``)."""
+    mass_sum = 0.0
+    count = 0
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < nb
+        mass = tl.load(mass_ptr + o_c, mask=m_c, other=0.0)
+        k = _order_key(mass, o_c, forced_idx)
+        mass_sum += tl.sum(tl.where(m_c & (k > key), mass, 0.0), axis=0)
+        count += tl.sum((m_c & (k >= key)).to(tl.int32), axis=0)
+    return mass_sum, count
+
+
+@triton.jit
+def _cover(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV: tl.constexpr):
+    """Marks the fewest entries (forced one first, then by descending mass) reaching gamma.
+
+    Sort-free, so one compilation serves every block count: an entry is kept while the mass
+    ranked before it is below gamma of the total; that mass only shrinks as the entry's
+    order key grows, so the kept entries are those with key >= the smallest key whose
+    preceding mass is below the goal, found by bisection over the keys.
+    """
+    total, _count = _above(mass_ptr, nb, forced_idx, -1, BV)
+    goal = gamma * total
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = tl.full([], NO_KEY, dtype=tl.int64)
+    for _step in range(63):
+        mid = lo + (hi - lo) // 2
+        before, _count = _above(mass_ptr, nb, forced_idx, mid, BV)
+        go_down = before < goal
+        hi = tl.where(go_down, mid, hi)
+        lo = tl.where(go_down, lo, tl.minimum(mid + 1, hi))
+    _mass, count = _above(mass_ptr, nb, forced_idx, lo, BV)
     count = tl.minimum(tl.maximum(count, min_count), tl.minimum(max_count, nb))
-    tl.store(keep_ptr + idx, (o_c < count).to(tl.int8), mask=m_s)
+    # the count-th largest key: the largest key with at least `count` keys at or above it
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = tl.full([], NO_KEY, dtype=tl.int64)
+    for _step in range(63):
+        mid = lo + (hi - lo) // 2 + ((hi - lo) & 1)
+        _mass, at_or_above = _above(mass_ptr, nb, forced_idx, mid, BV)
+        go_up = at_or_above >= count
+        lo = tl.where(go_up, mid, lo)
+        hi = tl.where(go_up, hi, tl.maximum(mid - 1, lo))
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < nb
+        mass = tl.load(mass_ptr + o_c, mask=m_c, other=0.0)
+        keep = (_order_key(mass, o_c, forced_idx) >= lo) & (count > 0)
+        tl.store(keep_ptr + o_c, keep.to(tl.int8), mask=m_c)
 
 
 @triton.jit
@@ -44,8 +88,8 @@ def head_select_kernel(
     m, l, k_bar, q_bar, scratch, keep_v, keep_s, query_aware,
     nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
     stride_mh, stride_mc, stride_kc, stride_kh, stride_qh, stride_sh, stride_vh,
-    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, NBP: tl.constexpr,
-    BC: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    BV: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
     o_i = tl.arange(0, BS)
@@ -54,9 +98,9 @@ def head_select_kernel(
     p_l = l + i_h * stride_mh
     # scratch rows: vertical, slash part of the last probe block row, part of the row before, estimate
     p_v = scratch + i_h * stride_sh
-    p_p0 = p_v + NBP
-    p_p1 = p_v + 2 * NBP
-    p_e = p_v + 3 * NBP
+    p_p0 = p_v + nb
+    p_p1 = p_v + 2 * nb
+    p_e = p_v + 3 * nb
 
     # each probe row's log-sum-exp over all key blocks
     b_run = tl.full([BS], float("-inf"), dtype=tl.float32)
@@ -94,37 +138,51 @@ def head_select_kernel(
         tl.store(p_e + o_c, scale * tl.sum(b_k * b_q[None, :], axis=1), mask=m_c)
     tl.debug_barrier()
 
-    o_c = tl.arange(0, NBP)
-    m_c = o_c < nb
-    vertical = tl.load(p_v + o_c, mask=m_c, other=0.0)
-    # slash offset s: the last row's blocks at column last_row - s, the previous row's at last_row - 1 - s
-    slash = tl.load(p_p0 + last_row - o_c, mask=m_c & (o_c <= last_row), other=0.0) \
-        + tl.load(p_p1 + last_row - 1 - o_c, mask=m_c & (o_c <= last_row - 1), other=0.0)
-    logits = tl.load(p_e + o_c, mask=m_c, other=float("-inf"))
-    est = tl.exp(logits - tl.max(logits, axis=0))
-    est = est / tl.sum(est, axis=0)
-    # Jensen-Shannon distance, 0 * log 0 = 0
-    mid = 0.5 * (est + vertical)
+    # pattern test: Jensen-Shannon distance between the pooled estimate (softmax of the
+    # logits row) and the vertical masses, over the blocks in chunks of BV; 0 * log 0 = 0
+    l_max = float("-inf")
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        l_max = tl.maximum(l_max, tl.max(tl.load(p_e + o_c, mask=o_c < nb, other=float("-inf")), axis=0))
+    l_sum = 0.0
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        l_sum += tl.sum(tl.exp(tl.load(p_e + o_c, mask=o_c < nb, other=float("-inf")) - l_max), axis=0)
     tiny = 1.1754943508222875e-38
-    log_mid = tl.log(tl.maximum(mid, tiny))
-    kl_e = tl.sum(tl.where(est > 0, est * (tl.log(tl.maximum(est, tiny)) - log_mid), 0.0), axis=0)
-    kl_v = tl.sum(tl.where(vertical > 0, vertical * (tl.log(tl.maximum(vertical, tiny)) - log_mid), 0.0), axis=0)
+    kl_e = 0.0
+    kl_v = 0.0
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < nb
+        est = tl.exp(tl.load(p_e + o_c, mask=m_c, other=float("-inf")) - l_max) / l_sum
+        vertical = tl.load(p_v + o_c, mask=m_c, other=0.0)
+        log_mid = tl.log(tl.maximum(0.5 * (est + vertical), tiny))
+        kl_e += tl.sum(tl.where(est > 0, est * (tl.log(tl.maximum(est, tiny)) - log_mid), 0.0), axis=0)
+        kl_v += tl.sum(tl.where(vertical > 0, vertical * (tl.log(tl.maximum(vertical, tiny)) - log_mid), 0.0),
+                       axis=0)
     js = tl.sqrt(tl.maximum(0.5 * (kl_e + kl_v), 0.0))
     qa = js < tau
     tl.store(query_aware + i_h, qa.to(tl.int8))
     tl.debug_barrier()
-    tl.store(p_e + o_c, slash, mask=m_c)
+    # slash offset s: the last row's blocks at column last_row - s, the previous row's at
+    # last_row - 1 - s; stored over the logits row, which the test above has consumed
+    for c0 in range(0, nb, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < nb
+        slash = tl.load(p_p0 + last_row - o_c, mask=m_c & (o_c <= last_row), other=0.0) \
+            + tl.load(p_p1 + last_row - 1 - o_c, mask=m_c & (o_c <= last_row - 1), other=0.0)
+        tl.store(p_e + o_c, slash, mask=m_c)
     tl.debug_barrier()
 
     lo = tl.where(qa, qa_blocks, min_blocks)
     hi = tl.where(qa, qa_blocks, max_blocks)
-    _cover(p_v, keep_v + i_h * stride_vh, nb, 0, gamma, lo, hi, NBP)
-    _cover(p_e, keep_s + i_h * stride_vh, nb, 0, gamma, lo, hi, NBP)
+    _cover(p_v, keep_v + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
+    _cover(p_e, keep_s + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
 
 
 def select_heads(
     m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int, k_len: int,
-    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int,
+    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int, chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vertical/slash choice and pattern test of every head of one sequence.
 
@@ -132,13 +190,13 @@ def select_heads(
         m, l: [HQ, NB, BS] probe statistics; k_bar: [NB, H, D] float32 key block means;
         q_probe_bar: [HQ, D] float32 mean of the probe queries.
         min_blocks, max_blocks: budget of vertical-slash heads; qa_blocks: of query-aware heads.
+        chunk: blocks handled per step of the loops (a power of two).
     Returns:
         keep_v [HQ, NB] bool, keep_s [HQ, NB] bool (chosen block offsets), query_aware [HQ] bool.
     """
     hq, nb, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
-    nbp = triton.next_power_of_2(nb)
-    scratch = torch.empty(hq, 4 * nbp, dtype=torch.float32, device=m.device)
+    scratch = torch.empty(hq, 4 * nb, dtype=torch.float32, device=m.device)
     keep_v = torch.zeros(hq, nb, dtype=torch.int8, device=m.device)
     keep_s = torch.zeros(hq, nb, dtype=torch.int8, device=m.device)
     query_aware = torch.empty(hq, dtype=torch.int8, device=m.device)
@@ -147,7 +205,8 @@ def select_heads(
         nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
         m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), scratch.stride(0),
         keep_v.stride(0),
-        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, NBP=nbp, BC=max(1, min(64, 4096 // bs)),
+        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BC=max(1, min(64, 4096 // bs)),
+        BV=chunk,
         num_warps=8,
     )
     return keep_v.bool(), keep_s.bool(), query_aware.bool()

@@ -16,7 +16,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_lists import coverage_threshold, write_block_lists
-from vllm_flexprefill.kernels.head_select import MAX_BLOCKS, select_heads
+from vllm_flexprefill.kernels.head_select import select_heads
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
 
@@ -98,8 +98,7 @@ def estimate_sequence(
         k: [k_len, H, D] its keys.
         probe: ``kernels.probe.probe_stats`` or its naive twin.
         fused: choose verticals and slashes with ``kernels.head_select`` (one launch)
-            instead of the PyTorch twin (about a hundred); sequences of more than
-            ``MAX_BLOCKS`` blocks always take the PyTorch path.
+            instead of the PyTorch twin (about a hundred).
     """
     bs = cfg.sparse_block_size
     q_len, hq, _ = q.shape
@@ -115,7 +114,7 @@ def estimate_sequence(
     q_probe_bar = q_probe.mean(0, dtype=torch.float32)  # [HQ, D]
     max_blocks = cfg.max_blocks or nb
     qa_count = min(cfg.min_blocks, max_blocks)
-    if fused and nb <= MAX_BLOCKS:
+    if fused:
         keep_v, keep_s, query_aware = select_heads(m, l, k_block_means, q_probe_bar, n_probe, k_len, scale,
                                                    cfg.gamma, cfg.tau, cfg.min_blocks, max_blocks, qa_count)
     else:
