@@ -3,7 +3,7 @@
 # 0.26 from ../shared/gpu (source .gpu-bundle/setup.sh first). Output goes to $OUT.
 #
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
-#   bash benchmarks/run-gpu.sh kernels    # kernel benchmark -> $OUT/kernels.{json,png}
+#   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks -> $OUT/kernels.{json,png}, chunk_estimate.json
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
@@ -17,7 +17,8 @@ python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Run
 for stage in "$@"; do
   case "$stage" in
     tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
-    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tail -8 ;;
+    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tail -8
+             timeout 200 python benchmarks/chunk_estimate.py --out "$OUT" 2>&1 | tail -10 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
            | tee "$OUT/e2e.log" | grep -E "passed|failed|Error" | tail -5 ;;
     tp2) timeout 500 python -m pytest -q -rs tests/e2e/test_generate.py -k "tp2" 2>&1 \
