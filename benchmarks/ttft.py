@@ -1,9 +1,11 @@
 """Time to first token and decode time in vLLM: FLASH_ATTN vs FLEX_PREFILL, same GPU, same run.
 
-Llama-3.1-8B shapes (all 32 layers) with random weights (load_format="dummy"), prompts of
-random token ids, batch 1, prefix caching off. Each engine runs in its own process.
+Llama-3.1-8B shapes (all 32 layers; --shape picks Qwen2-7B, GLM-4-9B or Yi-9B-200K shapes
+instead) with random weights (load_format="dummy"), prompts of random token ids, batch 1,
+prefix caching off. Each engine runs in its own process.
 
     python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --chunked on off --out bench-results
+    python benchmarks/ttft.py --shape qwen2-7b --lengths 32768 --engines FLASH_ATTN FLEX_10
 
 Engines: "FLASH_ATTN"; "FLEX_PREFILL" (default settings); "FLEX_10" (FLEX_PREFILL with
 tau = 0 and max_budget = N / 40 tokens, which keeps about 10 % of the causal blocks on
@@ -28,6 +30,26 @@ LLAMA_8B = {
     "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
+}
+# the shapes of the published configs (max_position_embeddings is set from --lengths)
+SHAPES = {
+    "llama-3.1-8b": LLAMA_8B,
+    "qwen2-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28,
+        "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    "glm-4-9b": {
+        "architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "hidden_size": 4096, "intermediate_size": 13696,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "num_hidden_layers": 40, "head_dim": 128,
+        "vocab_size": 151552, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "attention_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "eos_token_id": 151329,
+        "pad_token_id": 151329, "torch_dtype": "bfloat16"},
+    "yi-9b-200k": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 48, "vocab_size": 64000,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"},
 }
 
 
@@ -61,7 +83,7 @@ def engine_measure(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def prompt(n):
-        return {"prompt_token_ids": torch.randint(1000, 120000, (n,), generator=g).tolist()}
+        return {"prompt_token_ids": torch.randint(1000, spec["vocab_size"] - 1000, (n,), generator=g).tolist()}
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
     # warm-up: a prompt long enough for the sparse path compiles its kernels
@@ -97,15 +119,17 @@ def main() -> None:
     parser.add_argument("--chunked", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--decode-length", type=int, default=8192)
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES),
+                        help="model shape (all layers, random weights)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     args = parser.parse_args()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = pathlib.Path(tempfile.mkdtemp()) / "llama-3.1-8b-shapes"
+    model = pathlib.Path(tempfile.mkdtemp()) / f"{args.shape}-shapes"
     model.mkdir()
     max_len = max(args.lengths) + 256
     # room for a 128k-token prompt plus the generated tokens
-    (model / "config.json").write_text(json.dumps({**LLAMA_8B, "max_position_embeddings": max_len}))
+    (model / "config.json").write_text(json.dumps({**SHAPES[args.shape], "max_position_embeddings": max_len}))
 
     runs = []
     for chunked in args.chunked:
@@ -116,7 +140,8 @@ def main() -> None:
             else:
                 specs = [dict(flexprefill=None, lengths=args.lengths)]
             for spec in specs:
-                spec.update(model=str(model), backend=engine, chunked=chunked == "on", reps=args.reps,
+                spec.update(model=str(model), vocab_size=SHAPES[args.shape]["vocab_size"], backend=engine,
+                            chunked=chunked == "on", reps=args.reps,
                             max_model_len=max_len, decode_length=args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
@@ -124,7 +149,7 @@ def main() -> None:
                     print(f"{engine} chunked={chunked} failed:\n{result['error'][-4000:]}", flush=True)
                     continue
                 for n, ms in result["ttft_ms"].items():
-                    row = {"engine": engine, "chunked": chunked, "N": n, "ttft_ms": ms,
+                    row = {"shape": args.shape, "engine": engine, "chunked": chunked, "N": n, "ttft_ms": ms,
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
