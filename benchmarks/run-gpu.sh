@@ -8,6 +8,7 @@
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
 #   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_PREFILL -> $OUT/ttft.json
+#   bash benchmarks/run-gpu.sh shapes     # the same at 32k for Qwen2-7B, GLM-4-9B, Yi-9B-200K shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench-results}"
@@ -25,6 +26,10 @@ for stage in "$@"; do
            | tee "$OUT/tp2.log" | grep -E "passed|failed|SKIP|Error" | tail -5 ;;
     ttft) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --engines FLASH_ATTN FLEX_10 \
             --reps 1 --out "$OUT" 2>&1 | grep -E "^\{|^chunked|^ +on|failed" | tail -14 ;;
-    *) echo "unknown stage $stage (tests, kernels, e2e, tp2, ttft)"; exit 2 ;;
+    shapes) for shape in qwen2-7b glm-4-9b yi-9b-200k; do
+              timeout 190 python benchmarks/ttft.py --shape "$shape" --lengths 32768 --engines FLASH_ATTN FLEX_10 \
+                --reps 1 --out "$OUT/$shape" 2>&1 | grep -E "^ +on|failed|Error" | tail -4
+            done ;;
+    *) echo "unknown stage $stage (tests, kernels, e2e, tp2, ttft, shapes)"; exit 2 ;;
   esac
 done
