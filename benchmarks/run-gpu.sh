@@ -27,6 +27,7 @@ for stage in "$@"; do
     ttft) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --engines FLASH_ATTN FLEX_10 \
             --reps 1 --out "$OUT" 2>&1 | grep -E "^\{|^chunked|^ +on|failed" | tail -14 ;;
     shapes) for shape in qwen2-7b glm-4-9b yi-9b-200k; do
+              echo "$shape"
               timeout 190 python benchmarks/ttft.py --shape "$shape" --lengths 32768 --engines FLASH_ATTN FLEX_10 \
                 --reps 1 --out "$OUT/$shape" 2>&1 | grep -E "^ +on|failed|Error" | tail -4
             done ;;
