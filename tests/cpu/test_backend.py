@@ -65,3 +65,14 @@ def test_cpu_cache_layout_is_learned_and_reads_back(isa, dtype, page, d):
     write_tokens(cache, key, value, perm[t // page] * page + t % page, isa)
     got_key, got_value = read_tokens(cache, layout, perm[t // page], t % page)
     assert torch.equal(got_key, key) and torch.equal(got_value, value)
+
+
+def test_groups_of_bounded_keys_give_the_same_output(model, monkeypatch):
+    from vllm_flexprefill.backend import routing
+
+    requests = CASES["mixed"]
+    whole, batch, _ = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=2)
+    monkeypatch.setattr(routing, "MAX_GATHER_TOKENS", 1000)
+    grouped, _, metadata = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=2)
+    assert len(metadata.plan.groups) == 3
+    torch.testing.assert_close(grouped, whole, atol=ATOL[torch.float32], rtol=0)

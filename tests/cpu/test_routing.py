@@ -64,16 +64,18 @@ def test_sparse_requests_over_a_shuffled_paged_cache_match_causal_attention():
     plan = plan_batch(qsl, torch.tensor(SEQ_LENS), block_table, PAGE, cfg, decode_threshold=1)
     assert plan.requests == (1, 2, 3)
     assert plan.dense_runs == ((0, 1), (4, 5))
-    assert plan.q_rows == slice(1, 1201)
+    (group,) = plan.groups
+    assert group.requests == (1, 2, 3)
+    assert group.q_rows == slice(1, 1201)
     # the gather the CUDA backend does in forward
-    k = key_cache[plan.kv_pages, plan.kv_offsets]
-    v = value_cache[plan.kv_pages, plan.kv_offsets]
-    assert torch.equal(k, torch.cat([keys[i] for i in plan.requests]))
-    assert torch.equal(v, torch.cat([values[i] for i in plan.requests]))
+    k = key_cache[group.kv_pages, group.kv_offsets]
+    v = value_cache[group.kv_pages, group.kv_offsets]
+    assert torch.equal(k, torch.cat([keys[i] for i in group.requests]))
+    assert torch.equal(v, torch.cat([values[i] for i in group.requests]))
     out = torch.full((1200, 4, 64), float("nan"))
-    sparse_prefill(query[plan.q_rows], k, v, plan, cfg, 0.125, out=out)
-    want = dense_reference(query[plan.q_rows], k, v, [Q_LENS[i] for i in plan.requests],
-                           [SEQ_LENS[i] for i in plan.requests], 0.125)
+    sparse_prefill(query[group.q_rows], k, v, group, cfg, 0.125, out=out)
+    want = dense_reference(query[group.q_rows], k, v, [Q_LENS[i] for i in group.requests],
+                           [SEQ_LENS[i] for i in group.requests], 0.125)
     torch.testing.assert_close(out, want, atol=ATOL[torch.float32], rtol=0)
 
 
@@ -84,13 +86,27 @@ def test_non_contiguous_sparse_requests_use_an_index():
     table = torch.arange(3 * 70, dtype=torch.int32).view(3, 70)
     plan = plan_batch(qsl, torch.tensor(seq_lens), table, PAGE, cfg, decode_threshold=1)
     assert plan.requests == (0, 2)
-    assert torch.equal(plan.q_rows, torch.cat([torch.arange(0, 700), torch.arange(701, 1001)]))
+    (group,) = plan.groups
+    assert torch.equal(group.q_rows, torch.cat([torch.arange(0, 700), torch.arange(701, 1001)]))
     assert plan.dense_runs == ((1, 2),)
-    assert plan.layout.q_lens == (700, 300) and plan.layout.k_lens == (700, 1000)
+    assert group.layout.q_lens == (700, 300) and group.layout.k_lens == (700, 1000)
     # token t of request 2 lives at page table[2, t // PAGE], offset t % PAGE
     t = torch.arange(1000)
-    assert torch.equal(plan.kv_pages[700:], table[2, t // PAGE].long())
-    assert torch.equal(plan.kv_offsets[700:], t % PAGE)
+    assert torch.equal(group.kv_pages[700:], table[2, t // PAGE].long())
+    assert torch.equal(group.kv_offsets[700:], t % PAGE)
+
+
+def test_sparse_requests_are_gathered_in_groups_of_bounded_keys():
+    cfg = FlexPrefillConfig(min_sparse_tokens=600, min_sparse_query_tokens=100)
+    q_lens, seq_lens = [700, 300, 1, 200, 900], [700, 1000, 50, 900, 2500]
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    table = torch.arange(5 * 160, dtype=torch.int32).view(5, 160)
+    plan = plan_batch(qsl, torch.tensor(seq_lens), table, PAGE, cfg, decode_threshold=1, max_gather_tokens=1900)
+    assert plan.requests == (0, 1, 3, 4)
+    # 700 + 1000 fit; 900 starts a new group; 2500 exceeds the bound alone and is gathered alone
+    assert [g.requests for g in plan.groups] == [(0, 1), (3,), (4,)]
+    assert [len(g.kv_pages) for g in plan.groups] == [1700, 900, 2500]
+    assert [g.q_rows for g in plan.groups] == [slice(0, 1000), slice(1001, 1201), slice(1201, 2101)]
 
 
 def test_batches_without_long_prefills_are_left_to_the_dense_backend():

@@ -74,15 +74,16 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         plan = getattr(attn_metadata, "plan", None)
         if plan is None or self.unsupported:
             return output
-        rows = plan.q_rows
-        if plan.kv_pages is not None:
-            # vLLM stored this step's keys and values before forward: the cache holds every position
-            k, v = read_tokens(kv_cache, attn_metadata.page_layout, plan.kv_pages, plan.kv_offsets)
-        else:  # fresh prompts only: their keys and values are this step's inputs
-            k, v = key[rows], value[rows]
-        out = sparse_prefill(query[rows], k, v, plan, self.flex_config, self.scale,
-                             layer_name=getattr(layer, "layer_name", ""))
-        output.view(output.shape[0], self.num_heads, -1)[rows] = out
+        for group in plan.groups:
+            rows = group.q_rows
+            if group.kv_pages is not None:
+                # vLLM stored this step's keys and values before forward: the cache holds every position
+                k, v = read_tokens(kv_cache, attn_metadata.page_layout, group.kv_pages, group.kv_offsets)
+            else:  # fresh prompts only: their keys and values are this step's inputs
+                k, v = key[rows], value[rows]
+            out = sparse_prefill(query[rows], k, v, group, self.flex_config, self.scale,
+                                 layer_name=getattr(layer, "layer_name", ""))
+            output.view(output.shape[0], self.num_heads, -1)[rows] = out
         return output
 
 

@@ -123,19 +123,20 @@ class FlexPrefillImpl(FlashAttentionImpl):
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
-        plan = attn_metadata.plan
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        # [Tk, H, D]: every key position of the sparse requests, gathered from their pages
-        k = key_cache[plan.kv_pages, plan.kv_offsets]
-        v = value_cache[plan.kv_pages, plan.kv_offsets]
-        rows = plan.q_rows
-        if isinstance(rows, slice):
-            sparse_prefill(query[rows], k, v, plan, self.flex_config, self.scale, out=output[rows],
-                           layer_name=getattr(layer, "layer_name", ""))
-        else:
-            out = sparse_prefill(query.index_select(0, rows), k, v, plan, self.flex_config, self.scale,
-                                 layer_name=getattr(layer, "layer_name", ""))
-            output.index_copy_(0, rows, out)
+        name = getattr(layer, "layer_name", "")
+        for group in attn_metadata.plan.groups:
+            # [Tk, H, D]: every key position of the group's requests, gathered from their pages
+            k = key_cache[group.kv_pages, group.kv_offsets]
+            v = value_cache[group.kv_pages, group.kv_offsets]
+            rows = group.q_rows
+            if isinstance(rows, slice):
+                sparse_prefill(query[rows], k, v, group, self.flex_config, self.scale, out=output[rows],
+                               layer_name=name)
+            else:
+                out = sparse_prefill(query.index_select(0, rows), k, v, group, self.flex_config, self.scale,
+                                     layer_name=name)
+                output.index_copy_(0, rows, out)
         return output
 
 

@@ -14,18 +14,23 @@ from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 
-@dataclasses.dataclass(frozen=True)
-class SparsePlan:
-    """The requests of one batch that run FlexPrefill.
+# keys gathered for one FlexPrefill call: bounds the transient copy of the cached keys and
+# values (512 MiB for Llama-3.1-8B shapes); a longer request is gathered alone
+MAX_GATHER_TOKENS = 1 << 17
 
-    layout: the sparse requests packed in batch order (their queries are the last
-        q_len of seq_len positions).
+
+@dataclasses.dataclass(frozen=True)
+class SparseGroup:
+    """Sparse requests whose keys and values are gathered and run together.
+
+    layout: the requests packed in batch order (their queries are the last q_len of
+        seq_len positions).
     q_rows: where their query tokens sit in the batch: a slice when they are
         contiguous, else a [Tq] int64 index.
     kv_pages, kv_offsets: [Tk] int64 page and in-page offset of every key position
-        0 .. seq_len-1 of every sparse request in the paged KV cache (None on the CPU,
-        where only fresh prompts run sparse and their keys are the layer's inputs).
-    dense_runs: request ranges [r0, r1) that run the dense delegate.
+        0 .. seq_len-1 of every request in the paged KV cache (None where only fresh
+        prompts run sparse and their keys are the layer's inputs).
+    requests: their indices in the batch.
     """
 
     layout: BatchLayout
@@ -33,6 +38,17 @@ class SparsePlan:
     kv_pages: torch.Tensor | None
     kv_offsets: torch.Tensor | None
     requests: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePlan:
+    """The requests of one batch that run FlexPrefill, in groups, and the dense rest.
+
+    dense_runs: request ranges [r0, r1) that run the dense delegate.
+    """
+
+    requests: tuple[int, ...]
+    groups: tuple[SparseGroup, ...]
     dense_runs: tuple[tuple[int, int], ...]
 
 
@@ -67,14 +83,16 @@ def plan_batch(
     cfg: FlexPrefillConfig,
     decode_threshold: int,
     fresh_only: bool = False,
+    max_gather_tokens: int | None = None,
 ) -> SparsePlan | None:
     """Plans a batch; None when no request runs FlexPrefill (the dense delegate takes all).
 
     Args:
         query_start_loc_cpu: [num_reqs + 1] host offsets of each request's new tokens.
         seq_lens_cpu: [num_reqs] host context + new tokens per request.
-        block_table: [num_reqs, max_pages] device page ids, or None (CPU: fresh prompts only).
+        block_table: [num_reqs, max_pages] page ids, or None (fresh prompts only).
         page_size: tokens per KV-cache page (the kernel block size of the block table).
+        max_gather_tokens: key positions per group (default MAX_GATHER_TOKENS).
     """
     starts = query_start_loc_cpu.tolist()
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
@@ -83,10 +101,24 @@ def plan_batch(
     requests = tuple(i for i, s in enumerate(sparse) if s)
     if not requests:
         return None
+    cap = max_gather_tokens or MAX_GATHER_TOKENS
+    groups, current = [], []
+    for i in requests:
+        if current and sum(seq_lens[j] for j in current) + seq_lens[i] > cap:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
+    return SparsePlan(requests, built, dense_runs(sparse))
+
+
+def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_lens: list[int],
+               block_table: torch.Tensor | None, page_size: int, cfg: FlexPrefillConfig) -> SparseGroup:
+    """Layout, query rows and cache positions of one group of sparse requests."""
     device = block_table.device if block_table is not None else "cpu"
-    sq = [q_lens[i] for i in requests]
     sk = [seq_lens[i] for i in requests]
-    layout = BatchLayout.build(sq, sk, cfg.sparse_block_size, device)
+    layout = BatchLayout.build([q_lens[i] for i in requests], sk, cfg.sparse_block_size, device)
     contiguous = all(b == a + 1 for a, b in zip(requests, requests[1:]))
     if contiguous:
         q_rows: slice | torch.Tensor = slice(starts[requests[0]], starts[requests[-1] + 1])
@@ -97,4 +129,4 @@ def plan_batch(
         positions = [torch.arange(n, device=device) for n in sk]
         kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
         kv_offsets = torch.cat([pos % page_size for pos in positions])
-    return SparsePlan(layout, q_rows, kv_pages, kv_offsets, requests, dense_runs(sparse))
+    return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests))

@@ -8,23 +8,23 @@ import torch
 
 from vllm_flexprefill.attention import select_blocks, sparse_attention
 from vllm_flexprefill.backend.compat import logger
-from vllm_flexprefill.backend.routing import SparsePlan
+from vllm_flexprefill.backend.routing import SparseGroup
 from vllm_flexprefill.config import FlexPrefillConfig
 
 
-def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, cfg: FlexPrefillConfig,
+def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, cfg: FlexPrefillConfig,
                    scale: float, out: torch.Tensor | None = None, layer_name: str = "") -> torch.Tensor:
-    """FlexPrefill over the plan's packed requests.
+    """FlexPrefill over one group's packed requests.
 
     q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions.
     Returns out [Tq, HQ, D] (written in place when given).
     """
-    selection = select_blocks(q, k, plan.layout, cfg, scale)
+    selection = select_blocks(q, k, group.layout, cfg, scale)
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
-        density = selection.density(plan.layout)
+        density = selection.density(group.layout)
         logger.debug("FlexPrefill %s: requests %s new/all tokens %s density %.3f (per request %s), "
-                     "query-aware heads %d", layer_name, plan.requests,
-                     [f"{q}/{k}" for q, k in zip(plan.layout.q_lens, plan.layout.k_lens)], density.mean().item(),
+                     "query-aware heads %d", layer_name, group.requests,
+                     [f"{a}/{b}" for a, b in zip(group.layout.q_lens, group.layout.k_lens)], density.mean().item(),
                      [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
-    return sparse_attention(q, k, v, plan.layout, selection, scale, out=out)
+    return sparse_attention(q, k, v, group.layout, selection, scale, out=out)
