@@ -76,3 +76,13 @@ def test_groups_of_bounded_keys_give_the_same_output(model, monkeypatch):
     grouped, _, metadata = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=2)
     assert len(metadata.plan.groups) == 3
     torch.testing.assert_close(grouped, whole, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_bf16_cache_layout_through_the_backend(model):
+    # bf16 selects the AMX page layout on CPUs that have it (the vec layout elsewhere)
+    # asks the OS for the AMX tile state; in an engine the bf16 matmuls (oneDNN) do so first
+    torch._C._cpu._init_amx()
+    requests = CASES["mixed"]
+    out, batch, metadata = run_backend(model, requests, EXACT, torch.bfloat16, "cpu", seed=3)
+    assert metadata.plan.requests == tuple(long_prefills(requests))
+    torch.testing.assert_close(out.float(), reference(batch, requests), atol=ATOL[torch.bfloat16], rtol=0)
