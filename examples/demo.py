@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("(CPU: FlexPrefill runs its plain-PyTorch path here, on top of the dense kernel; "
+        print("(CPU: FlexPrefill runs its plain-PyTorch reference path here, slower than the CPU kernel; "
               "its speed-up is on GPUs, docs/benchmarks.md)")
 
 

