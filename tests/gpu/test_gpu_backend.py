@@ -22,19 +22,12 @@ from vllm_flexprefill.testing import ATOL
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from vllm_flexprefill.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("backend") / "tiny")
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_exact_mode_equals_causal_attention(model, case):
+def test_exact_mode_equals_causal_attention(case):
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
     requests = CASES[case]
-    out, batch, metadata = run_backend(model, requests, EXACT, BF16, "cuda")
+    out, batch, metadata = run_backend(requests, EXACT, BF16, "cuda")
     plan = getattr(metadata, "plan", None)
     assert (plan.requests if plan else ()) == tuple(long_prefills(requests))
     if plan is None:
@@ -43,9 +36,9 @@ def test_exact_mode_equals_causal_attention(model, case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
-def test_sparse_config_long_prefills_equal_functional_api(model, case):
+def test_sparse_config_long_prefills_equal_functional_api(case):
     requests = CASES[case]
-    out, batch, _ = run_backend(model, requests, SPARSE, BF16, "cuda", seed=1)
+    out, batch, _ = run_backend(requests, SPARSE, BF16, "cuda", seed=1)
     sparse = long_prefills(requests)
     dense = [i for i in range(len(requests)) if i not in sparse]
     want = flexprefill_reference(batch, requests, sparse, SPARSE)
