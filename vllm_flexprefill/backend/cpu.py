@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_flexprefill.backend.cpu_cache import PageLayout, learn_page_layout, read_tokens
-from vllm_flexprefill.backend.routing import SparsePlan, plan_batch, slice_requests
+from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
@@ -61,12 +61,9 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                           self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable)
         if plan is None:
             return md
-        runs = []
-        for r0, r1 in plan.dense_runs:
-            run_cm, t0, t1 = slice_requests(cm, r0, r1)
-            runs.append((t0, t1, super().build(0, run_cm, fast_build)))
-        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata) if f.init}
-        return FlexPrefillCPUMetadata(**fields, plan=plan, runs=tuple(runs), page_layout=self.page_layout)
+        build = super().build
+        runs = dense_run_metadata(cm, plan, lambda run_cm: build(0, run_cm, fast_build))
+        return extend_metadata(md, FlexPrefillCPUMetadata, plan=plan, runs=runs, page_layout=self.page_layout)
 
 
 class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
@@ -75,8 +72,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         self.flex_config = config_from_vllm(get_current_vllm_config())
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
         if self.unsupported:
-            logger.info_once("FlexPrefill: layers with %s run dense attention",
-                     self.unsupported)
+            logger.info_once("FlexPrefill: layers with %s run dense attention", self.unsupported)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

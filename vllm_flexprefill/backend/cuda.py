@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
@@ -26,7 +25,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_flexprefill.backend.routing import SparsePlan, plan_batch, slice_requests
+from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
@@ -53,7 +52,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self.flex_enabled = not reasons
         if reasons:
             logger.info_once("FlexPrefill: a KV-cache group with %s runs FlashAttention only",
-                     ", ".join(sorted(reasons)))
+                             ", ".join(sorted(reasons)))
         else:
             logger.info_once("FlexPrefill active: %s", self.flex_config)
 
@@ -74,13 +73,10 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             return super().build(common_prefix_len, cm, fast_build)
         # ahead-of-time scheduling writes one persistent buffer; several builds in a step
         # would overwrite each other, so mixed batches schedule inside the kernel
-        whole = super().build(common_prefix_len, cm, fast_build=True)
-        runs = []
-        for r0, r1 in plan.dense_runs:
-            run_cm, t0, t1 = slice_requests(cm, r0, r1)
-            runs.append((t0, t1, super().build(0, run_cm, fast_build=True)))
-        fields = {f.name: getattr(whole, f.name) for f in dataclasses.fields(FlashAttentionMetadata) if f.init}
-        return FlexPrefillMetadata(**fields, plan=plan, runs=tuple(runs))
+        build = super().build
+        whole = build(common_prefix_len, cm, fast_build=True)
+        runs = dense_run_metadata(cm, plan, lambda run_cm: build(0, run_cm, fast_build=True))
+        return extend_metadata(whole, FlexPrefillMetadata, plan=plan, runs=runs)
 
 
 class FlexPrefillImpl(FlashAttentionImpl):

@@ -13,7 +13,6 @@ import torch
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
-
 # keys gathered for one FlexPrefill call: bounds the transient copy of the cached keys and
 # values (512 MiB for Llama-3.1-8B shapes); a longer request is gathered alone
 MAX_GATHER_TOKENS = 1 << 17
@@ -102,12 +101,13 @@ def plan_batch(
     if not requests:
         return None
     cap = max_gather_tokens or MAX_GATHER_TOKENS
-    groups, current = [], []
+    groups, current, gathered = [], [], 0
     for i in requests:
-        if current and sum(seq_lens[j] for j in current) + seq_lens[i] > cap:
+        if current and gathered + seq_lens[i] > cap:
             groups.append(current)
-            current = []
+            current, gathered = [], 0
         current.append(i)
+        gathered += seq_lens[i]
     groups.append(current)
     built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
     return SparsePlan(requests, built, dense_runs(sparse))
@@ -152,3 +152,18 @@ def slice_requests(cm, r0: int, r1: int):
         causal=causal,
         seq_lens_cpu_upper_bound=seq_cpu,
     ), t0, t1
+
+
+def dense_run_metadata(cm, plan: SparsePlan, build) -> tuple:
+    """(first token, end token, ``build(metadata of the run)``) for each run of dense requests."""
+    runs = []
+    for r0, r1 in plan.dense_runs:
+        run_cm, t0, t1 = slice_requests(cm, r0, r1)
+        runs.append((t0, t1, build(run_cm)))
+    return tuple(runs)
+
+
+def extend_metadata(metadata, cls, **extra):
+    """``cls`` (a dataclass deriving from ``type(metadata)``) holding metadata's fields and ``extra``."""
+    fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata) if f.init}
+    return cls(**fields, **extra)

@@ -7,8 +7,8 @@ import logging
 import torch
 
 from vllm_flexprefill.attention import select_blocks, sparse_attention
-from vllm_flexprefill.backend.compat import logger
 from vllm_flexprefill.backend.routing import SparseGroup
+from vllm_flexprefill.backend.settings import logger
 from vllm_flexprefill.config import FlexPrefillConfig
 
 
