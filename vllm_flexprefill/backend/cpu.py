@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -69,7 +68,6 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flex_config = config_from_vllm(get_current_vllm_config())
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
         if self.unsupported:
             logger.info_once("FlexPrefill: layers with %s run dense attention", self.unsupported)
@@ -90,7 +88,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
                 k, v = read_tokens(kv_cache, attn_metadata.page_layout, group.kv_pages, group.kv_offsets)
             else:  # fresh prompts only: their keys and values are this step's inputs
                 k, v = key[rows], value[rows]
-            out = sparse_prefill(query[rows], k, v, group, self.flex_config, self.scale,
+            out = sparse_prefill(query[rows], k, v, group, plan.config, self.scale,
                                  layer_name=getattr(layer, "layer_name", ""))
             output.view(output.shape[0], self.num_heads, -1)[rows] = out
         return output

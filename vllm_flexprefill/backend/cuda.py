@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
+from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
@@ -86,7 +86,6 @@ class FlexPrefillImpl(FlashAttentionImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flex_config = config_from_vllm(get_current_vllm_config())
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -99,16 +98,17 @@ class FlexPrefillImpl(FlashAttentionImpl):
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         name = getattr(layer, "layer_name", "")
-        for group in attn_metadata.plan.groups:
+        plan = attn_metadata.plan
+        for group in plan.groups:
             # [Tk, H, D]: every key position of the group's requests, gathered from their pages
             k = key_cache[group.kv_pages, group.kv_offsets]
             v = value_cache[group.kv_pages, group.kv_offsets]
             rows = group.q_rows
             if isinstance(rows, slice):
-                sparse_prefill(query[rows], k, v, group, self.flex_config, self.scale, out=output[rows],
+                sparse_prefill(query[rows], k, v, group, plan.config, self.scale, out=output[rows],
                                layer_name=name)
             else:
-                out = sparse_prefill(query.index_select(0, rows), k, v, group, self.flex_config, self.scale,
+                out = sparse_prefill(query.index_select(0, rows), k, v, group, plan.config, self.scale,
                                      layer_name=name)
                 output.index_copy_(0, rows, out)
         return output

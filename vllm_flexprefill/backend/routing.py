@@ -44,11 +44,13 @@ class SparsePlan:
     """The requests of one batch that run FlexPrefill, in groups, and the dense rest.
 
     dense_runs: request ranges [r0, r1) that run the dense delegate.
+    config: the settings the plan was made with, which the layers run it with.
     """
 
     requests: tuple[int, ...]
     groups: tuple[SparseGroup, ...]
     dense_runs: tuple[tuple[int, int], ...]
+    config: FlexPrefillConfig
 
 
 def choose_sparse(q_lens: list[int], seq_lens: list[int], cfg: FlexPrefillConfig, decode_threshold: int,
@@ -110,7 +112,7 @@ def plan_batch(
         gathered += seq_lens[i]
     groups.append(current)
     built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
-    return SparsePlan(requests, built, dense_runs(sparse))
+    return SparsePlan(requests, built, dense_runs(sparse), cfg)
 
 
 def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_lens: list[int],
