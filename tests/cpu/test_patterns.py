@@ -178,6 +178,6 @@ def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets, chun
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=min_b * BS, max_budget=max_b * BS, sparse_block_size=BS)
     got = select_heads(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b,
                        chunk=chunk)
-    want = select_heads_torch(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg, 2)
+    want = select_heads_torch(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b)
     for g, w in zip(got, want):
         assert torch.equal(g, w)

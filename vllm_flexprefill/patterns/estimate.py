@@ -114,12 +114,9 @@ def estimate_sequence(
     q_probe_bar = q_probe.mean(0, dtype=torch.float32)  # [HQ, D]
     max_blocks = cfg.max_blocks or nb
     qa_count = min(cfg.min_blocks, max_blocks)
-    if fused:
-        keep_v, keep_s, query_aware = select_heads(m, l, k_block_means, q_probe_bar, n_probe, k_len, scale,
-                                                   cfg.gamma, cfg.tau, cfg.min_blocks, max_blocks, qa_count)
-    else:
-        keep_v, keep_s, query_aware = select_heads_torch(m, l, k_block_means, q_probe_bar, n_probe, k_len,
-                                                         scale, cfg, group)
+    select = select_heads if fused else select_heads_torch
+    keep_v, keep_s, query_aware = select(m, l, k_block_means, q_probe_bar, n_probe, k_len, scale,
+                                         cfg.gamma, cfg.tau, cfg.min_blocks, max_blocks, qa_count)
     if cfg.tau == 0:
         return SequenceChoice(keep_v, keep_s, None, None, query_aware)
     k_bar = k_block_means.repeat_interleave(group, dim=1)  # [NB, HQ, D]
@@ -138,22 +135,21 @@ def estimate_sequence(
 
 def select_heads_torch(
     m: torch.Tensor, l: torch.Tensor, k_block_means: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int,
-    k_len: int, scale: float, cfg: FlexPrefillConfig, group: int,
+    k_len: int, scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch twin of ``kernels.head_select.select_heads``: keep_v, keep_s [HQ, NB], query_aware [HQ]."""
+    """PyTorch twin of ``kernels.head_select.select_heads`` (same arguments):
+    keep_v, keep_s [HQ, NB], query_aware [HQ]."""
     hq, nb, bs = m.shape
     vertical, slash = probe_masses(m, l, n_probe, k_len, bs)
-    k_bar = k_block_means.repeat_interleave(group, dim=1)
+    k_bar = k_block_means.repeat_interleave(hq // k_block_means.shape[1], dim=1)
     estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, k_bar), dim=-1)
-    query_aware = js_distance(estimate, vertical) < cfg.tau  # [HQ]
-    max_blocks = cfg.max_blocks or nb
-    qa_count = min(cfg.min_blocks, max_blocks)
-    min_count = torch.where(query_aware, qa_count, cfg.min_blocks)
-    max_count = torch.where(query_aware, qa_count, max_blocks)
+    query_aware = js_distance(estimate, vertical) < tau  # [HQ]
+    min_count = torch.where(query_aware, qa_blocks, min_blocks)
+    max_count = torch.where(query_aware, qa_blocks, max_blocks)
     # verticals and slashes in one call: [2, HQ, NB]
     valid = torch.ones(2, hq, nb, dtype=torch.bool, device=m.device)
     forced = (torch.arange(nb, device=m.device) == 0).expand(2, hq, nb)
-    keep = coverage_select(torch.stack([vertical, slash]), valid, forced, cfg.gamma, min_count, max_count)
+    keep = coverage_select(torch.stack([vertical, slash]), valid, forced, gamma, min_count, max_count)
     return keep[0], keep[1], query_aware
 
 
