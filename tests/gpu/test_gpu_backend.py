@@ -45,3 +45,14 @@ def test_sparse_config_long_prefills_equal_functional_api(case):
     torch.testing.assert_close(out[rows_of(requests, sparse).cuda()], want, atol=ATOL[BF16], rtol=0)
     rows = rows_of(requests, dense).cuda()
     torch.testing.assert_close(out[rows].float(), reference(batch, requests)[rows], atol=ATOL[BF16], rtol=0)
+
+
+def test_groups_of_bounded_keys_give_the_same_output(monkeypatch):
+    from vllm_flexprefill.backend import routing
+
+    requests = CASES["mixed"]
+    whole, _, _ = run_backend(requests, SPARSE, BF16, "cuda", seed=2)
+    monkeypatch.setattr(routing, "MAX_GATHER_TOKENS", 1000)
+    grouped, _, metadata = run_backend(requests, SPARSE, BF16, "cuda", seed=2)
+    assert len(metadata.plan.groups) == 3
+    torch.testing.assert_close(grouped, whole, atol=ATOL[BF16], rtol=0)
