@@ -6,6 +6,7 @@ prefix caching off. Each engine runs in its own process.
 
     python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --chunked on off --out bench-results
     python benchmarks/ttft.py --shape qwen2-7b --lengths 32768 --engines FLASH_ATTN FLEX_10
+    python benchmarks/ttft.py --lengths 8192 16384 --min-sparse-tokens 0   # the dense threshold's crossover
 
 Engines: "FLASH_ATTN"; "FLEX_PREFILL" (default settings); "FLEX_10" (FLEX_PREFILL with
 tau = 0 and max_budget = N / 40 tokens, which keeps about 10 % of the causal blocks on
@@ -124,8 +125,11 @@ def main() -> None:
     parser.add_argument("--decode-length", type=int, default=8192)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES),
                         help="model shape (all layers, random weights)")
+    parser.add_argument("--min-sparse-tokens", type=int, default=None,
+                        help="min_sparse_tokens for the FLEX engines (default: the config's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     args = parser.parse_args()
+    routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = pathlib.Path(tempfile.mkdtemp()) / f"{args.shape}-shapes"
@@ -138,8 +142,10 @@ def main() -> None:
     for chunked in args.chunked:
         for engine in args.engines:
             if engine == "FLEX_10":
-                specs = [dict(flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40}, lengths=[n])
-                         for n in args.lengths]
+                specs = [dict(flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40, **routing},
+                              lengths=[n]) for n in args.lengths]
+            elif engine == "FLEX_PREFILL":
+                specs = [dict(flexprefill=routing or None, lengths=args.lengths)]
             else:
                 specs = [dict(flexprefill=None, lengths=args.lengths)]
             for spec in specs:
