@@ -66,6 +66,7 @@ def main() -> None:
         outputs = llm.generate(prompts, params)
         rounds.append({"seconds": time.perf_counter() - start,
                        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+                       "cached_tokens": [o.num_cached_tokens or 0 for o in outputs],
                        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
                        "texts": [o.outputs[0].text for o in outputs]})
     for i, text in enumerate(rounds[-1]["texts"]):

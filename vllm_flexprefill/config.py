@@ -50,11 +50,11 @@ class FlexPrefillConfig:
     sparse_block_size: int = 128
     """Tile of the sparse pattern and kernels, in tokens (not vLLM's KV page size)."""
 
-    min_sparse_tokens: int = 8192
+    min_sparse_tokens: int = 12288
     """Sequences whose key length (context + new tokens) is below this run dense
-    attention: below it the estimation costs more than the skipped blocks save. At 8192
-    keys the default budget floor ties FlashAttention on H100 (docs/benchmarks.md), so
-    every 8k chunk of a long prompt runs sparse."""
+    attention: below it the estimation costs more than the skipped blocks save (measured
+    crossover of the default budget floor on H100, docs/benchmarks.md). 0 makes every
+    prefill chunk sparse."""
 
     min_sparse_query_tokens: int = 1024
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
