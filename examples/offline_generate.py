@@ -61,7 +61,9 @@ def main() -> None:
     prompts = [random_text(n, seed=100 + i) + " remember the answer" for i, n in enumerate(words)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rounds = []
-    for _ in range(args.repeat):
+    for round_no in range(args.repeat):
+        # marks where the requests begin in the log (start-up runs warm-up batches before)
+        print(f"round {round_no}: {len(prompts)} prompts", flush=True)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
         rounds.append({"seconds": time.perf_counter() - start,
