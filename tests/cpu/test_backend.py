@@ -58,7 +58,7 @@ def test_cpu_cache_layout_is_learned_and_reads_back(isa, dtype, page, d):
     t = torch.arange(n)
     key, value = torch.randn(2, n, h, d, generator=g).to(dtype)
     write_tokens(cache, key, value, perm[t // page] * page + t % page, isa)
-    got_key, got_value = read_tokens(cache, layout, perm[t // page], t % page)
+    got_key, got_value = read_tokens(cache, perm[t // page], layout.positions(t % page))
     assert torch.equal(got_key, key) and torch.equal(got_value, value)
 
 

@@ -18,6 +18,11 @@ def stock(tiny_model, tmp_path_factory):
     return rounds
 
 
+def new_and_all_tokens(lines: list[str]) -> list[tuple[int, int]]:
+    """(new, all) tokens of every request in FlexPrefill's debug lines."""
+    return [(int(q), int(k)) for line in lines for q, k in re.findall(r"'(\d+)/(\d+)'", line)]
+
+
 def ray_unavailable() -> str | None:
     """Why the Ray executor cannot run here (None: it can)."""
     import importlib.util
@@ -49,14 +54,14 @@ def test_exact_mode_tokens_equal_stock_backend(tiny_model, tmp_path, stock, tp, 
     assert calls, "FlexPrefill never ran"
     assert all("density 1.000" in line for line in calls)
     # chunk continuations and prefix-cache hits (new < all tokens) run FlexPrefill too
-    lengths = [tuple(map(int, m)) for line in calls for m in re.findall(r"'(\d+)/(\d+)'", line)]
+    lengths = new_and_all_tokens(calls)
     assert any(q < k for q, k in lengths), lengths[:20]
     if tp == 1:  # (with tp 2 each rank logs)
         # every prompt token not served from the prefix cache went through FlexPrefill, chunk by chunk
         # (counted from the first round on: on GPU, start-up profiles a batch through the backend)
         requests_log = log.split("round 0:", 1)[1]
         first_layer = [line for line in flex_calls(requests_log) if "model.layers.0.self_attn" in line]
-        ran = sum(int(q) for line in first_layer for q, _ in re.findall(r"'(\d+)/(\d+)'", line))
+        ran = sum(q for q, _ in new_and_all_tokens(first_layer))
         computed = sum(n - c for r in flex for n, c in zip(r["prompt_tokens"], r["cached_tokens"]))
         assert ran == computed and any(c > 0 for c in flex[1]["cached_tokens"]), (ran, computed, flex[1])
     assert [len(r["token_ids"][0]) for r in flex] == [8, 8]

@@ -21,7 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_flexprefill.backend.cpu_cache import PageLayout, learn_page_layout, read_tokens
+from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
@@ -32,11 +32,13 @@ class FlexPrefillCPUMetadata(CPUAttentionMetadata):
     """The CPU kernel's metadata for the whole batch, plus the FlexPrefill plan.
 
     runs: (first token, end token, CPU kernel metadata) of each run of dense requests.
+    kv_positions: per plan group, where its cached keys and values sit in their pages
+        (``PageLayout.positions``), or None where the group's keys are this step's inputs.
     """
 
     plan: SparsePlan | None = None
     runs: tuple = ()
-    page_layout: PageLayout | None = None
+    kv_positions: tuple = ()
 
 
 class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -62,7 +64,10 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return md
         build = super().build
         runs = dense_run_metadata(cm, plan, lambda run_cm: build(0, run_cm, fast_build))
-        return extend_metadata(md, FlexPrefillCPUMetadata, plan=plan, runs=runs, page_layout=self.page_layout)
+        # the same for every layer: found once per step
+        positions = tuple(None if g.kv_offsets is None else self.page_layout.positions(g.kv_offsets)
+                          for g in plan.groups)
+        return extend_metadata(md, FlexPrefillCPUMetadata, plan=plan, runs=runs, kv_positions=positions)
 
 
 class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
@@ -81,11 +86,11 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
-        for group in plan.groups:
+        for group, positions in zip(plan.groups, attn_metadata.kv_positions):
             rows = group.q_rows
-            if group.kv_pages is not None:
+            if positions is not None:
                 # vLLM stored this step's keys and values before forward: the cache holds every position
-                k, v = read_tokens(kv_cache, attn_metadata.page_layout, group.kv_pages, group.kv_offsets)
+                k, v = read_tokens(kv_cache, group.kv_pages, positions)
             else:  # fresh prompts only: their keys and values are this step's inputs
                 k, v = key[rows], value[rows]
             out = sparse_prefill(query[rows], k, v, group, plan.config, self.scale,

@@ -31,6 +31,10 @@ class PageLayout:
     key: torch.Tensor
     value: torch.Tensor
 
+    def positions(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the keys and values of tokens at in-page offsets [T] live: two [T, 1, D]."""
+        return self.key[offsets][:, None, :], self.value[offsets][:, None, :]
+
 
 def write_tokens(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                  isa: str) -> None:
@@ -40,16 +44,16 @@ def write_tokens(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
-def read_tokens(kv_cache: torch.Tensor, layout: PageLayout, pages: torch.Tensor,
-                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [T, H, D] of the tokens at pages [T], offsets [T] (int64)."""
+def read_tokens(kv_cache: torch.Tensor, pages: torch.Tensor,
+                positions: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [T, H, D] of the tokens at pages [T] (int64) and in-page
+    ``positions`` (``PageLayout.positions`` of their offsets)."""
     n, h = kv_cache.shape[:2]
     flat = kv_cache.view(n, h, 2, -1)
     p = pages[:, None, None]
     heads = torch.arange(h)[None, :, None]
-    key = flat[:, :, 0][p, heads, layout.key[offsets][:, None, :]]
-    value = flat[:, :, 1][p, heads, layout.value[offsets][:, None, :]]
-    return key, value
+    key_pos, value_pos = positions
+    return flat[:, :, 0][p, heads, key_pos], flat[:, :, 1][p, heads, value_pos]
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,7 +77,7 @@ def learn_page_layout(isa: str, dtype: torch.dtype, page_size: int, head_size: i
 
     key, value = torch.randn(2, page_size, 1, head_size).to(dtype)
     write_tokens(cache, key, value, slots, isa)
-    got_key, got_value = read_tokens(cache, layout, torch.zeros(page_size, dtype=torch.long), slots)
+    got_key, got_value = read_tokens(cache, torch.zeros(page_size, dtype=torch.long), layout.positions(slots))
     if not (torch.equal(got_key, key) and torch.equal(got_value, value)):
         return None
     return layout

@@ -5,11 +5,12 @@ from __future__ import annotations
 from vllm.logger import init_logger
 
 from vllm_flexprefill.attention import SUPPORTED_HEAD_DIMS
+from vllm_flexprefill.backend import compat
 from vllm_flexprefill.config import FlexPrefillConfig
 
 KEY = "flexprefill"
-# vLLM's logger: info_once drops repeats of the same message in this process
-logger = init_logger("vllm.flexprefill")
+# compat.py's logger with vLLM's *_once methods: info_once drops repeats in this process
+logger = init_logger(compat.logger.name)
 
 
 def config_from_vllm(vllm_config) -> FlexPrefillConfig:
