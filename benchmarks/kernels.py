@@ -108,9 +108,7 @@ def run(n: int, reps_ms: int, results: list[dict]) -> None:
         sel = select_blocks(q, k, layout, cfg, scale, probe_stats)
         row[f"{name}_density"] = sel.density(layout).mean().item()
         row[f"{name}_query_aware"] = sel.query_aware.float().mean().item()
-        kw = dict(gamma=cfg.gamma, tau=cfg.tau, min_budget=cfg.min_budget, max_budget=cfg.max_budget,
-                  block_size=BS, min_sparse_tokens=0)
-        row[f"whole_{name}_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, **kw), reps_ms)
+        row[f"whole_{name}_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, cfg), reps_ms)
     row["estimate_share_of_dense"] = row["estimate_default_ms"] / ref_ms
     row["speedup_whole_forced_vs_ref"] = ref_ms / row["whole_forced_ms"]
     row["speedup_whole_default_vs_ref"] = ref_ms / row["whole_default_ms"]

@@ -204,8 +204,7 @@ def flexprefill_reference(batch: Batch, requests: list[Request], which: list[int
                         device=dev)
     return flex_prefill_attention_varlen(
         batch.query[rows_of(requests, which)], torch.cat([batch.keys[i] for i in which]),
-        torch.cat([batch.values[i] for i in which]), cu_q, cu_k, gamma=cfg.gamma, tau=cfg.tau,
-        min_budget=cfg.min_budget, max_budget=cfg.max_budget, block_size=cfg.sparse_block_size, min_sparse_tokens=0)
+        torch.cat([batch.values[i] for i in which]), cu_q, cu_k, dataclasses.replace(cfg, min_sparse_tokens=0))
 
 
 def rows_of(requests: list[Request], which: list[int]) -> torch.Tensor:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -36,16 +38,11 @@ class FlexPrefillStats:
     sparse: tuple[bool, ...]
 
 
-def make_config(
-    gamma: float, tau: float, min_budget: int | None, max_budget: int | None, block_size: int,
-    min_sparse_tokens: int | None,
-) -> FlexPrefillConfig:
-    """Config of the functional API. Without ``min_sparse_tokens``, sequences of at most
-    ``max(2 * block_size, min_budget)`` keys run dense (their budget would cover them)."""
-    if min_sparse_tokens is None:
-        min_sparse_tokens = max(2 * block_size, min_budget or 0) + 1
-    return FlexPrefillConfig(gamma=gamma, tau=tau, min_budget=min_budget, max_budget=max_budget,
-                             sparse_block_size=block_size, min_sparse_tokens=min_sparse_tokens)
+def as_config(config: FlexPrefillConfig | Mapping[str, Any] | None) -> FlexPrefillConfig:
+    """A FlexPrefillConfig from a config, a settings dictionary (validated) or None (the defaults)."""
+    if isinstance(config, FlexPrefillConfig):
+        return config
+    return FlexPrefillConfig.from_dict(config)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> None:
@@ -149,10 +146,10 @@ def scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget, block_size,
-                    softmax_scale, min_sparse_tokens) -> tuple[BatchLayout, BlockSelection, float]:
+def plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale
+                    ) -> tuple[BatchLayout, BlockSelection, float]:
     """Validated config, batch plan and block selection shared by the public functions."""
-    cfg = make_config(gamma, tau, min_budget, max_budget, block_size, min_sparse_tokens)
+    cfg = as_config(config)
     scale = scale_or_default(softmax_scale, q.shape[-1])
     layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
     return layout, select_blocks(q, k, layout, cfg, scale), scale
@@ -164,13 +161,8 @@ def flex_prefill_attention_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    gamma: float = 0.95,
-    tau: float = 0.1,
-    min_budget: int | None = 1024,
-    max_budget: int | None = None,
-    block_size: int = 128,
+    config: FlexPrefillConfig | Mapping[str, Any] | None = None,
     softmax_scale: float | None = None,
-    min_sparse_tokens: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FlexPrefill over a packed batch; each sequence's queries end its key range.
@@ -180,17 +172,16 @@ def flex_prefill_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: [N + 1] int32 cumulative lengths. Sequence i has
             ``q_len <= k_len``: its queries sit at key positions ``k_len - q_len ..
             k_len - 1`` (chunked prefill, prefix-cache hits), causal.
-        gamma, tau, min_budget, max_budget, block_size: see ``FlexPrefillConfig``.
+        config: a ``FlexPrefillConfig`` or its settings as a dictionary (``{"gamma": 0.9}``;
+            the reference code's keys work too). Default: ``FlexPrefillConfig()``.
+            Sequences with fewer than ``min_sparse_tokens`` keys run dense.
         softmax_scale: Default: 1 / sqrt(D).
-        min_sparse_tokens: sequences with fewer keys run dense. Default:
-            ``max(2 * block_size, min_budget) + 1``.
         out: optional [Tq, HQ, D] buffer written in place.
     Returns:
         [Tq, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, packed=True)
-    layout, selection, scale = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget,
-                                               block_size, softmax_scale, min_sparse_tokens)
+    layout, selection, scale = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
     return sparse_attention(q, k, v, layout, selection, scale, out=out)
 
 
@@ -198,20 +189,14 @@ def flex_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    gamma: float = 0.95,
-    tau: float = 0.1,
-    min_budget: int | None = 1024,
-    max_budget: int | None = None,
-    block_size: int = 128,
+    config: FlexPrefillConfig | Mapping[str, Any] | None = None,
     softmax_scale: float | None = None,
-    min_sparse_tokens: int | None = None,
 ) -> torch.Tensor:
     """Causal FlexPrefill attention for a batch of equal-length prompts.
 
     Args:
         q: [B, N, HQ, D]; k, v: [B, N, H, D]; bf16 or fp16 (fp32 too on the CPU).
-        gamma, tau, min_budget, max_budget, block_size, softmax_scale, min_sparse_tokens:
-            as in ``flex_prefill_attention_varlen``.
+        config, softmax_scale: as in ``flex_prefill_attention_varlen``.
     Returns:
         [B, N, HQ, D] in q's dtype.
     """
@@ -220,7 +205,7 @@ def flex_prefill_attention(
     cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
     out = flex_prefill_attention_varlen(
         q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]), v.reshape(b * n, *v.shape[2:]),
-        cu, cu, gamma, tau, min_budget, max_budget, block_size, softmax_scale, min_sparse_tokens)
+        cu, cu, config, softmax_scale)
     return out.view(b, n, *out.shape[1:])
 
 
@@ -229,13 +214,8 @@ def flex_prefill_stats(
     k: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
-    gamma: float = 0.95,
-    tau: float = 0.1,
-    min_budget: int | None = 1024,
-    max_budget: int | None = None,
-    block_size: int = 128,
+    config: FlexPrefillConfig | Mapping[str, Any] | None = None,
     softmax_scale: float | None = None,
-    min_sparse_tokens: int | None = None,
 ) -> FlexPrefillStats:
     """What FlexPrefill would choose for these inputs: density and query-aware heads.
 
@@ -250,6 +230,5 @@ def flex_prefill_stats(
         q, k = q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:])
     elif cu_seqlens_k is None:
         raise ValueError("cu_seqlens_k is required with cu_seqlens_q")
-    layout, selection, _ = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, gamma, tau, min_budget, max_budget,
-                                           block_size, softmax_scale, min_sparse_tokens)
+    layout, selection, _ = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
     return FlexPrefillStats(selection.density(layout), selection.query_aware, layout.sparse)

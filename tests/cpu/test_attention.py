@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
+from vllm_flexprefill import FlexPrefillConfig, flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
 from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, dense_reference, planted_inputs, rel_err
 
 
@@ -30,10 +30,10 @@ def test_exact_mode_equals_dense_sdpa(dtype):
     k = torch.randn(2, 333, 2, 64, dtype=dtype)
     v = torch.randn(2, 333, 2, 64, dtype=dtype)
     # a budget covering every block, with the estimation running (min_sparse_tokens=0)
-    out = flex_prefill_attention(q, k, v, min_budget=333, block_size=32, min_sparse_tokens=0)
+    out = flex_prefill_attention(q, k, v, {"min_budget": 333, "sparse_block_size": 32, "min_sparse_tokens": 0})
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.float(), sdpa_causal(q, k, v), atol=ATOL[dtype], rtol=0)
-    stats = flex_prefill_stats(q, k, min_budget=333, block_size=32, min_sparse_tokens=0)
+    stats = flex_prefill_stats(q, k, config={"min_budget": 333, "sparse_block_size": 32, "min_sparse_tokens": 0})
     assert torch.equal(stats.density, torch.ones(2, 4))
 
 
@@ -44,8 +44,9 @@ def test_varlen_chunks_exact_mode_equals_dense():
     k = torch.randn(sum(k_lens), 1, 64)
     v = torch.randn(sum(k_lens), 1, 64)
     out = torch.full_like(q, float("nan"))
-    flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), min_budget=400, block_size=16,
-                                  min_sparse_tokens=0, softmax_scale=0.09, out=out)
+    flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens),
+                                  {"min_budget": 400, "sparse_block_size": 16, "min_sparse_tokens": 0},
+                                  softmax_scale=0.09, out=out)
     ref = dense_reference(q, k, v, q_lens, k_lens, 0.09)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
@@ -55,10 +56,10 @@ def test_planted_structure_is_sparse_and_close_to_dense(gamma, tau):
     q_lens, k_lens = [2048, 1024], [2048, 3072]
     q, k, v = planted_inputs(q_lens, k_lens, 8, 4, 64, dtype=torch.float32, seed=5)
     # default-like: the default min_budget is 8 blocks (1024 tokens at block_size 128)
-    kw = dict(gamma=gamma, tau=tau, min_budget=512, block_size=64, min_sparse_tokens=0)
-    out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), **kw)
+    cfg = FlexPrefillConfig(gamma=gamma, tau=tau, min_budget=512, sparse_block_size=64, min_sparse_tokens=0)
+    out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), cfg)
     ref = dense_reference(q, k, v, q_lens, k_lens, 64 ** -0.5)
-    stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), **kw)
+    stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), cfg)
     assert stats.sparse == (True, True)
     assert rel_err(out, ref) < PLANTED_REL_ERR
     assert stats.density.mean() < 0.45
@@ -67,10 +68,10 @@ def test_planted_structure_is_sparse_and_close_to_dense(gamma, tau):
 def test_short_sequences_run_dense_by_default():
     q = torch.randn(1, 200, 2, 64)
     k = torch.randn(1, 200, 2, 64)
-    stats = flex_prefill_stats(q, k, block_size=64)  # 200 <= max(2 * 64, 1024): dense
+    stats = flex_prefill_stats(q, k, config={"block_size": 64})  # 200 < min_sparse_tokens: dense
     assert stats.sparse == (False,)
     assert torch.equal(stats.density, torch.ones(1, 2))
-    out = flex_prefill_attention(q, k, k, block_size=64)
+    out = flex_prefill_attention(q, k, k, {"block_size": 64})
     torch.testing.assert_close(out, sdpa_causal(q, k, k), atol=1e-4, rtol=0)
 
 
@@ -91,15 +92,21 @@ BAD = [
     (lambda q, k, v: (q, k, v), {"tau": -0.1}, "tau must be a finite number >= 0"),
     (lambda q, k, v: (q, k, v), {"min_budget": 512, "max_budget": 256}, "min_budget .* must not exceed max_budget"),
     (lambda q, k, v: (q, k, v), {"block_size": 100}, "sparse_block_size must be one of"),
-    (lambda q, k, v: (q, k, v), {"softmax_scale": -1.0}, "softmax_scale must be a positive number"),
+    (lambda q, k, v: (q, k, v), {"flex_prefill_gamma": 2}, r"gamma must be a number in \(0, 1\]"),
+    (lambda q, k, v: (q, k, v), {"gama": 0.9}, "unknown flexprefill config key 'gama'; allowed keys: .*gamma"),
 ]
 
 
-@pytest.mark.parametrize("make,kwargs,message", BAD)
-def test_bad_input_raises_value_error_that_says_what_is_allowed(make, kwargs, message):
+@pytest.mark.parametrize("make,settings,message", BAD)
+def test_bad_input_raises_value_error_that_says_what_is_allowed(make, settings, message):
     q, k, v = make(*good())
     with pytest.raises(ValueError, match=message):
-        flex_prefill_attention(q, k, v, **kwargs)
+        flex_prefill_attention(q, k, v, settings)
+
+
+def test_bad_softmax_scale_raises_value_error():
+    with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
+        flex_prefill_attention(*good(), softmax_scale=-1.0)
 
 
 def test_bad_cu_seqlens_raise_value_error():

@@ -71,15 +71,16 @@ def test_probe_stats_matches_naive(n_probe, k_len, bs, hq, h):
     torch.testing.assert_close(l, l_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("first_row,num_rows,nb,pooled", [(0, 7, 7, True), (3, 4, 7, True), (2, 9, 11, False)])
-def test_block_lists_match_naive_mask(first_row, num_rows, nb, pooled):
+@pytest.mark.parametrize("first_row,num_rows,nb,pooled,dense_from", [
+    (0, 7, 7, True, 5), (3, 4, 7, True, None), (2, 9, 11, False, 9)])
+def test_block_lists_match_naive_mask(first_row, num_rows, nb, pooled, dense_from):
     from vllm_flexprefill.kernels.block_lists import write_block_lists
     from vllm_flexprefill.kernels.naive import naive_block_mask
     from vllm_flexprefill.patterns.layout import mask_to_lists
 
     torch.manual_seed(nb)
     hq, first_tile, tiles = 4, 2, num_rows + 3
-    args = dict(keep_v=torch.rand(hq, nb) < 0.3, keep_s=torch.rand(hq, nb) < 0.3)
+    args = dict(keep_v=torch.rand(hq, nb) < 0.3, keep_s=torch.rand(hq, nb) < 0.3, dense_from=dense_from)
     if pooled:
         args.update(pooled=torch.rand(hq, num_rows * nb), threshold=torch.rand(hq),
                     query_aware=torch.tensor([True, False, True, False]))

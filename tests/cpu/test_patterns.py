@@ -9,7 +9,7 @@ from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.estimate import probe_masses, select_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.patterns.naive import naive_head_selection, naive_select_blocks
+from vllm_flexprefill.patterns.naive import naive_lines, naive_select_blocks
 from vllm_flexprefill.testing import planted_inputs
 
 BS = 32
@@ -111,17 +111,25 @@ def test_selection_invariants(cfg):
             assert torch.equal(ids, torch.unique(ids)), "sorted and unique"
             assert ids.max() <= r and ids.min() >= 0, "causal"
             assert ids[0] == 0 and ids[-1] == r, "sink and diagonal"
-    # budgets: on a vertical-slash head's last tile row every chosen vertical and every
-    # chosen offset shows once, so the row holds between min_blocks and 2 * max_blocks blocks
     for s in range(layout.num_seqs):
-        last = layout.first_tile[s + 1] - 1
+        probe_row = (layout.k_lens[s] - min(BS, layout.q_lens[s])) // BS
         nb = layout.num_key_blocks(s)
+        for t in range(layout.first_tile[s], layout.first_tile[s + 1]):
+            r = rows[t].item()
+            for h in range(q.shape[1]):
+                if r >= probe_row:
+                    assert cnt[h, t] == r + 1, "the probe's tiles keep every causal block"
+                elif cfg.max_blocks is not None and not sel.query_aware[s, h]:
+                    assert cnt[h, t] <= 2 * cfg.max_blocks, "at most max_blocks verticals and offsets"
+        # budgets of the lines themselves
+        q_s, k_s = q[layout.q_range(s)], k[layout.k_range(s)]
         for h in range(q.shape[1]):
-            if sel.query_aware[s, h]:
-                continue
-            assert cnt[h, last] >= min(cfg.min_blocks, nb)
-            if cfg.max_blocks is not None:
-                assert cnt[h, last] <= 2 * cfg.max_blocks
+            keep_v, keep_s, qa = naive_lines(q_s[-min(BS, len(q_s)):, h], k_s[:, h // 2], cfg, 0.125)
+            assert qa == bool(sel.query_aware[s, h])
+            lo = min(cfg.min_blocks, nb)
+            hi = lo if qa else min(cfg.max_blocks or nb, nb)
+            for keep in (keep_v, keep_s):
+                assert lo <= keep.sum() <= hi and keep[0], "budget, sink / diagonal first"
 
 
 def test_vertical_slash_coverage_reaches_gamma():
@@ -129,14 +137,11 @@ def test_vertical_slash_coverage_reaches_gamma():
     cfg = FlexPrefillConfig(gamma=0.9, tau=0.0, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
     n_probe = BS  # 700 >= BS queries, so the probe is one full block
     for h in range(4):
-        mask, qa = naive_head_selection(q[:700, h], k[:700, h // 2], 700, cfg, 0.125)
+        keep_v, keep_s, qa = naive_lines(q[700 - n_probe:700, h], k[:700, h // 2], cfg, 0.125)
         vertical, slash = probe_distribution_from_scores(q[700 - n_probe:700, h], k[:700, h // 2], 0.125)
-        # the last tile row holds every chosen column and every chosen offset (nb - 1 - c)
-        cols = mask[-1].nonzero().flatten()
-        nb = mask.shape[1]
         assert not qa
-        assert vertical[cols].sum() >= 0.9 - 1e-5
-        assert slash[nb - 1 - cols].sum() >= 0.9 - 1e-5
+        assert vertical[keep_v].sum() >= 0.9 - 1e-5
+        assert slash[keep_s].sum() >= 0.9 - 1e-5  # both indexed by block offset
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)

@@ -83,7 +83,7 @@ def test_exact_mode_equals_dense(n):
     q = torch.randn(1, n, 32, 128, dtype=torch.bfloat16, device=DEV)
     k = torch.randn(1, n, 8, 128, dtype=torch.bfloat16, device=DEV)
     v = torch.randn(1, n, 8, 128, dtype=torch.bfloat16, device=DEV)
-    out = flex_prefill_attention(q, k, v, min_budget=n, min_sparse_tokens=0)
+    out = flex_prefill_attention(q, k, v, {"min_budget": n, "min_sparse_tokens": 0})
     ref = sdpa_causal(q, k, v)
     assert rel_err(out, ref) < 1e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
@@ -94,14 +94,13 @@ def test_planted_structure_long(n):
     # a whole prompt plus a chunk that continues a cached context of the same length
     q_lens, k_lens = [n, 4096], [n, n]
     q, k, v = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=n % 97, needles=12)
-    kw = dict(gamma=0.95, tau=0.1, min_budget=1024, block_size=128, min_sparse_tokens=0)
-    out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), **kw)
+    cfg = FlexPrefillConfig(min_sparse_tokens=0)
+    out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), cfg)
     ref = torch.cat([
         sdpa_causal(q[None, :n], k[None, :n], v[None, :n])[0],
-        flex_prefill_attention_varlen(q[n:], k[n:], v[n:], cu([4096]), cu([n]), min_budget=n, min_sparse_tokens=0),
+        flex_prefill_attention_varlen(q[n:], k[n:], v[n:], cu([4096]), cu([n]), {"min_budget": n, "min_sparse_tokens": 0}),
     ])
-    stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), **kw)
+    stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), cfg)
     density = stats.density.mean().item()
-    print(f"n={n} density={density:.3f} rel_err={rel_err(out, ref):.4f}")
-    assert rel_err(out, ref) < PLANTED_REL_ERR
-    assert density < 0.5
+    assert rel_err(out, ref) < PLANTED_REL_ERR, f"n={n} density={density:.3f}"
+    assert density < 0.5, f"n={n} rel_err={rel_err(out, ref):.4f}"

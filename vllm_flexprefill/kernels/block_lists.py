@@ -2,7 +2,8 @@
 
 A tile at block row ``r`` keeps key block ``c <= r`` when column c is a chosen vertical,
 when offset ``r - c`` is a chosen slash, or (query-aware heads only) when the pooled
-block map ``P[r, c]`` reaches the head's threshold. Dense sequences keep every ``c <= r``.
+block map ``P[r, c]`` reaches the head's threshold. Dense sequences, and the tiles from
+row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
 One program per (tile, head) compacts the chosen ids with a prefix sum.
 
 Also here: the per-head threshold of the query-aware selection, found by bisection so
@@ -21,7 +22,7 @@ from vllm_flexprefill.kernels.configs import interpreted
 @triton.jit
 def block_lists_kernel(
     keep_v, keep_s, pooled, threshold, query_aware, block_idx, block_cnt,
-    first_row, first_tile, nb,
+    first_row, first_tile, nb, dense_from,
     stride_vh, stride_ph, stride_pr, stride_ih, stride_it, stride_ch,
     DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
 ):
@@ -34,10 +35,13 @@ def block_lists_kernel(
         qa = (tl.zeros([BC], dtype=tl.int32) + tl.load(query_aware + i_h).to(tl.int32)) != 0
         thr = tl.load(threshold + i_h)
     n = 0
+    all_causal = row >= dense_from
     for c0 in range(0, row + 1, BC):
         o_c = c0 + tl.arange(0, BC)
         m_c = o_c <= row
         if DENSE:
+            sel = m_c
+        elif all_causal:
             sel = m_c
         else:
             b_v = tl.load(keep_v + i_h * stride_vh + o_c, mask=m_c, other=0) != 0
@@ -65,6 +69,7 @@ def write_block_lists(
     pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
     query_aware: torch.Tensor | None = None,
+    dense_from: int | None = None,
 ) -> None:
     """Writes the lists of one sequence's tiles into the batch arrays.
 
@@ -74,6 +79,7 @@ def write_block_lists(
         keep_v, keep_s: [HQ, NB] bool chosen verticals / slash offsets; None for a dense sequence.
         pooled: [HQ, R * NB] float32 pooled block map (rows of NB), threshold: [HQ] float32,
             query_aware: [HQ] bool; None when no head may be query-aware.
+        dense_from: block row from which tiles keep every causal block (None: none).
     """
     hq = block_idx.shape[0]
     dense = keep_v is None
@@ -83,7 +89,7 @@ def write_block_lists(
         keep_v if not dense else dummy, keep_s if not dense else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
         query_aware if has_pooled else dummy,
-        block_idx, block_cnt, first_row, first_tile, nb,
+        block_idx, block_cnt, first_row, first_tile, nb, nb if dense_from is None else dense_from,
         keep_v.stride(0) if not dense else 0,
         pooled.stride(0) if has_pooled else 0, nb,
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),

@@ -85,7 +85,7 @@ def naive_block_mask(
     first_row: int, num_rows: int, nb: int,
     keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None,
     pooled: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
-    query_aware: torch.Tensor | None = None,
+    query_aware: torch.Tensor | None = None, dense_from: int | None = None,
 ) -> torch.Tensor:
     """Twin of ``kernels.block_lists.write_block_lists`` as a mask: [HQ, R, NB] bool
     (``mask_to_lists`` turns it into the lists). Same arguments; keep_v None means dense."""
@@ -101,6 +101,8 @@ def naive_block_mask(
     if pooled is not None:
         chosen = pooled.view(-1, num_rows, nb) >= threshold[:, None, None]
         mask |= causal & chosen & query_aware[:, None, None]
+    if dense_from is not None:
+        mask |= causal & (rows >= dense_from)[:, None]
     return mask
 
 

@@ -88,6 +88,15 @@ class SequenceChoice:
     query_aware: torch.Tensor
 
 
+def probe_row(q_len: int, k_len: int, block_size: int) -> int:
+    """The first block row holding a probe query: from it on, tiles attend to every key.
+
+    The probe's rows are the end of the prompt (in a prompt: the question), whose attention
+    makes the first answer token; computing them densely costs one or two rows of blocks.
+    """
+    return (k_len - min(block_size, q_len)) // block_size
+
+
 def estimate_sequence(
     q: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float, probe: ProbeFn, fused: bool = False
 ) -> SequenceChoice:
@@ -173,7 +182,8 @@ def select_blocks(
             choice = estimate_sequence(q[layout.q_range(s)], k[layout.k_range(s)], cfg, scale, probe, fused)
             query_aware[s] = choice.query_aware
             write_block_lists(block_idx, block_cnt, **where, keep_v=choice.keep_v, keep_s=choice.keep_s,
-                              pooled=choice.pooled, threshold=choice.threshold, query_aware=choice.query_aware)
+                              pooled=choice.pooled, threshold=choice.threshold, query_aware=choice.query_aware,
+                              dense_from=probe_row(layout.q_lens[s], layout.k_lens[s], cfg.sparse_block_size))
         else:
             write_block_lists(block_idx, block_cnt, **where)
     return BlockSelection(block_idx, block_cnt, query_aware)

@@ -18,6 +18,8 @@ Per query head of a sparse sequence (see docs/algorithm.md for the symbols):
    query-aware heads keep only ``min_budget`` of each plus the blocks of the pooled
    block map ``softmax_c(scale * mean_block(q)_r . mean_block(k)_c)`` that cover ``gamma``
    of its total mass. The sink block (c = 0) and the diagonal (s = 0) are always kept.
+5. The query tiles holding the probe rows keep every causal block: the end of a prompt
+   (its question) attends exactly, and the first answer token is made from it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,53 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts
 
 
+def naive_lines(
+    q_probe: torch.Tensor, k: torch.Tensor, cfg: FlexPrefillConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Steps 1-4 for one query head: the chosen vertical blocks and slash offsets.
+
+    Args:
+        q_probe: [NP, D] the head's last NP = min(BS, q_len) queries (positions k_len-NP ..).
+        k: [k_len, D] the keys of its kv head.
+    Returns:
+        keep_v [NB] bool (key blocks), keep_s [NB] bool (block offsets row - col), query_aware.
+    """
+    bs = cfg.sparse_block_size
+    n_probe, k_len = q_probe.shape[0], k.shape[0]
+    nb = -(-k_len // bs)
+    cols = torch.arange(nb)
+    q_probe = q_probe.float()
+    k = k.float()
+
+    # 1. probe attention of the last queries
+    probe_pos = torch.arange(k_len - n_probe, k_len)
+    key_pos = torch.arange(k_len)
+    scores = scale * q_probe @ k.T
+    scores = scores.masked_fill(key_pos[None, :] > probe_pos[:, None], float("-inf"))
+    attn = torch.softmax(scores, dim=-1)
+
+    # 2. vertical mass per key block, slash mass per block offset
+    col_block = key_pos // bs
+    offset = (probe_pos // bs)[:, None] - col_block[None, :]
+    vertical = torch.zeros(nb).index_add_(0, col_block, attn.sum(0)) / n_probe
+    slash = torch.zeros(nb).index_add_(0, offset.clamp_min(0).flatten(), attn.flatten()) / n_probe
+
+    # 3. pattern test against the pooled estimate
+    estimate = torch.softmax(scale * q_probe.mean(0) @ block_means(k, bs).T, dim=-1)
+    query_aware = bool(js_distance(estimate, vertical) < cfg.tau)
+
+    # 4. budgets
+    valid = torch.ones(nb, dtype=torch.bool)
+    max_blocks = cfg.max_blocks or nb
+    if query_aware:
+        budget = (min(cfg.min_blocks, max_blocks), min(cfg.min_blocks, max_blocks))
+    else:
+        budget = (cfg.min_blocks, max_blocks)
+    keep_v = coverage_select(vertical, valid, cols == 0, cfg.gamma, budget[0], budget[1])
+    keep_s = coverage_select(slash, valid, cols == 0, cfg.gamma, budget[0], budget[1])
+    return keep_v, keep_s, query_aware
+
+
 def naive_head_selection(
     q: torch.Tensor, k: torch.Tensor, k_len: int, cfg: FlexPrefillConfig, scale: float
 ) -> tuple[torch.Tensor, bool]:
@@ -56,37 +105,8 @@ def naive_head_selection(
     first_row = (k_len - q_len) // bs
     rows = torch.arange(first_row, nb)
     cols = torch.arange(nb)
-    q = q.float()
-    k = k.float()
-
-    # 1. probe attention of the last queries
     n_probe = min(bs, q_len)
-    probe_pos = torch.arange(k_len - n_probe, k_len)
-    key_pos = torch.arange(k_len)
-    scores = scale * q[q_len - n_probe:] @ k.T
-    scores = scores.masked_fill(key_pos[None, :] > probe_pos[:, None], float("-inf"))
-    attn = torch.softmax(scores, dim=-1)
-
-    # 2. vertical mass per key block, slash mass per block offset
-    col_block = key_pos // bs
-    offset = (probe_pos // bs)[:, None] - col_block[None, :]
-    vertical = torch.zeros(nb).index_add_(0, col_block, attn.sum(0)) / n_probe
-    slash = torch.zeros(nb).index_add_(0, offset.clamp_min(0).flatten(), attn.flatten()) / n_probe
-
-    # 3. pattern test against the pooled estimate
-    k_bar = block_means(k, bs)
-    estimate = torch.softmax(scale * q[q_len - n_probe:].mean(0) @ k_bar.T, dim=-1)
-    query_aware = bool(js_distance(estimate, vertical) < cfg.tau)
-
-    # 4. budgets
-    valid = torch.ones(nb, dtype=torch.bool)
-    max_blocks = cfg.max_blocks or nb
-    if query_aware:
-        budget = (min(cfg.min_blocks, max_blocks), min(cfg.min_blocks, max_blocks))
-    else:
-        budget = (cfg.min_blocks, max_blocks)
-    keep_v = coverage_select(vertical, valid, cols == 0, cfg.gamma, budget[0], budget[1])
-    keep_s = coverage_select(slash, valid, cols == 0, cfg.gamma, budget[0], budget[1])
+    keep_v, keep_s, query_aware = naive_lines(q[q_len - n_probe:], k, cfg, scale)
 
     diff = rows[:, None] - cols[None, :]
     causal = diff >= 0
@@ -94,13 +114,15 @@ def naive_head_selection(
     if query_aware:
         # pooled block map over the chunk's query tiles, selected globally
         q_abs = torch.arange(k_len - q_len, k_len) // bs - first_row
-        q_bar = torch.zeros(len(rows), q.shape[1]).index_add_(0, q_abs, q)
+        q_bar = torch.zeros(len(rows), q.shape[1]).index_add_(0, q_abs, q.float())
         q_bar = q_bar / torch.bincount(q_abs, minlength=len(rows)).clamp_min(1).unsqueeze(1)
-        logits = (scale * q_bar @ k_bar.T).masked_fill(~causal, float("-inf"))
+        logits = (scale * q_bar @ block_means(k.float(), bs).T).masked_fill(~causal, float("-inf"))
         pooled = torch.softmax(logits, dim=-1)
         keep_qa = coverage_select(pooled.flatten(), causal.flatten(), torch.zeros_like(causal.flatten()),
                                   cfg.gamma, 0, causal.numel())
         mask |= keep_qa.view_as(mask)
+    # 5. the tiles holding the probe (the last BS queries) attend to every key
+    mask |= causal & (rows >= (k_len - n_probe) // bs)[:, None]
     return mask, query_aware
 
 

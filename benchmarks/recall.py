@@ -1,0 +1,141 @@
+"""Attention recall of FlexPrefill's block choice on the real model, layer by layer and head by head.
+
+Runs SmolLM2-135M-Instruct (transformers, the prompt in one piece) densely on RULER-style
+prompts and captures every layer's queries and keys. For each FlexPrefill setting it then
+chooses blocks exactly as the backend would on that prompt and reports, per layer and
+head: the share of the dense attention mass of all queries inside the chosen blocks
+(recall), the same for the final query tile (the question, whose attention produces the
+first answer token), and, for needle tasks, whether the final tile keeps the needle's
+blocks and how much dense attention it gives them.
+
+    python benchmarks/recall.py --length 14336 --samples 4 --config default='{}' --config g90='{"gamma": 0.9}'
+    python benchmarks/recall.py --length 8192 --task niah_multikey --out bench-results/recall.json
+
+A (layer, head) "reads the needle" when its final tile puts at least --needle-mass of its
+dense attention on the needle's blocks; the report counts those whose choice drops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+import torch
+
+NATIVE = 8192
+
+
+def capture_model(length: int, device: str):
+    """The model with an attention function that records (q, k, scale) per layer, and its tokenizer."""
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    from vllm_flexprefill.hf import smollm2
+
+    path = smollm2.checkpoint(yarn=length > NATIVE)
+    captured: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        # [B, H, N, D] -> [N, H, D], first sequence
+        captured.append((query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(), scaling))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("capture_qk", capture)
+    AttentionMaskInterface.register("capture_qk", sdpa_mask)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="capture_qk").to(device)
+    return model, AutoTokenizer.from_pretrained(path), captured
+
+
+def needle_blocks(sample, block_size: int) -> list[list[int]]:
+    return [list(range(a // block_size, (b - 1) // block_size + 1)) for a, b in sample.needle_spans]
+
+
+def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
+    """Per config: recall [HQ], final-tile recall [HQ], needle reads and drops of one layer."""
+    from vllm_flexprefill.attention import as_config, select_blocks
+    from vllm_flexprefill.diagnostics import block_mass, kept_mask, recall
+    from vllm_flexprefill.patterns.layout import BatchLayout
+
+    n = q.shape[0]
+    out = {}
+    masses = {}
+    for name, settings in configs.items():
+        cfg = as_config({**settings, "min_sparse_tokens": 0})
+        bs = cfg.sparse_block_size
+        if bs not in masses:
+            masses[bs] = block_mass(q, k, bs, scale)
+        mass = masses[bs]
+        layout = BatchLayout.build([n], [n], bs, q.device)
+        selection = select_blocks(q, k, layout, cfg, scale)
+        kept = kept_mask(selection, layout, 0)
+        final = slice(mass.shape[1] - 1, mass.shape[1])
+        row = {"recall": recall(mass, kept).tolist(), "final_recall": recall(mass[:, final], kept[:, final]).tolist(),
+               "density": selection.density(layout)[0].tolist(), "query_aware": selection.query_aware[0].tolist(),
+               "reads": 0, "drops": 0}
+        last = mass[:, -1]  # [HQ, NB] the final tile's dense mass per key block
+        for blocks in needle_blocks(sample, bs):
+            share = last[:, blocks].sum(-1) / last.sum(-1)
+            reads = share >= needle_mass
+            row["reads"] += int(reads.sum())
+            row["drops"] += int((reads & ~kept[:, -1, blocks].all(-1)).sum())
+        out[name] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=14336)
+    parser.add_argument("--task", default="niah_single_number")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--first-sample", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                        help="FlexPrefill settings to analyse (default: the defaults)")
+    parser.add_argument("--needle-mass", type=float, default=0.01)
+    parser.add_argument("--out", default=None, help="JSON file for every number")
+    args = parser.parse_args()
+
+    configs = {}
+    for item in args.config or ["default={}"]:
+        name, _, settings = item.partition("=")
+        configs[name] = json.loads(settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, captured = capture_model(args.length, device)
+    from vllm_flexprefill.tasks import Generator
+
+    gen = Generator(tokenizer)
+    results = []
+    for index in range(args.first_sample, args.first_sample + args.samples):
+        sample = gen.sample(args.task, args.length, index, args.seed)
+        captured.clear()
+        with torch.no_grad():
+            ids = torch.tensor([sample.token_ids], device=device)
+            logits = model(ids).logits[0, -1]
+        answer_token = tokenizer.decode([int(logits.argmax())])
+        layers = [analyse(q, k, scale, configs, sample, args.needle_mass) for q, k, scale in captured]
+        results.append({"index": index, "tokens": len(sample.token_ids), "needles": sample.needle_spans,
+                        "first_answer_token": answer_token, "answers": sample.answers, "layers": layers})
+        print(f"sample {index}: {len(sample.token_ids)} tokens, needles at {sample.needle_spans}, "
+              f"dense first token {answer_token!r} (answer {sample.answers[0]!r})", flush=True)
+        for name in configs:
+            rec = [x for layer in layers for x in layer[name]["recall"]]
+            fin = [x for layer in layers for x in layer[name]["final_recall"]]
+            dens = [x for layer in layers for x in layer[name]["density"]]
+            reads = sum(layer[name]["reads"] for layer in layers)
+            drops = sum(layer[name]["drops"] for layer in layers)
+            worst = min(range(len(fin)), key=fin.__getitem__)
+            heads = len(layers[0][name]["recall"])
+            print(f"  {name:>10}: density {statistics.mean(dens):.3f}  recall mean {statistics.mean(rec):.3f} "
+                  f"min {min(rec):.3f}  final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
+                  f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}", flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": configs, "samples": results}))
+
+
+if __name__ == "__main__":
+    main()
