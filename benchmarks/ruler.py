@@ -71,8 +71,10 @@ def run_engine(spec: dict) -> dict:
     from vllm_flexprefill import stats
 
     gpu = torch.cuda.is_available()
+    # on CPUs eager mode: torch.compile's warm-up takes about a minute there and buys little for this model
     kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
-                  dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.8 if gpu else 0.3)
+                  dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.8 if gpu else 0.3,
+                  enforce_eager=not gpu)
     if spec["max_num_batched_tokens"]:
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec["flexprefill"] is not None:

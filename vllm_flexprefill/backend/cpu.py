@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, logger, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -48,6 +48,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         cache_dtype = self.dtype if self.kv_cache_dtype == "auto" else getattr(torch, self.kv_cache_dtype)
         self.page_layout = learn_page_layout(self.isa, cache_dtype, self.block_size, self.head_dim)
         logger.info_once("FlexPrefill active (CPU): %s", self.flex_config)
+        self.router = make_router(self.flex_config, vllm_config, layer_names, device)
         if self.page_layout is None:
             logger.info_once("FlexPrefill (CPU): the %s KV cache layout of %s cannot be read back; chunk "
                              "continuations and prefix-cache hits run dense", self.isa, cache_dtype)
@@ -59,7 +60,8 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         readable = self.page_layout is not None
         plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor if readable else None,
-                          self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable)
+                          self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable,
+                          router=self.router)
         if plan is None:
             return md
         build = super().build
@@ -80,7 +82,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "plan", None)
-        if plan is None or self.unsupported:
+        if plan is None or self.unsupported or not plan.runs_sparse(getattr(layer, "layer_name", "")):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         for t0, t1, md in attn_metadata.runs:
@@ -93,7 +95,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
                 k, v = read_tokens(kv_cache, group.kv_pages, positions)
             else:  # fresh prompts only: their keys and values are this step's inputs
                 k, v = key[rows], value[rows]
-            out = sparse_prefill(query[rows], k, v, group, plan.config, self.scale,
+            out = sparse_prefill(query[rows], k, v, group, plan, self.scale,
                                  layer_name=getattr(layer, "layer_name", ""))
             output.view(output.shape[0], self.num_heads, -1)[rows] = out
         return output

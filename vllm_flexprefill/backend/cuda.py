@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, logger, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, logger, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -50,11 +50,13 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         reasons = {getattr(layer.impl, "unsupported", "a non-FlexPrefill impl") for layer in layers.values()} - {None}
         self.flex_enabled = not reasons
+        self.router = None
         if reasons:
             logger.info_once("FlexPrefill: a KV-cache group with %s runs FlashAttention only",
                              ", ".join(sorted(reasons)))
         else:
             logger.info_once("FlexPrefill active: %s", self.flex_config)
+            self.router = make_router(self.flex_config, vllm_config, layer_names, device)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -68,7 +70,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         if self.flex_enabled and cm.max_query_len > 1:
             seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
             plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.block_size,
-                              self.flex_config, decode_threshold=1)
+                              self.flex_config, decode_threshold=1, router=self.router)
         if plan is None:
             return super().build(common_prefix_len, cm, fast_build)
         # ahead-of-time scheduling writes one persistent buffer; several builds in a step
@@ -90,14 +92,15 @@ class FlexPrefillImpl(FlashAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if not isinstance(attn_metadata, FlexPrefillMetadata):
+        name = getattr(layer, "layer_name", "")
+        if not isinstance(attn_metadata, FlexPrefillMetadata) or not attn_metadata.plan.runs_sparse(name):
+            # (the FlexPrefill metadata holds FlashAttention's for the whole batch)
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        name = getattr(layer, "layer_name", "")
         plan = attn_metadata.plan
         for group in plan.groups:
             # [Tk, H, D]: every key position of the group's requests, gathered from their pages
@@ -105,10 +108,10 @@ class FlexPrefillImpl(FlashAttentionImpl):
             v = value_cache[group.kv_pages, group.kv_offsets]
             rows = group.q_rows
             if isinstance(rows, slice):
-                sparse_prefill(query[rows], k, v, group, plan.config, self.scale, out=output[rows],
+                sparse_prefill(query[rows], k, v, group, plan, self.scale, out=output[rows],
                                layer_name=name)
             else:
-                out = sparse_prefill(query.index_select(0, rows), k, v, group, plan.config, self.scale,
+                out = sparse_prefill(query.index_select(0, rows), k, v, group, plan, self.scale,
                                      layer_name=name)
                 output.index_copy_(0, rows, out)
         return output

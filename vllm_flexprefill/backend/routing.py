@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from vllm_flexprefill import stats
+from vllm_flexprefill.backend.cost_routing import DensityMemory, Router
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
@@ -46,20 +47,34 @@ class SparsePlan:
 
     dense_runs: request ranges [r0, r1) that run the dense delegate.
     config: the settings the plan was made with, which the layers run it with.
+    sparse_layers: rows (in ``memory``) of the layers that run the groups sparse; the
+        others run the whole batch dense. None: every layer runs them sparse.
+    memory: where the layers record the density they measure (None: nowhere).
     """
 
     requests: tuple[int, ...]
     groups: tuple[SparseGroup, ...]
     dense_runs: tuple[tuple[int, int], ...]
     config: FlexPrefillConfig
+    sparse_layers: frozenset[int] | None = None
+    memory: DensityMemory | None = None
+
+    def runs_sparse(self, layer_name: str) -> bool:
+        """Whether this layer runs the plan's groups sparse (else the whole batch runs dense)."""
+        if self.sparse_layers is None:
+            return True
+        return self.memory.rows.get(layer_name, -1) in self.sparse_layers
 
 
 def choose_sparse(q_lens: list[int], seq_lens: list[int], cfg: FlexPrefillConfig, decode_threshold: int,
-                  fresh_only: bool) -> list[bool]:
-    """Per request: True when it is a prefill long enough for FlexPrefill to pay off."""
+                  fresh_only: bool, router: Router | None = None) -> list[bool]:
+    """Per request: True when it is a prefill that may run FlexPrefill: by the fixed
+    thresholds where the config sets them, else where the router's cost model says it may pay."""
+    min_keys = cfg.min_sparse_tokens or 0
+    min_new = cfg.min_sparse_query_tokens or 0
     return [
-        ql > decode_threshold and sl >= cfg.min_sparse_tokens and ql >= min(cfg.min_sparse_query_tokens, sl)
-        and (not fresh_only or ql == sl)
+        ql > decode_threshold and sl >= min_keys and ql >= min(min_new, sl) and (not fresh_only or ql == sl)
+        and (router is None or router.candidate(ql, sl))
         for ql, sl in zip(q_lens, seq_lens)
     ]
 
@@ -86,6 +101,7 @@ def plan_batch(
     decode_threshold: int,
     fresh_only: bool = False,
     max_gather_tokens: int | None = None,
+    router: Router | None = None,
 ) -> SparsePlan | None:
     """Plans a batch; None when no request runs FlexPrefill (the dense delegate takes all).
 
@@ -95,11 +111,19 @@ def plan_batch(
         block_table: [num_reqs, max_pages] page ids, or None (fresh prompts only).
         page_size: tokens per KV-cache page (the kernel block size of the block table).
         max_gather_tokens: key positions per group (default MAX_GATHER_TOKENS).
+        router: the cost model and measured densities that decide which requests and
+            layers run sparse; None: the config's fixed thresholds, every layer sparse.
     """
     starts = query_start_loc_cpu.tolist()
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     seq_lens = seq_lens_cpu.tolist()[:len(q_lens)]
-    sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only)
+    sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only, router)
+    layers = None
+    if router is not None and any(sparse):
+        layers = router.sparse_layers([q for q, s in zip(q_lens, sparse) if s],
+                                      [k for k, s in zip(seq_lens, sparse) if s])
+        if not layers:
+            sparse = [False] * len(sparse)
     if stats.path() is not None:
         stats.append({"kind": "step", "requests": [
             {"new": q, "all": k, "route": "sparse" if s else "dense"}
@@ -117,7 +141,7 @@ def plan_batch(
         gathered += seq_lens[i]
     groups.append(current)
     built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
-    return SparsePlan(requests, built, dense_runs(sparse), cfg)
+    return SparsePlan(requests, built, dense_runs(sparse), cfg, layers, router.memory if router else None)
 
 
 def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_lens: list[int],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from vllm.logger import init_logger
 
 from vllm_flexprefill.attention import SUPPORTED_HEAD_DIMS
 from vllm_flexprefill.backend import compat
+from vllm_flexprefill.backend.cost_routing import PRIOR_DENSITY, DensityMemory, Router
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.costs import CostModel, rates_for
 
 KEY = "flexprefill"
 # compat.py's logger with vLLM's *_once methods: info_once drops repeats in this process
@@ -43,3 +46,34 @@ def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:
     if getattr(impl, "kv_sharing_target_layer_name", None) is not None:
         return "a KV cache shared with another layer"
     return None
+
+
+def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Router | None:
+    """The cost-model router of one KV-cache group (None where the config fixes thresholds).
+
+    Says once at start-up from which prompt length sparse attention may pay on this device,
+    or that it never will below max_model_len, and what to change.
+    """
+    if not cfg.cost_routing:
+        logger.info_once("FlexPrefill routing: fixed thresholds (min_sparse_tokens=%s, min_sparse_query_tokens=%s)",
+                         cfg.min_sparse_tokens, cfg.min_sparse_query_tokens)
+        return None
+    model = vllm_config.model_config
+    heads, head_dim = model.get_num_attention_heads(vllm_config.parallel_config), model.get_head_size()
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cost = CostModel(rates_for(name, head_dim), heads, head_dim, cfg.sparse_block_size)
+    router = Router(cfg, cost, DensityMemory(list(layer_names), device))
+    first = next((n for n in (2 ** (i / 4) for i in range(40, 81)) if router.candidate(int(n), int(n))
+                  and cost.pays([int(n)], [int(n)], PRIOR_DENSITY)), None)
+    where = name or "CPU"
+    if first is None or first > model.max_model_len:
+        logger.warning_once(
+            "FlexPrefill will run no sparse prefill: on %s its cost model predicts dense attention faster for every "
+            "prompt up to max_model_len=%d%s. Set additional_config {\"flexprefill\": {\"min_sparse_tokens\": N}} to "
+            "run sparse from N tokens anyway.", where, model.max_model_len,
+            " (its PyTorch path is slower than vLLM's CPU kernel)" if name is None else "")
+    else:
+        logger.info_once("FlexPrefill routing: cost model for %s; sparse attention may pay from about %d tokens, "
+                         "per layer where it measured a low density", where, int(first))
+    return router

@@ -8,19 +8,25 @@ import torch
 
 from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
-from vllm_flexprefill.backend.routing import SparseGroup
+from vllm_flexprefill.backend.cost_routing import length_bucket
+from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
 from vllm_flexprefill.backend.settings import logger
-from vllm_flexprefill.config import FlexPrefillConfig
 
 
-def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, cfg: FlexPrefillConfig,
+def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, plan: SparsePlan,
                    scale: float, out: torch.Tensor | None = None, layer_name: str = "") -> torch.Tensor:
     """FlexPrefill over one group's packed requests.
 
     q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions.
     Returns out [Tq, HQ, D] (written in place when given).
     """
+    cfg = plan.config
     selection = select_blocks(q, k, group.layout, cfg, scale)
+    if plan.memory is not None:
+        # the measured density, for the router's next decisions (device ops, no synchronisation)
+        causal = group.layout.causal_blocks() * q.shape[1]
+        plan.memory.record(layer_name, length_bucket(max(group.layout.k_lens)),
+                           selection.block_cnt.sum(dtype=torch.float32) / causal)
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
         density = selection.density(group.layout)

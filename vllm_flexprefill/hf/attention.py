@@ -8,8 +8,8 @@ transformers 5 routes every modern decoder's attention through one registry
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_prefill")
     # or: model.set_attn_implementation("flex_prefill"); or: attention.patch_model(model, {"gamma": 0.9})
 
-Prefills (query length equal to key length, no padding mask, at least ``min_sparse_tokens``
-keys) run FlexPrefill; everything else (decode steps with a KV cache, short prompts,
+Prefills (query length equal to key length, no padding mask, long enough:
+``FlexPrefillConfig.long_enough``) run FlexPrefill; everything else (decode steps with a KV cache, short prompts,
 padded batches) runs SDPA. The log says once which path a call took and why.
 
 Settings: ``FlexPrefillConfig`` fields (or the reference code's keys: ``block_size``,
@@ -65,8 +65,8 @@ def dense_reason(query: torch.Tensor, key: torch.Tensor, attention_mask, dropout
         return "non-causal attention runs SDPA"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {query.shape[-1]} (FlexPrefill supports {SUPPORTED_HEAD_DIMS}) runs SDPA"
-    if k_len < max(cfg.min_sparse_tokens, 1):
-        return f"prompts shorter than min_sparse_tokens ({cfg.min_sparse_tokens}) run SDPA"
+    if not cfg.long_enough(k_len):
+        return "prompts too short for sparse attention to pay (FlexPrefillConfig.min_sparse_tokens) run SDPA"
     return None
 
 
@@ -93,8 +93,7 @@ def flex_prefill_forward(
         say_once(f"FlexPrefill (transformers): {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    say_once(f"FlexPrefill (transformers): prefills of at least {max(cfg.min_sparse_tokens, 1)} tokens run "
-             f"FlexPrefill ({cfg})")
+    say_once(f"FlexPrefill (transformers): long prefills run FlexPrefill ({cfg})")
     out = flex_prefill_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), config=cfg,
                                  softmax_scale=scaling)
     return out, None

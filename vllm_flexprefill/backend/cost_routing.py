@@ -1,0 +1,130 @@
+"""Where sparse attention pays, decided per step and per layer, without host synchronisation.
+
+The builder asks a ``Router`` each step. A request is a candidate when, at the lowest
+density its budget floor allows, the cost model (``costs.py``) predicts sparse faster
+than dense. Each layer then runs sparse for the candidates when the density that layer
+measured recently (at a similar length) is below the break-even density; diffuse layers
+run dense. Densities come from the layers themselves: each FlexPrefill layer call writes
+its measured density into a device buffer (``DensityMemory.record``, no synchronisation);
+the next step's builder copies that buffer to the host asynchronously and folds in the
+copy of the step before, once its event says it has landed. A layer routed dense drifts
+back towards the prior, so it is measured again now and then.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.costs import CostModel
+
+# density of a layer never measured: sparse is tried first, then kept where it paid
+PRIOR_DENSITY = 0.5
+# key-length buckets: < 8k, 8-16k, ..., >= 512k
+NUM_BUCKETS = 8
+# weight of a new measurement, and the drift towards the prior per step a layer runs dense
+NEW_WEIGHT = 0.5
+DRIFT = 0.02
+
+
+def length_bucket(k_len: int) -> int:
+    return min(NUM_BUCKETS - 1, max(0, int(math.log2(max(k_len, 1))) - 12))
+
+
+class DensityMemory:
+    """Measured density per (layer, key-length bucket), learnt across steps.
+
+    Args:
+        layer_names: the attention layers of one KV-cache group, in model order.
+        device: where the layers run.
+    """
+
+    def __init__(self, layer_names: list[str], device: torch.device | str):
+        self.rows = {name: i for i, name in enumerate(layer_names)}
+        shape = (len(layer_names), NUM_BUCKETS)
+        self.device = torch.device(device)
+        # written by the layers: [sum of densities, number of calls] per (layer, bucket)
+        self.measured = torch.zeros(2, *shape, device=self.device)
+        self.estimate = torch.full(shape, PRIOR_DENSITY)
+        self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def record(self, layer_name: str, bucket: int, density: torch.Tensor) -> None:
+        """Adds one layer call's measured density (a 0-dim device tensor); device ops only."""
+        row = self.rows.get(layer_name)
+        if row is not None:
+            self.measured[0, row, bucket] += density
+            self.measured[1, row, bucket] += 1
+
+    def refresh(self) -> None:
+        """Folds in the measurements that reached the host; starts copying the newest ones."""
+        if self.device.type != "cuda":
+            self._fold(self.measured.clone())
+            self.measured.zero_()
+            return
+        if self._copy is not None:
+            host, event = self._copy
+            if not event.query():
+                return  # the previous copy is still in flight; fold it next step
+            self._fold(host)
+        host = torch.empty(self.measured.shape, pin_memory=True)
+        host.copy_(self.measured, non_blocking=True)
+        self.measured.zero_()
+        event = torch.cuda.Event()
+        event.record()
+        self._copy = (host, event)
+
+    def _fold(self, measured: torch.Tensor) -> None:
+        total, calls = measured
+        seen = calls > 0
+        mean = total / calls.clamp_min(1)
+        self.estimate = torch.where(seen, (1 - NEW_WEIGHT) * self.estimate + NEW_WEIGHT * mean, self.estimate)
+
+    def density(self, layer: int, bucket: int) -> float:
+        return float(self.estimate[layer, bucket])
+
+    def drift(self, layer: int, bucket: int) -> None:
+        """One step of a layer running dense: its estimate moves towards the prior."""
+        e = self.estimate[layer, bucket]
+        self.estimate[layer, bucket] = e + DRIFT * (PRIOR_DENSITY - e)
+
+
+class Router:
+    """Per-step decisions: which requests are candidates, which layers run them sparse.
+
+    Args:
+        config: the settings; fixed thresholds (``min_sparse_tokens`` ...) bypass the model.
+        cost: the cost model of this model's attention layers on this device.
+        memory: the densities the layers measure.
+    """
+
+    def __init__(self, config: FlexPrefillConfig, cost: CostModel, memory: DensityMemory):
+        self.config, self.cost, self.memory = config, cost, memory
+
+    def floor_density(self, q_len: int, k_len: int) -> float:
+        """The least density the budget floor allows: min_blocks verticals and offsets per
+        tile, the probe's tiles dense."""
+        bs = self.config.sparse_block_size
+        nb = -(-k_len // bs)
+        rows = range((k_len - q_len) // bs, nb)
+        causal = sum(r + 1 for r in rows)
+        per_row = min(2 * self.config.min_blocks, nb)
+        dense_rows = 2 * nb
+        return min(1.0, (len(rows) * per_row + dense_rows) / causal)
+
+    def candidate(self, q_len: int, k_len: int) -> bool:
+        return self.cost.pays([q_len], [k_len], self.floor_density(q_len, k_len))
+
+    def sparse_layers(self, q_lens: list[int], k_lens: list[int]) -> frozenset[int]:
+        """The layers where the candidates' predicted density is below break-even."""
+        self.memory.refresh()
+        bucket = length_bucket(max(k_lens))
+        even = self.cost.break_even(q_lens, k_lens)
+        layers = set()
+        for layer in range(len(self.memory.rows)):
+            if self.memory.density(layer, bucket) <= even:
+                layers.add(layer)
+            else:
+                self.memory.drift(layer, bucket)
+        return frozenset(layers)

@@ -1,0 +1,98 @@
+"""When sparse attention pays: a small cost model of one attention layer call, kept as data.
+
+For a request with ``q`` new tokens against ``k`` keys (its context plus themselves), HQ
+query heads and head_dim D, causal attention does ``F = 4 * HQ * D * q * (k - (q - 1) / 2)``
+floating-point operations. The model predicts, in milliseconds:
+
+    dense  = F / dense_rate + dense_fixed
+    sparse = estimate_fixed + estimate_per_block * HQ * ceil(k / BS) + density * F / sparse_rate
+
+``density`` is the share of causal key blocks FlexPrefill computes (measured per layer by
+the backend, ``backend/routing.py``). Sparse runs where it is predicted faster than dense
+by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/calibrate.py``
+measures them, and ``CALIBRATED`` below holds what it printed. An unknown device gets
+``CONSERVATIVE``: sparse only where it wins with room to spare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Measured costs of one layer call on one GPU kind and head_dim.
+
+    dense_rate, sparse_rate: TFLOP/s (1e9 FLOP per ms) of dense attention (FlashAttention)
+        and of the block-sparse kernel on the blocks it computes.
+    dense_fixed, estimate_fixed: ms per call whatever the size.
+    estimate_per_block: ms per (query head, key block) of the estimation.
+    """
+
+    dense_rate: float
+    sparse_rate: float
+    dense_fixed: float
+    estimate_fixed: float
+    estimate_per_block: float
+
+
+# the block-sparse kernel reaches 0.6-0.7x FlashAttention-3's rate (docs/benchmarks.md); elsewhere
+# assume less, and an estimation of 2 ms, so that sparse runs only where it clearly wins
+CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, estimate_fixed=2.0,
+                     estimate_per_block=2e-5)
+
+# device name prefix -> head_dim -> Rates, from benchmarks/calibrate.py (docs/benchmarks.md)
+CALIBRATED: dict[str, dict[int, Rates]] = {}
+
+# on the CPU the PyTorch path is much slower than vLLM's CPU kernel: it never pays by default
+CPU = Rates(dense_rate=0.2, sparse_rate=0.01, dense_fixed=0.0, estimate_fixed=50.0, estimate_per_block=1e-3)
+
+
+def rates_for(device_name: str | None, head_dim: int) -> Rates:
+    """The calibrated rates of a device (by name prefix, e.g. "NVIDIA H100"), or conservative ones."""
+    if device_name is None:
+        return CPU
+    for prefix, by_dim in CALIBRATED.items():
+        if device_name.startswith(prefix):
+            if head_dim in by_dim:
+                return by_dim[head_dim]
+            return by_dim[min(by_dim, key=lambda d: abs(d - head_dim))]
+    return CONSERVATIVE
+
+
+def causal_flops(q_len: int, k_len: int, num_heads: int, head_dim: int) -> float:
+    """FLOPs of causal attention of the last q_len of k_len positions (QK^T and PV)."""
+    return 4.0 * num_heads * head_dim * q_len * (k_len - (q_len - 1) / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Predicted dense and sparse times of one layer call for a set of requests."""
+
+    rates: Rates
+    num_heads: int
+    head_dim: int
+    block_size: int
+    margin: float = 0.95
+    """Sparse must be predicted at most this share of dense: room for the model's error."""
+
+    def dense_ms(self, q_lens, k_lens) -> float:
+        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
+        return flops / (self.rates.dense_rate * 1e9) + self.rates.dense_fixed
+
+    def sparse_ms(self, q_lens, k_lens, density: float) -> float:
+        r = self.rates
+        blocks = sum(-(-k // self.block_size) for k in k_lens) * self.num_heads
+        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
+        return r.estimate_fixed * len(q_lens) + r.estimate_per_block * blocks + density * flops / (r.sparse_rate * 1e9)
+
+    def pays(self, q_lens, k_lens, density: float) -> bool:
+        """True when sparse attention at ``density`` is predicted faster than dense (with the margin)."""
+        return self.sparse_ms(q_lens, k_lens, density) <= self.margin * self.dense_ms(q_lens, k_lens)
+
+    def break_even(self, q_lens, k_lens) -> float:
+        """The density below which sparse pays for these requests (may be <= 0: never)."""
+        r = self.rates
+        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
+        fixed = self.sparse_ms(q_lens, k_lens, 0.0)
+        return (self.margin * self.dense_ms(q_lens, k_lens) - fixed) * r.sparse_rate * 1e9 / flops
