@@ -12,6 +12,7 @@ CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch twins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -89,16 +91,32 @@ def lengths(cu_seqlens: torch.Tensor, name: str, total: int) -> list[int]:
     return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
+@functools.cache
+def triton_ops() -> EstimationOps:
+    """The estimation's Triton kernels (the GPU path)."""
+    from vllm_flexprefill.kernels.block_lists import coverage_threshold, pooled_map, write_block_lists
+    from vllm_flexprefill.kernels.head_select import select_heads
+    from vllm_flexprefill.kernels.probe import probe_stats
+
+    return EstimationOps(probe_stats, select_heads, pooled_map, coverage_threshold, write_block_lists)
+
+
+@functools.cache
+def torch_ops() -> EstimationOps:
+    """The kernels' plain-PyTorch twins, composed the same way (tests hold the two together)."""
+    from vllm_flexprefill.kernels import naive
+
+    return EstimationOps(naive.naive_probe_stats, naive.naive_select_heads, naive.naive_pooled_map,
+                         naive.naive_coverage_threshold, naive.naive_write_block_lists)
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
                   scale: float) -> BlockSelection:
-    """Chooses the key blocks of every (query head, query tile); see patterns/."""
+    """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
+    estimation's Triton kernels (a few launches per sequence), elsewhere with the readable
+    per-head specification (``patterns/naive.py``)."""
     if q.is_cuda:
-        from vllm_flexprefill.kernels.probe import probe_stats
-        from vllm_flexprefill.patterns.estimate import select_blocks as batched
-
-        # the fused per-head selection (kernels/head_select.py): one launch, one compilation for
-        # every length; 2x faster than the PyTorch twin at 32k (docs/benchmarks.md)
-        return batched(q, k, layout, cfg, scale, probe_stats, fused=True)
+        return estimate_blocks(q, k, layout, cfg, scale, triton_ops())
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 
     return naive_select_blocks(q, k, layout, cfg, scale)

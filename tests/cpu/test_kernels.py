@@ -7,7 +7,7 @@ from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.testing import ATOL, dense_reference, random_block_lists
+from vllm_flexprefill.testing import ATOL, dense_reference, planted_inputs, random_block_lists
 
 CASES = [
     # q_lens, k_lens, block_size, HQ, H, D, density
@@ -58,25 +58,63 @@ def test_block_sparse_attention_lse_is_row_logsumexp():
     torch.testing.assert_close(lse, torch.cat(expect, 1), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("n_probe,k_len,bs,hq,h", [(16, 16, 16, 2, 2), (20, 200, 32, 4, 2), (64, 131, 64, 2, 1)])
-def test_probe_stats_matches_naive(n_probe, k_len, bs, hq, h):
+@pytest.mark.parametrize("q_len,k_len,bs,hq,h", [(16, 16, 16, 2, 2), (20, 200, 32, 4, 2), (131, 131, 64, 2, 1),
+                                                  (300, 1000, 64, 4, 2)])
+def test_probe_stats_and_means_match_naive(q_len, k_len, bs, hq, h):
     torch.manual_seed(k_len)
-    q = torch.randn(n_probe, hq, 64, dtype=torch.bfloat16)
+    q = torch.randn(q_len, hq, 64, dtype=torch.bfloat16)
     k = torch.randn(k_len, h, 64, dtype=torch.bfloat16)
-    m, l = probe_stats(q, k, bs, 0.125)
-    m_ref, l_ref = naive_probe_stats(q, k, bs, 0.125)
+    got = probe_stats(q, k, bs, 0.125, query_means=True)
+    want = naive_probe_stats(q, k, bs, 0.125, query_means=True)
+    m, l, m_ref, l_ref = got[0], got[1], want[0], want[1]
     assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(l, l_ref, atol=1e-4, rtol=1e-4)
+    for name, a, b in zip(("k_bar", "q_probe_bar", "q_bar"), got[2:], want[2:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert probe_stats(q, k, bs, 0.125)[4] is None
+
+
+@pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [
+    (32, 700, 0.1, (2, 9, 2), 1024), (5, 300, 0.9, (1, 4, 1), 1024), (32, 1000, 0.0, (3, 32, 3), 1024),
+    (32, 1000, 0.1, (2, 32, 2), 8),  # bisection over several chunks (more blocks than one sort holds)
+    (17, 2000, 0.9, (40, 40, 40), 32),  # budget beyond the block count
+])
+def test_head_select_matches_naive(n_probe, k_len, tau, budgets, chunk):
+    from vllm_flexprefill.kernels.head_select import select_heads
+    from vllm_flexprefill.kernels.naive import naive_select_heads
+
+    bs = 32
+    q, k, _ = planted_inputs([k_len], [k_len], 4, 2, 64, dtype=torch.bfloat16, seed=k_len)
+    m, l, k_bar, q_probe_bar, _ = naive_probe_stats(q[-n_probe:], k, bs, 0.125)
+    min_b, max_b, qa_b = budgets
+    args = (m, l, k_bar, q_probe_bar, n_probe, k_len, 0.125, 0.9, tau, min_b, max_b, qa_b)
+    got = select_heads(*args, chunk=chunk)
+    want = naive_select_heads(*args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("first_row,rows,nb", [(0, 5, 5), (3, 4, 7), (0, 3, 130)])
+def test_pooled_map_matches_naive_on_query_aware_heads(first_row, rows, nb):
+    from vllm_flexprefill.kernels.block_lists import pooled_map
+    from vllm_flexprefill.kernels.naive import naive_pooled_map
+
+    torch.manual_seed(nb)
+    q_bar, k_bar = torch.randn(rows, 4, 64), torch.randn(nb, 2, 64)
+    qa = torch.tensor([True, False, True, True])
+    got = pooled_map(q_bar, k_bar, qa, first_row, 0.125)
+    want = naive_pooled_map(q_bar, k_bar, qa, first_row, 0.125)
+    torch.testing.assert_close(got[qa], want[qa], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(want.view(4, rows, nb).sum(-1), torch.ones(4, rows))
 
 
 @pytest.mark.parametrize("first_row,num_rows,nb,pooled,dense_from", [
     (0, 7, 7, True, 5), (3, 4, 7, True, None), (2, 9, 11, False, 9)])
-def test_block_lists_match_naive_mask(first_row, num_rows, nb, pooled, dense_from):
+def test_block_lists_match_naive(first_row, num_rows, nb, pooled, dense_from):
     from vllm_flexprefill.kernels.block_lists import write_block_lists
-    from vllm_flexprefill.kernels.naive import naive_block_mask
-    from vllm_flexprefill.patterns.layout import mask_to_lists
+    from vllm_flexprefill.kernels.naive import naive_write_block_lists
 
     torch.manual_seed(nb)
     hq, first_tile, tiles = 4, 2, num_rows + 3
@@ -88,12 +126,11 @@ def test_block_lists_match_naive_mask(first_row, num_rows, nb, pooled, dense_fro
         kw = {} if dense else args
         idx = torch.full((hq, tiles, nb + 2), -1, dtype=torch.int32)
         cnt = torch.full((hq, tiles), 77, dtype=torch.int32)
+        ref_idx, ref_cnt = idx.clone(), cnt.clone()
         write_block_lists(idx, cnt, first_tile, first_row, num_rows, nb, **kw)
-        ref_idx, ref_cnt = mask_to_lists(naive_block_mask(first_row, num_rows, nb, **kw).expand(hq, -1, -1))
-        rows = slice(first_tile, first_tile + num_rows)
-        assert torch.equal(cnt[:, rows], ref_cnt)
-        assert torch.equal(idx[:, rows, :nb], ref_idx)
-        assert (idx[:, rows, nb:] == -1).all() and (cnt[:, :first_tile] == 77).all(), "other tiles untouched"
+        naive_write_block_lists(ref_idx, ref_cnt, first_tile, first_row, num_rows, nb, **kw)
+        assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+        assert (idx[:, first_tile:, nb:] == -1).all() and (cnt[:, :first_tile] == 77).all(), "other tiles untouched"
 
 
 def test_coverage_threshold_matches_sorted_prefix():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.naive import naive_probe_stats
-from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.estimate import probe_masses, select_blocks
+from vllm_flexprefill.patterns.estimate import estimate_blocks, probe_masses
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_lines, naive_select_blocks
 from vllm_flexprefill.testing import planted_inputs
@@ -72,7 +72,7 @@ def test_probe_masses_match_dense_probe(n_probe, k_len):
     torch.manual_seed(k_len)
     q = torch.randn(n_probe, 2, 64)
     k = torch.randn(k_len, 1, 64)
-    m, l = naive_probe_stats(q, k, BS, 0.125)
+    m, l, *_ = naive_probe_stats(q, k, BS, 0.125)
     vertical, slash = probe_masses(m, l, n_probe, k_len, BS)
     for h in range(2):
         v_ref, s_ref = probe_distribution_from_scores(q[:, h], k[:, 0], 0.125)
@@ -145,12 +145,11 @@ def test_vertical_slash_coverage_reaches_gamma():
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("probe,fused", [(naive_probe_stats, False), (probe_stats, False), (probe_stats, True)],
-                         ids=["torch-probe", "triton-probe", "triton-probe-fused-select"])
-def test_batched_estimator_matches_spec(cfg, probe, fused):
+@pytest.mark.parametrize("ops", [torch_ops, triton_ops], ids=["torch-twins", "triton-kernels"])
+def test_batched_estimator_matches_spec(cfg, ops):
     q, k, layout = batch()
     spec = naive_select_blocks(q, k, layout, cfg, 0.125)
-    got = select_blocks(q, k, layout, cfg, 0.125, probe, fused)
+    got = estimate_blocks(q, k, layout, cfg, 0.125, ops())
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
@@ -160,29 +159,8 @@ def test_dense_sequences_keep_every_causal_block():
     q, k, _ = batch()
     layout = BatchLayout.build([700, 300, 90], [700, 900, 90], BS, "cpu", sparse=[False, True, False])
     cfg = FlexPrefillConfig(gamma=0.5, tau=0.0, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
-    sel = select_blocks(q, k, layout, cfg, 0.125, naive_probe_stats)
+    sel = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
     density = sel.density(layout)
     assert (density[0] == 1).all() and (density[2] == 1).all()
     assert (density[1] < 1).all()
     assert not sel.query_aware[0].any()
-
-
-@pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [
-    (32, 700, 0.1, (2, 9, 2), 1024), (5, 300, 0.9, (1, 4, 1), 1024), (32, 1000, 0.0, (3, 32, 3), 1024),
-    (32, 1000, 0.1, (2, 32, 2), 8),  # loops over several chunks
-    (17, 2000, 0.9, (40, 40, 40), 32),  # budget beyond the block count
-])
-def test_fused_head_select_matches_torch_twin(n_probe, k_len, tau, budgets, chunk):
-    from vllm_flexprefill.kernels.head_select import select_heads
-    from vllm_flexprefill.patterns.estimate import block_means, select_heads_torch
-
-    q, k, _ = planted_inputs([k_len], [k_len], 4, 2, 64, dtype=torch.bfloat16, seed=k_len)
-    m, l = naive_probe_stats(q[-n_probe:], k, BS, 0.125)
-    k_means, q_mean = block_means(k, BS), q[-n_probe:].mean(0, dtype=torch.float32)
-    min_b, max_b, qa_b = budgets
-    cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=min_b * BS, max_budget=max_b * BS, sparse_block_size=BS)
-    got = select_heads(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b,
-                       chunk=chunk)
-    want = select_heads_torch(m, l, k_means, q_mean, n_probe, k_len, 0.125, cfg.gamma, cfg.tau, min_b, max_b, qa_b)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)

@@ -6,8 +6,9 @@ block map ``P[r, c]`` reaches the head's threshold. Dense sequences, and the til
 row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
 One program per (tile, head) compacts the chosen ids with a prefix sum.
 
-Also here: the per-head threshold of the query-aware selection, found by bisection so
-that no sort over the whole block map is needed.
+Also here, for the query-aware heads: their pooled block map (the softmax of mean query
+tile . key block mean over each tile's causal blocks) and the per-head threshold of its
+coverage, found by bisection so that no sort over the whole block map is needed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,61 @@ def write_block_lists(
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         DENSE=dense, HAS_POOLED=has_pooled, BC=128, num_warps=4,
     )
+
+
+@triton.jit
+def pooled_map_kernel(
+    q_bar, k_bar, query_aware, pooled, first_row, nb, scale, stride_ph,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    hq = tl.num_programs(1)
+    if tl.load(query_aware + i_h) == 0:
+        return
+    row = first_row + i_r
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_q = tl.load(q_bar + (i_r * hq + i_h) * D + o_d, mask=m_d, other=0.0)
+    p_k = k_bar + (i_h // GROUP) * D + o_d[None, :]
+    # pass 1: the row's maximum and sum of exponentials over its causal blocks
+    run_m = float("-inf")
+    run_s = 0.0
+    for c0 in range(0, nb, BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c <= row
+        b_k = tl.load(p_k + o_c[:, None] * ((hq // GROUP) * D), mask=m_c[:, None] & m_d[None, :], other=0.0)
+        x = tl.where(m_c, scale * tl.sum(b_k * b_q[None, :], axis=1), float("-inf"))
+        new_m = tl.maximum(run_m, tl.max(x, axis=0))
+        run_s = run_s * tl.exp(run_m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        run_m = new_m
+    # pass 2: the probabilities, 0 above the diagonal
+    for c0 in range(0, nb, BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c <= row
+        b_k = tl.load(p_k + o_c[:, None] * ((hq // GROUP) * D), mask=m_c[:, None] & m_d[None, :], other=0.0)
+        x = scale * tl.sum(b_k * b_q[None, :], axis=1)
+        p = tl.where(m_c, tl.exp(x - run_m) / run_s, 0.0)
+        tl.store(pooled + i_h * stride_ph + i_r * nb + o_c, p, mask=o_c < nb)
+
+
+def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, first_row: int,
+               scale: float) -> torch.Tensor:
+    """Triton twin of ``kernels.naive.naive_pooled_map`` (rows of heads that are not
+    query-aware are left unwritten).
+
+    Args:
+        q_bar: [R, HQ, D] float32 mean query per query tile; k_bar: [NB, H, D] float32;
+        query_aware: [HQ] bool.
+    Returns:
+        [HQ, R * NB] float32.
+    """
+    r, hq, d = q_bar.shape
+    nb, h_kv = k_bar.shape[0], k_bar.shape[1]
+    out = torch.empty(hq, r * nb, dtype=torch.float32, device=q_bar.device)
+    pooled_map_kernel[(r, hq)](q_bar, k_bar, query_aware, out, first_row, nb, scale, out.stride(0),
+                               GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
+    return out
 
 
 @triton.jit

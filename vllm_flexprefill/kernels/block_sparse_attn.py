@@ -3,7 +3,8 @@
 One program per (query tile, query head). A tile is up to BS queries of one sequence
 (see ``patterns/layout.py`` for the grid); it walks its sorted key-block list in
 sub-tiles of BLOCK_N keys with an online softmax in float32. Only the diagonal block
-(key block == tile row) needs the causal mask. Tiles are launched longest-row first so
+(key block == tile row, always the list's last entry) needs the causal mask; it runs
+after the loop, so the loop body has no mask and no branch. Tiles are launched longest-row first so
 the heaviest programs start early.
 """
 
@@ -14,6 +15,38 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import attention_config, interpreted
+
+
+@triton.jit
+def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
+            stride_kt, stride_kh, stride_vt, stride_vh, i_kh, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """One sub-tile of BLOCK_N keys from position key0: the online-softmax update of the
+    running maximum b_m, sum b_l and accumulator b_acc of the tile's queries."""
+    o_key = key0 + tl.arange(0, BLOCK_N)
+    m_key = o_key < k_len
+    # [BLOCK_N, BD]
+    b_k = tl.load(k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
+                  mask=m_key[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
+                  mask=m_key[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+    # [BS, BLOCK_N] scores in log2 units
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    if CAUSAL:
+        b_s = tl.where(o_key[None, :] <= o_pos[:, None], b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_p = b_p.to(v.dtype.element_ty)
+    if UPCAST:
+        b_p = b_p.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
+    return b_m_new, b_l, b_acc
 
 
 @triton.jit
@@ -54,33 +87,19 @@ def block_sparse_attn_fwd_kernel(
     b_acc = tl.zeros([BS, BD], dtype=tl.float32)
     p_idx = block_idx + i_h * stride_ih + i_t * stride_it
     n_blocks = tl.load(block_cnt + i_h * stride_ch + i_t)
-    for i_b in range(n_blocks):
+    # the list is sorted and always ends with the diagonal block (key block == tile row):
+    # every block before it is wholly visible, so the loop needs no causal mask
+    for i_b in range(n_blocks - 1):
         i_c = tl.load(p_idx + i_b).to(tl.int64)
         for i_n in tl.static_range(BS // BLOCK_N):
-            o_key = i_c * BS + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_key = o_key < k_len
-            # [BLOCK_N, BD]
-            b_k = tl.load(k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
-                          mask=m_key[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
-                          mask=m_key[:, None] & m_d[None, :], other=0.0)
-            if UPCAST:
-                b_k = b_k.to(tl.float32)
-            # [BS, BLOCK_N] scores in log2 units
-            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-            if i_c == i_r:
-                b_s = tl.where(o_key[None, :] <= o_pos[:, None], b_s, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp2(b_s - b_m_safe[:, None])
-            b_alpha = tl.exp2(b_m - b_m_safe)
-            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-            b_p = b_p.to(v.dtype.element_ty)
-            if UPCAST:
-                b_p = b_p.to(tl.float32)
-                b_v = b_v.to(tl.float32)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
-            b_m = b_m_new
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
+                                      b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, BLOCK_N, False, UPCAST)
+    if n_blocks > 0:
+        for i_n in tl.static_range(BS // BLOCK_N):
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
+                                      b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, BLOCK_N, True, UPCAST)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
@@ -111,7 +130,8 @@ def block_sparse_attention(
     Args:
         q: [Tq, HQ, D]; k, v: [Tk, H, D] (strided, last dim contiguous), bf16 or fp16.
         cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32.
-        block_idx: [HQ, NQB, S] int32 sorted key-block ids; block_cnt: [HQ, NQB] int32.
+        block_idx: [HQ, NQB, S] int32 sorted key-block ids, each list ending with the tile's
+            diagonal block (its row); block_cnt: [HQ, NQB] int32, at least 1.
         out: optional [Tq, HQ, D] buffer written in place.
         lse: optional [HQ, Tq] float32 buffer that receives each row's log-sum-exp.
         config: launch settings (BLOCK_N, num_warps, num_stages); default from kernels/configs.py.

@@ -46,14 +46,51 @@ def _above(mass_ptr, nb, forced_idx, key, BV: tl.constexpr):
 
 
 @triton.jit
+def _cover_sorted(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV: tl.constexpr):
+    """``_cover`` for nb <= BV: the entries sit in registers, one sort finds the order.
+
+    An entry is kept while the mass ranked before it is below gamma of the total; the kept
+    entries are the ``count`` largest order keys.
+    """
+    o_c = tl.arange(0, BV)
+    m_c = o_c < nb
+    mass = tl.load(mass_ptr + o_c, mask=m_c, other=0.0)
+    key = tl.where(m_c, _order_key(mass, o_c, forced_idx), -1)
+    ranked = tl.sort(key, descending=True)
+    # the mass of each ranked entry (the forced entry's key holds +inf, not its mass)
+    bits = (ranked >> 32).to(tl.int32)
+    forced_mass = tl.sum(tl.where(o_c == forced_idx, mass, 0.0), axis=0)
+    ranked_mass = tl.where(ranked < 0, 0.0, tl.where(bits == 0x7F800000, forced_mass,
+                                                     bits.to(tl.float32, bitcast=True)))
+    before = tl.cumsum(ranked_mass, axis=0) - ranked_mass
+    total = tl.sum(mass, axis=0)
+    count = tl.sum(((before < gamma * total) & (ranked >= 0)).to(tl.int32), axis=0)
+    count = tl.minimum(tl.maximum(count, min_count), tl.minimum(max_count, nb))
+    # the count-th largest key
+    last = tl.max(tl.where(o_c == count - 1, ranked, -1), axis=0)
+    keep = (key >= last) & (count > 0) & m_c
+    tl.store(keep_ptr + o_c, keep.to(tl.int8), mask=m_c)
+
+
+@triton.jit
 def _cover(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV: tl.constexpr):
     """Marks the fewest entries (forced one first, then by descending mass) reaching gamma.
 
-    Sort-free, so one compilation serves every block count: an entry is kept while the mass
-    ranked before it is below gamma of the total; that mass only shrinks as the entry's
-    order key grows, so the kept entries are those with key >= the smallest key whose
-    preceding mass is below the goal, found by bisection over the keys.
+    Up to BV entries: one sort in registers (``_cover_sorted``). Beyond: sort-free, an
+    entry is kept while the mass ranked before it is below gamma of the total; that mass
+    only shrinks as the entry's order key grows, so the kept entries are those with key >=
+    the smallest key whose preceding mass is below the goal, found by bisection over the keys.
+    One compilation serves every block count either way.
     """
+    if nb <= BV:
+        _cover_sorted(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV)
+    else:
+        _cover_bisect(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV)
+
+
+@triton.jit
+def _cover_bisect(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_count, BV: tl.constexpr):
+    """``_cover`` for any nb, by bisection over the order keys (chunks of BV entries)."""
     total, _count = _above(mass_ptr, nb, forced_idx, -1, BV)
     goal = gamma * total
     lo = tl.zeros([], dtype=tl.int64)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
+from vllm_flexprefill.patterns.estimate import probe_masses
+from vllm_flexprefill.patterns.layout import BatchLayout, block_means, mask_to_lists
 
 
 def naive_block_sparse_attention(
@@ -51,20 +53,26 @@ def naive_block_sparse_attention(
 
 
 def naive_probe_stats(
-    q_probe: torch.Tensor, k: torch.Tensor, block_size: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(key block, probe row) softmax statistics of the probe queries of one sequence.
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Probe statistics and block means of one sequence (the probe: its last NP = min(BS, q_len) queries).
 
     Args:
-        q_probe: [NP, HQ, D] the last NP queries (positions k_len-NP .. k_len-1).
+        q: [q_len, HQ, D] the sequence's queries (the last q_len of the k_len positions).
         k: [k_len, H, D] all keys of the sequence.
+        query_means: also return the mean query of each of the chunk's query tiles.
     Returns:
         m, l: [HQ, NB, BS] float32. ``m[h, c, i]`` is the largest causal score of probe row
-        i in key block c (-inf if none), ``l[h, c, i]`` the sum of ``exp(score - m)``.
-        Rows i >= NP are padding (m = -inf, l = 0).
+            i in key block c (-inf if none), ``l[h, c, i]`` the sum of ``exp(score - m)``.
+            Rows i >= NP are padding (m = -inf, l = 0).
+        k_bar: [NB, H, D] float32 key block means.
+        q_probe_bar: [HQ, D] float32 mean of the probe queries.
+        q_bar: [R, HQ, D] float32 mean query of each query tile of the chunk, or None.
     """
-    n_probe, hq, _ = q_probe.shape
+    q_len, hq, _ = q.shape
     k_len, group = k.shape[0], hq // k.shape[1]
+    n_probe = min(block_size, q_len)
+    q_probe = q[q_len - n_probe:]
     nb = -(-k_len // block_size)
     probe_pos = torch.arange(k_len - n_probe, k_len, device=k.device)
     key_pos = torch.arange(nb * block_size, device=k.device)
@@ -78,32 +86,88 @@ def naive_probe_stats(
     pad = block_size - n_probe
     m = torch.nn.functional.pad(m, (0, pad), value=float("-inf"))
     l = torch.nn.functional.pad(l, (0, pad), value=0.0)
-    return m, l
+    k_bar = block_means(k, block_size)
+    q_bar = block_means(q, block_size, offset=(k_len - q_len) % block_size) if query_means else None
+    return m, l, k_bar, q_probe.float().mean(0), q_bar
 
 
-def naive_block_mask(
-    first_row: int, num_rows: int, nb: int,
-    keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None,
-    pooled: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
-    query_aware: torch.Tensor | None = None, dense_from: int | None = None,
+def naive_select_heads(
+    m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int,
+    k_len: int, scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of ``kernels.head_select.select_heads``: vertical/slash choice and pattern test of
+    every head of one sequence.
+
+    Args:
+        m, l: [HQ, NB, BS] probe statistics; k_bar: [NB, H, D] float32 key block means;
+        q_probe_bar: [HQ, D] float32 mean of the probe queries.
+        min_blocks, max_blocks: budget of vertical-slash heads; qa_blocks: of query-aware heads.
+    Returns:
+        keep_v [HQ, NB] bool, keep_s [HQ, NB] bool (chosen block offsets), query_aware [HQ] bool.
+    """
+    hq, nb, bs = m.shape
+    vertical, slash = probe_masses(m, l, n_probe, k_len, bs)
+    keys = k_bar.repeat_interleave(hq // k_bar.shape[1], dim=1)
+    estimate = torch.softmax(scale * torch.einsum("hd,chd->hc", q_probe_bar, keys), dim=-1)
+    query_aware = js_distance(estimate, vertical) < tau  # [HQ]
+    min_count = torch.where(query_aware, qa_blocks, min_blocks)
+    max_count = torch.where(query_aware, qa_blocks, max_blocks)
+    # verticals and slashes in one call: [2, HQ, NB]
+    valid = torch.ones(2, hq, nb, dtype=torch.bool, device=m.device)
+    forced = (torch.arange(nb, device=m.device) == 0).expand(2, hq, nb)
+    keep = coverage_select(torch.stack([vertical, slash]), valid, forced, gamma, min_count, max_count)
+    return keep[0], keep[1], query_aware
+
+
+def naive_pooled_map(
+    q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, first_row: int, scale: float
 ) -> torch.Tensor:
-    """Twin of ``kernels.block_lists.write_block_lists`` as a mask: [HQ, R, NB] bool
-    (``mask_to_lists`` turns it into the lists). Same arguments; keep_v None means dense."""
-    device = keep_v.device if keep_v is not None else "cpu"
+    """Twin of ``kernels.block_lists.pooled_map``: the query-aware heads' pooled block map.
+
+    Args:
+        q_bar: [R, HQ, D] float32 mean query per query tile (tile rows first_row ..);
+        k_bar: [NB, H, D] float32 key block means; query_aware: [HQ] bool.
+    Returns:
+        [HQ, R * NB] float32: per tile row, ``softmax_c(scale * q_bar[r] . k_bar[c])`` over its
+        causal blocks c <= first_row + r (0 elsewhere); rows of other heads are unspecified
+        (here: computed the same way).
+    """
+    r, hq, _ = q_bar.shape
+    nb = k_bar.shape[0]
+    keys = k_bar.repeat_interleave(hq // k_bar.shape[1], dim=1)
+    logits = scale * torch.einsum("rhd,chd->hrc", q_bar, keys)
+    rows = torch.arange(first_row, first_row + r, device=q_bar.device)
+    causal = torch.arange(nb, device=q_bar.device)[None, :] <= rows[:, None]
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).reshape(hq, r * nb)
+
+
+def naive_write_block_lists(
+    block_idx: torch.Tensor, block_cnt: torch.Tensor, first_tile: int, first_row: int, num_rows: int, nb: int,
+    keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, dense_from: int | None = None,
+) -> None:
+    """Twin of ``kernels.block_lists.write_block_lists`` (same arguments): builds each tile's
+    block mask, then compacts it into the lists. keep_v None means a dense sequence."""
+    hq = block_idx.shape[0]
+    device = block_idx.device
     rows = torch.arange(first_row, first_row + num_rows, device=device)
     cols = torch.arange(nb, device=device)
     diff = rows[:, None] - cols[None, :]
-    causal = diff >= 0
+    causal = (diff >= 0).expand(hq, -1, -1)
     if keep_v is None:
-        return causal[None]
-    offsets = keep_s[:, diff.clamp_min(0)]  # [HQ, R, NB]
-    mask = causal & (keep_v[:, None, :] | offsets)
-    if pooled is not None:
-        chosen = pooled.view(-1, num_rows, nb) >= threshold[:, None, None]
-        mask |= causal & chosen & query_aware[:, None, None]
-    if dense_from is not None:
-        mask |= causal & (rows >= dense_from)[:, None]
-    return mask
+        mask = causal
+    else:
+        keep_v, keep_s = keep_v.bool(), keep_s.bool()
+        mask = causal & (keep_v[:, None, :] | keep_s[:, diff.clamp_min(0)])
+        if pooled is not None:
+            chosen = pooled.view(-1, num_rows, nb) >= threshold[:, None, None]
+            mask = mask | (causal & chosen & query_aware.bool()[:, None, None])
+        if dense_from is not None:
+            mask = mask | (causal & (rows >= dense_from)[None, :, None])
+    idx, cnt = mask_to_lists(mask)
+    tiles = slice(first_tile, first_tile + num_rows)
+    block_idx[:, tiles, :nb] = idx
+    block_cnt[:, tiles] = cnt
 
 
 def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: float) -> torch.Tensor:

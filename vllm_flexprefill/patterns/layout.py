@@ -153,6 +153,27 @@ class BlockSelection:
         return out
 
 
+def block_means(x: torch.Tensor, block_size: int, offset: int = 0) -> torch.Tensor:
+    """[L, H, D] -> [NB, H, D] float32 means over the blocks of a grid on which x starts
+    ``offset`` tokens into its first block (partial first/last blocks are true means).
+
+    Sums accumulate in float32 without copying x to float32.
+    """
+    n = x.shape[0]
+    head = min(n, (block_size - offset) % block_size)  # tokens in a partial first block
+    parts = []
+    if head:
+        parts.append(x[:head].sum(0, keepdim=True, dtype=torch.float32) / head)
+    full = (n - head) // block_size
+    if full:
+        body = x[head:head + full * block_size].view(full, block_size, *x.shape[1:])
+        parts.append(body.sum(1, dtype=torch.float32) / block_size)
+    tail = n - head - full * block_size
+    if tail:
+        parts.append(x[n - tail:].sum(0, keepdim=True, dtype=torch.float32) / tail)
+    return torch.cat(parts)
+
+
 def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compacts a block mask into sorted, -1-padded id lists without host synchronisation.
 

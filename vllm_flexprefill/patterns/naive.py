@@ -28,17 +28,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, causal_mask, mask_to_lists
-
-
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[L, D] -> [ceil(L / BS), D]: the mean of each block (a partial last block is a true mean)."""
-    n = x.shape[0]
-    nb = -(-n // block_size)
-    ids = torch.arange(n, device=x.device) // block_size
-    sums = torch.zeros(nb, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, ids, x.float())
-    counts = torch.bincount(ids, minlength=nb).clamp_min(1).unsqueeze(1)
-    return sums / counts
+from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, block_means, causal_mask, mask_to_lists
 
 
 def naive_lines(
@@ -73,7 +63,7 @@ def naive_lines(
     slash = torch.zeros(nb).index_add_(0, offset.clamp_min(0).flatten(), attn.flatten()) / n_probe
 
     # 3. pattern test against the pooled estimate
-    estimate = torch.softmax(scale * q_probe.mean(0) @ block_means(k, bs).T, dim=-1)
+    estimate = torch.softmax(scale * q_probe.mean(0) @ block_means(k[:, None], bs)[:, 0].T, dim=-1)
     query_aware = bool(js_distance(estimate, vertical) < cfg.tau)
 
     # 4. budgets
@@ -116,7 +106,7 @@ def naive_head_selection(
         q_abs = torch.arange(k_len - q_len, k_len) // bs - first_row
         q_bar = torch.zeros(len(rows), q.shape[1]).index_add_(0, q_abs, q.float())
         q_bar = q_bar / torch.bincount(q_abs, minlength=len(rows)).clamp_min(1).unsqueeze(1)
-        logits = (scale * q_bar @ block_means(k.float(), bs).T).masked_fill(~causal, float("-inf"))
+        logits = (scale * q_bar @ block_means(k[:, None], bs)[:, 0].T).masked_fill(~causal, float("-inf"))
         pooled = torch.softmax(logits, dim=-1)
         keep_qa = coverage_select(pooled.flatten(), causal.flatten(), torch.zeros_like(causal.flatten()),
                                   cfg.gamma, 0, causal.numel())
