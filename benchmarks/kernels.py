@@ -1,14 +1,18 @@
-"""Kernel benchmark: Llama-3.1-8B attention shapes (HQ=32, H=8, D=128, bf16), causal.
+"""Kernel benchmark and cost-model calibration: one attention layer call, causal, bf16, batch 1.
 
-For each N it times, in one process on one GPU:
-  - cuDNN SDPA (K/V expanded to 32 heads) and vLLM's FlashAttention-3 varlen kernel;
-  - our block-sparse kernel at 100 / 25 / 10 / 5 % block density (random lists with sink
-    and diagonal);
-  - the estimation alone and the whole FlexPrefill on inputs with planted structure
-    (default config, and min_budget = N/20, which lands near 10 % density).
-Prints a table, writes JSON and a plot.
+For each shape and length N, in one process on one GPU:
+  - vLLM's FlashAttention-3 varlen kernel and cuDNN SDPA (K/V expanded to the query heads);
+  - our block-sparse kernel at 100 / 50 / 25 / 10 % block density (random lists with sink
+    and diagonal), its rate relative to FA3, and per computed block relative to its own
+    dense rate (eta);
+  - the estimation alone, per layer call, for a fresh prompt of N tokens and for an 8k
+    chunk at the end of N keys (default settings, inputs with planted structure);
+  - the whole FlexPrefill call at default settings and at a forced ~10 % density.
+Then it fits the cost model's rates (``vllm_flexprefill/costs.py``) per head_dim and prints
+them in the form CALIBRATED takes. Prints tables, writes JSON and a plot.
 
-    python benchmarks/kernels.py --out bench-results [--lengths 8192 32768 ...]
+    python benchmarks/kernels.py --out bench-results                      # Llama-3.1-8B and SmolLM2 shapes
+    python benchmarks/kernels.py --shapes smollm2 --lengths 4096 8192 16384 32768
 """
 
 from __future__ import annotations
@@ -18,29 +22,32 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 
 import torch
 import triton
 import triton.testing
 
-from vllm_flexprefill.attention import flex_prefill_attention_varlen
+from vllm_flexprefill.attention import flex_prefill_attention_varlen, select_blocks
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.costs import Rates, causal_flops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
-from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.estimate import select_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.testing import planted_inputs, random_block_lists
 
-HQ, H, D, BS = 32, 8, 128, 128
+# name: (query heads, kv heads, head_dim, default lengths)
+SHAPES = {
+    "llama-3.1-8b": (32, 8, 128, [8192, 16384, 32768, 65536, 131072]),
+    "smollm2": (9, 3, 64, [4096, 8192, 16384, 32768]),
+}
+BS = 128
+CHUNK = 8192
+DENSITIES = (1.0, 0.5, 0.25, 0.10)
 
 
 def bench(fn, reps_ms: int) -> float:
     """Median milliseconds of fn() (CUDA events, after warm-up)."""
     return triton.testing.do_bench(fn, warmup=max(25, reps_ms // 10), rep=reps_ms, return_mode="median")
-
-
-def causal_tflops(n: int, ms: float) -> float:
-    return 2.0 * n * n * D * HQ / (ms * 1e-3) / 1e12
 
 
 def fa3():
@@ -53,17 +60,18 @@ def fa3():
     return flash_attn_varlen_func if is_fa_version_supported(3) else None
 
 
-def run(n: int, reps_ms: int, results: list[dict]) -> None:
+def run(shape: str, n: int, reps_ms: int) -> dict:
+    hq, h, d, _ = SHAPES[shape]
     dev = "cuda"
     torch.manual_seed(n)
-    row: dict = {"N": n}
-    q = torch.randn(n, HQ, D, dtype=torch.bfloat16, device=dev)
-    k = torch.randn(n, H, D, dtype=torch.bfloat16, device=dev)
-    v = torch.randn(n, H, D, dtype=torch.bfloat16, device=dev)
-    scale = D ** -0.5
+    row: dict = {"shape": shape, "N": n, "HQ": hq, "H": h, "D": d, "flops": causal_flops(n, n, hq, d)}
+    q = torch.randn(n, hq, d, dtype=torch.bfloat16, device=dev)
+    k = torch.randn(n, h, d, dtype=torch.bfloat16, device=dev)
+    v = torch.randn(n, h, d, dtype=torch.bfloat16, device=dev)
+    scale = d ** -0.5
     cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
 
-    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)))
+    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cudnn():
@@ -81,51 +89,75 @@ def run(n: int, reps_ms: int, results: list[dict]) -> None:
     layout = BatchLayout.build([n], [n], BS, dev)
     out = torch.empty_like(q)
     causal_blocks = layout.causal_blocks()
-    for density in (1.0, 0.25, 0.10, 0.05):
+    for density in DENSITIES:
         g = torch.Generator().manual_seed(1)
-        idx, cnt = random_block_lists(layout, HQ, density, g) if density < 1 else random_block_lists(layout, HQ, 1.0)
-        actual = cnt.sum().item() / (causal_blocks * HQ)
+        idx, cnt = random_block_lists(layout, hq, density, g)
+        actual = cnt.sum().item() / (causal_blocks * hq)
         ms = bench(lambda: block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
                                                   layout.tile_row, idx, cnt, BS, scale, out=out), reps_ms)
-        row[f"sparse{int(density * 100)}_ms"] = ms
-        row[f"sparse{int(density * 100)}_density"] = actual
+        key = f"sparse{round(density * 100)}"
+        row[f"{key}_ms"], row[f"{key}_density"] = ms, actual
         del idx, cnt
     dense_ms = row["sparse100_ms"]
-    for density in (25, 10, 5):
-        # per computed block, relative to the kernel's own dense rate
-        row[f"eta{density}"] = row[f"sparse{density}_density"] * dense_ms / row[f"sparse{density}_ms"]
+    row["ours_vs_fa3"] = ref_ms / dense_ms
+    for density in DENSITIES[1:]:
+        key = f"sparse{round(density * 100)}"
+        row[f"eta{round(density * 100)}"] = row[f"{key}_density"] * dense_ms / row[f"{key}_ms"]
 
-    # planted structure: estimation alone and the whole method
+    # planted structure: the estimation per call, the whole method
     del q, k, v, out
     torch.cuda.empty_cache()
-    q, k, v = planted_inputs([n], [n], HQ, H, D, device=dev, seed=3, needles=16)
-    # "forced": vertical and slash floors of N/20 tokens each, about 10 % of the causal blocks
-    for name, cfg in (("default", FlexPrefillConfig(min_sparse_tokens=0)),
-                      ("forced", FlexPrefillConfig(min_sparse_tokens=0, min_budget=n // 20))):
-        row[f"estimate_{name}_ms"] = bench(lambda: select_blocks(q, k, layout, cfg, scale, probe_stats), reps_ms)
-        row[f"estimate_{name}_fused_ms"] = bench(
-            lambda: select_blocks(q, k, layout, cfg, scale, probe_stats, fused=True), reps_ms)
-        sel = select_blocks(q, k, layout, cfg, scale, probe_stats)
-        row[f"{name}_density"] = sel.density(layout).mean().item()
-        row[f"{name}_query_aware"] = sel.query_aware.float().mean().item()
-        row[f"whole_{name}_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, cfg), reps_ms)
-    row["estimate_share_of_dense"] = row["estimate_default_ms"] / ref_ms
-    row["speedup_whole_forced_vs_ref"] = ref_ms / row["whole_forced_ms"]
-    row["speedup_whole_default_vs_ref"] = ref_ms / row["whole_default_ms"]
-    row["dense_vs_ref"] = ref_ms / dense_ms
-    results.append(row)
-    print_row(row)
+    q, k, v = planted_inputs([n], [n], hq, h, d, device=dev, seed=3, needles=16)
+    default = FlexPrefillConfig(min_sparse_tokens=0)
+    row["estimate_ms"] = bench(lambda: select_blocks(q, k, layout, default, scale), reps_ms)
+    chunk = min(CHUNK, n)
+    chunk_layout = BatchLayout.build([chunk], [n], BS, dev)
+    row["estimate_chunk_ms"] = bench(lambda: select_blocks(q[n - chunk:], k, chunk_layout, default, scale), reps_ms)
+    sel = select_blocks(q, k, layout, default, scale)
+    row["default_density"] = sel.density(layout).mean().item()
+    row["default_query_aware"] = sel.query_aware.float().mean().item()
+    row["whole_default_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, default), reps_ms)
+    forced = FlexPrefillConfig(min_sparse_tokens=0, tau=0.0, max_budget=max(BS, n // 40))
+    row["forced_density"] = select_blocks(q, k, layout, forced, scale).density(layout).mean().item()
+    row["whole_forced_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, forced), reps_ms)
+    row["estimate_share"] = row["estimate_ms"] / ref_ms
+    row["speedup_default"] = ref_ms / row["whole_default_ms"]
+    row["speedup_forced"] = ref_ms / row["whole_forced_ms"]
+    return row
 
 
-COLUMNS = [("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:.2f}"), ("fa3_ms", "FA3", "{:.2f}"),
-           ("sparse100_ms", "ours100%", "{:.2f}"), ("dense_vs_ref", "ours/FA3", "{:.2f}"),
-           ("sparse25_ms", "25%", "{:.2f}"), ("sparse10_ms", "10%", "{:.2f}"), ("sparse5_ms", "5%", "{:.2f}"),
-           ("eta10", "eta10", "{:.2f}"), ("estimate_default_ms", "est", "{:.2f}"),
-           ("estimate_share_of_dense", "est/FA3", "{:.3f}"), ("estimate_default_fused_ms", "est(fused)", "{:.2f}"),
-           ("default_density", "dens", "{:.3f}"), ("whole_default_ms", "whole", "{:.2f}"),
-           ("speedup_whole_default_vs_ref", "x", "{:.2f}"),
-           ("forced_density", "dens(10%)", "{:.3f}"), ("whole_forced_ms", "whole(10%)", "{:.2f}"),
-           ("speedup_whole_forced_vs_ref", "x(10%)", "{:.2f}")]
+def fit(rows: list[dict]) -> dict[int, Rates]:
+    """Cost-model rates per head_dim from the measured rows (rates in TFLOP/s = 1e9 FLOP per ms)."""
+    out = {}
+    for d in sorted({r["D"] for r in rows}):
+        rs = [r for r in rows if r["D"] == d]
+        ref = "fa3_ms" if all("fa3_ms" in r for r in rs) else "cudnn_ms"
+        big = [r for r in rs if r["N"] >= 16384] or rs
+        dense_rate = statistics.median(r["flops"] / r[ref] / 1e9 for r in big)
+        small = min(rs, key=lambda r: r["N"])
+        dense_fixed = max(0.005, small[ref] - small["flops"] / dense_rate / 1e9)
+        # the kernel's rate on the blocks it computes at half density (near the usual break-even)
+        sparse_rate = statistics.median(r["sparse50_density"] * r["flops"] / r["sparse50_ms"] / 1e9 for r in big)
+        # estimation: fixed + per (query head, key block); least squares over the rows
+        xs = [r["HQ"] * -(-r["N"] // BS) for r in rs]
+        ys = [r["estimate_ms"] for r in rs]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        per_block = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+        fixed = max(0.01, my - per_block * mx)
+        out[d] = Rates(round(dense_rate, 1), round(sparse_rate, 1), round(dense_fixed, 4), round(fixed, 4),
+                       float(f"{per_block:.3g}"))
+    return out
+
+
+COLUMNS = [("shape", "shape", "{}"), ("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:.3f}"), ("fa3_ms", "FA3", "{:.3f}"),
+           ("sparse100_ms", "ours100%", "{:.3f}"), ("ours_vs_fa3", "ours/FA3", "{:.2f}"),
+           ("sparse50_ms", "50%", "{:.3f}"), ("sparse25_ms", "25%", "{:.3f}"), ("sparse10_ms", "10%", "{:.3f}"),
+           ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
+           ("estimate_share", "est/FA3", "{:.3f}"), ("default_density", "dens", "{:.3f}"),
+           ("whole_default_ms", "whole", "{:.3f}"), ("speedup_default", "x", "{:.2f}"),
+           ("forced_density", "dens(f)", "{:.3f}"), ("whole_forced_ms", "whole(f)", "{:.3f}"),
+           ("speedup_forced", "x(f)", "{:.2f}")]
 
 
 def print_row(row: dict) -> None:
@@ -133,29 +165,36 @@ def print_row(row: dict) -> None:
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = [r["N"] for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("fa3_ms", "FA3 (vLLM)"), ("cudnn_ms", "cuDNN SDPA"), ("sparse100_ms", "ours, 100 %"),
-                       ("sparse10_ms", "ours, 10 % blocks"), ("whole_forced_ms", "FlexPrefill, ~10 %"),
-                       ("whole_default_ms", "FlexPrefill, default")):
-        if all(key in r for r in results):
-            ax.loglog(ns, [r[key] for r in results], marker="o", label=label)
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("ms per layer (32 q heads, 8 kv heads, d 128)")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = sorted({r["shape"] for r in results})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in results if r["shape"] == shape]
+        ns = [r["N"] for r in rs]
+        for key, label in (("fa3_ms", "FA3 (vLLM)"), ("cudnn_ms", "cuDNN SDPA"), ("sparse100_ms", "ours, 100 %"),
+                           ("sparse10_ms", "ours, 10 % blocks"), ("whole_forced_ms", "FlexPrefill, ~10 %"),
+                           ("whole_default_ms", "FlexPrefill, default")):
+            if all(key in r for r in rs):
+                ax.loglog(ns, [r[key] for r in rs], marker="o", label=label)
+        ax.set_title(shape)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("ms per layer call")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--reps-ms", type=int, default=400)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default: per shape")
+    parser.add_argument("--reps-ms", type=int, default=200)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     args = parser.parse_args()
     out = pathlib.Path(args.out)
@@ -170,10 +209,18 @@ def main() -> None:
     print(env)
     print(" | ".join(title for _, title, _ in COLUMNS))
     results: list[dict] = []
-    for n in args.lengths:
-        run(n, args.reps_ms, results)
-        torch.cuda.empty_cache()
-    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    for shape in args.shapes:
+        for n in args.lengths or SHAPES[shape][3]:
+            results.append(run(shape, n, args.reps_ms))
+            print_row(results[-1])
+            torch.cuda.empty_cache()
+    rates = fit(results)
+    print(f"CALIBRATED[{env['gpu']!r}] = {{")
+    for d, r in rates.items():
+        print(f"    {d}: {r!r},")
+    print("}")
+    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results,
+                                                  "rates": {d: vars(r) for d, r in rates.items()}}, indent=1))
     plot(results, out / "kernels.png")
 
 

@@ -2,8 +2,12 @@
 # The GPU checks and measurements, in one command per stage, for a machine with vLLM
 # 0.26 from ../shared/gpu (source .gpu-bundle/setup.sh first). Output goes to $OUT.
 #
+#   bash benchmarks/run-gpu.sh model      # converts SmolLM2-135M-Instruct (needs $SMOLLM2_GGUF: setup-model.sh)
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
-#   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks -> $OUT/kernels.{json,png}, chunk_estimate.json
+#   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
+#                                         # launch settings of the block-sparse kernel at head_dim 64
+#   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
+#                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
@@ -17,9 +21,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Running pip as" || true
 for stage in "$@"; do
   case "$stage" in
+    model) python -m vllm_flexprefill.hf.smollm2 --yarn 2>&1 | tail -1 ;;
     tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
-    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tail -8
-             timeout 200 python benchmarks/chunk_estimate.py --out "$OUT" 2>&1 | tail -10 ;;
+    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
+             timeout 120 python benchmarks/tune.py --shape 9 3 64 --lengths 32768 2>&1 | head -12 ;;
+    ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
+             | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
            | tee "$OUT/e2e.log" | grep -E "passed|failed|Error" | tail -5 ;;
     tp2) timeout 500 python -m pytest -q -rs tests/e2e/test_generate.py -k "tp2" 2>&1 \
@@ -31,6 +38,6 @@ for stage in "$@"; do
               timeout 190 python benchmarks/ttft.py --shape "$shape" --lengths 32768 --engines FLASH_ATTN FLEX_10 \
                 --reps 1 --out "$OUT/$shape" 2>&1 | grep -E "^ +on|failed|Error" | tail -4
             done ;;
-    *) echo "unknown stage $stage (tests, kernels, e2e, tp2, ttft, shapes)"; exit 2 ;;
+    *) echo "unknown stage $stage (model, tests, kernels, ruler, e2e, tp2, ttft, shapes)"; exit 2 ;;
   esac
 done

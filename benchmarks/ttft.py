@@ -2,11 +2,14 @@
 
 Llama-3.1-8B shapes (all 32 layers; --shape picks Qwen2-7B, GLM-4-9B or Yi-9B-200K shapes
 instead) with random weights (load_format="dummy"), prompts of random token ids, batch 1,
-prefix caching off. Each engine runs in its own process.
+prefix caching off, 8192-token chunks. ``--shape smollm2`` runs the real pretrained model
+instead (``vllm_flexprefill.hf.smollm2``: native up to 8k, its YaRN variant above) on
+RULER-style needle prompts, with chunked prefill as vLLM sets it. Each engine runs in its
+own process; the first prompt warms it up (Triton compiles, the router measures densities).
 
     python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --chunked on off --out bench-results
+    python benchmarks/ttft.py --shape smollm2 --lengths 4096 8192 16384 32768 --engines FLASH_ATTN FLEX_PREFILL
     python benchmarks/ttft.py --shape qwen2-7b --lengths 32768 --engines FLASH_ATTN FLEX_10
-    python benchmarks/ttft.py --lengths 8192 16384 --min-sparse-tokens 0   # the dense threshold's crossover
 
 Engines: "FLASH_ATTN"; "FLEX_PREFILL" (default settings); "FLEX_10" (FLEX_PREFILL with
 tau = 0 and max_budget = N / 40 tokens, which keeps about 10 % of the causal blocks on
@@ -73,19 +76,25 @@ def engine_measure(spec: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=spec["model"], load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
-                  gpu_memory_utilization=0.9, enable_chunked_prefill=spec["chunked"],
-                  max_num_batched_tokens=8192 if spec["chunked"] else spec["max_model_len"], max_num_seqs=4,
+    real = spec.get("prompts") is not None
+    kwargs = dict(model=spec["model"], load_format="auto" if real else "dummy", skip_tokenizer_init=True,
+                  dtype="bfloat16", max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
+                  gpu_memory_utilization=0.9, enable_chunked_prefill=spec["chunked"], max_num_seqs=4,
                   compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
                                       "cudagraph_capture_sizes": [1, 2, 4]})
+    if not real or not spec["chunked"]:
+        kwargs["max_num_batched_tokens"] = 8192 if spec["chunked"] else spec["max_model_len"]
     kwargs["attention_backend"] = "FLASH_ATTN" if spec["backend"] == "FLASH_ATTN" else "FLEX_PREFILL"
     if spec.get("flexprefill"):
         kwargs["additional_config"] = {"flexprefill": spec["flexprefill"]}
     llm = LLM(**kwargs)
     g = torch.Generator().manual_seed(0)
 
+    real_prompts = {int(n): iter(p) for n, p in (spec.get("prompts") or {}).items()}
+
     def prompt(n):
+        if real:  # the next unseen real prompt of about this length
+            return {"prompt_token_ids": next(real_prompts[n])}
         return {"prompt_token_ids": torch.randint(1000, spec["vocab_size"] - 1000, (n,), generator=g).tolist()}
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -118,6 +127,27 @@ def engine_measure(spec: dict) -> dict:
     return out
 
 
+def real_model_variants(lengths: list[int], reps: int) -> list[dict]:
+    """SmolLM2-135M-Instruct runs: native up to 8k, the YaRN variant above; needle prompts
+    (one warm-up, reps timed, three for decode per length), each used once."""
+    from transformers import AutoTokenizer
+
+    from vllm_flexprefill.hf import smollm2
+    from vllm_flexprefill.tasks import Generator
+
+    native = smollm2.checkpoint()
+    gen = Generator(AutoTokenizer.from_pretrained(native))
+    variants = []
+    for model, max_len, ns in ((native, 8192, [n for n in lengths if n <= 8192]),
+                               (smollm2.checkpoint(yarn=True), 32768, [n for n in lengths if n > 8192])):
+        if ns:
+            prompts = {n: [list(gen.sample("niah_single_number", n, i, seed=11).token_ids) for i in range(reps + 8)]
+                       for n in ns}
+            variants.append(dict(model=str(model), lengths=ns, max_model_len=max_len, prompts=prompts,
+                                 vocab_size=49152))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
@@ -125,8 +155,8 @@ def main() -> None:
     parser.add_argument("--chunked", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--decode-length", type=int, default=8192)
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES),
-                        help="model shape (all layers, random weights)")
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + ["smollm2"],
+                        help="model shape (all layers, random weights), or smollm2: the real model")
     parser.add_argument("--min-sparse-tokens", type=int, default=None,
                         help="min_sparse_tokens for the FLEX engines (default: the config's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
@@ -134,28 +164,35 @@ def main() -> None:
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = pathlib.Path(tempfile.mkdtemp()) / f"{args.shape}-shapes"
-    model.mkdir()
-    max_len = max(args.lengths) + 256
-    # room for a 128k-token prompt plus the generated tokens
-    (model / "config.json").write_text(json.dumps({**SHAPES[args.shape], "max_position_embeddings": max_len}))
+    if args.shape == "smollm2":
+        variants = real_model_variants(args.lengths, args.reps)
+    else:
+        model = pathlib.Path(tempfile.mkdtemp()) / f"{args.shape}-shapes"
+        model.mkdir()
+        max_len = max(args.lengths) + 256
+        # room for a 128k-token prompt plus the generated tokens
+        (model / "config.json").write_text(json.dumps({**SHAPES[args.shape], "max_position_embeddings": max_len}))
+        variants = [dict(model=str(model), lengths=args.lengths, max_model_len=max_len, prompts=None,
+                         vocab_size=SHAPES[args.shape]["vocab_size"])]
 
     runs = []
     for chunked in args.chunked:
         for engine in args.engines:
-            if engine == "FLEX_10":
-                specs = [dict(flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40, **routing},
-                              lengths=[n]) for n in args.lengths]
-            elif engine == "FLEX_PREFILL":
-                specs = [dict(flexprefill=routing or None, lengths=args.lengths)]
-            elif engine == "FLEX_FLOOR":
-                specs = [dict(flexprefill={"tau": 0.0, "max_budget": 1024, **routing}, lengths=args.lengths)]
-            else:
-                specs = [dict(flexprefill=None, lengths=args.lengths)]
+            specs = []
+            for variant in variants:
+                lengths = variant["lengths"]
+                if engine == "FLEX_10":
+                    specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40,
+                                                         **routing}, lengths=[n]) for n in lengths]
+                elif engine == "FLEX_PREFILL":
+                    specs.append(dict(variant, flexprefill=routing or None))
+                elif engine == "FLEX_FLOOR":
+                    specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **routing}))
+                else:
+                    specs.append(dict(variant, flexprefill=None))
             for spec in specs:
-                spec.update(model=str(model), vocab_size=SHAPES[args.shape]["vocab_size"], backend=engine,
-                            chunked=chunked == "on", reps=args.reps,
-                            max_model_len=max_len, decode_length=args.decode_length)
+                spec.update(backend=engine, chunked=chunked == "on", reps=args.reps,
+                            decode_length=spec["lengths"][0] if spec["prompts"] else args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
                 if "error" in result:

@@ -1,6 +1,7 @@
-"""Sweeps launch settings of the block-sparse kernel (Llama shapes, bf16) and prints ms per config.
+"""Sweeps launch settings of the block-sparse kernel (bf16) and prints ms per config, best first.
 
-    python benchmarks/tune.py --lengths 32768 65536
+    python benchmarks/tune.py --lengths 32768 65536                 # Llama-3.1-8B shape
+    python benchmarks/tune.py --shape 9 3 64 --lengths 16384 32768  # SmolLM2 (HQ H D)
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from vllm_flexprefill.kernels.configs import attention_config
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.testing import random_block_lists
 
-HQ, H, D, BS = 32, 8, 128, 128
+BS = 128
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
+    parser.add_argument("--shape", type=int, nargs=3, default=[32, 8, 128], metavar=("HQ", "H", "D"))
     args = parser.parse_args()
+    HQ, H, D = args.shape
     for n in args.lengths:
         q = torch.randn(n, HQ, D, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(n, H, D, dtype=torch.bfloat16, device="cuda")
@@ -31,7 +34,8 @@ def main() -> None:
         out = torch.empty_like(q)
         for density in (1.0, 0.1):
             idx, cnt = random_block_lists(layout, HQ, density, torch.Generator().manual_seed(0))
-            print(f"N={n} density={density} default={attention_config(D, BS)}")
+            print(f"N={n} HQ={HQ} H={H} D={D} density={density} default={attention_config(D, BS)}")
+            times = []
             for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
                 cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
                 try:
@@ -40,9 +44,11 @@ def main() -> None:
                                                        layout.tile_seq, layout.tile_row, idx, cnt, BS, D ** -0.5,
                                                        out=out, config=cfg), warmup=50, rep=300,
                         return_mode="median")
-                    print(f"  {cfg}: {ms:.3f} ms", flush=True)
+                    times.append((ms, cfg))
                 except Exception as e:  # out of shared memory and the like
                     print(f"  {cfg}: {type(e).__name__}", flush=True)
+            for ms, cfg in sorted(times, key=lambda t: t[0]):
+                print(f"  {ms:8.3f} ms  {cfg}", flush=True)
 
 
 if __name__ == "__main__":

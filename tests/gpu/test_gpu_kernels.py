@@ -10,8 +10,9 @@ from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varl
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
+from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.estimate import select_blocks
+from vllm_flexprefill.patterns.estimate import estimate_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_select_blocks
 from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, planted_inputs, random_block_lists, rel_err
@@ -42,28 +43,30 @@ def test_block_sparse_attention_matches_naive(bs, d, density, dtype):
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("n_probe,k_len,bs", [(128, 8192, 128), (77, 5000, 64), (128, 4097, 128)])
-def test_probe_stats_matches_naive(n_probe, k_len, bs):
+@pytest.mark.parametrize("q_len,k_len,bs,d", [(128, 8192, 128, 128), (77, 5000, 64, 128), (3000, 4097, 128, 64)])
+def test_probe_stats_matches_naive(q_len, k_len, bs, d):
     torch.manual_seed(k_len)
-    q = torch.randn(n_probe, 8, 128, dtype=torch.bfloat16, device=DEV)
-    k = torch.randn(k_len, 2, 128, dtype=torch.bfloat16, device=DEV)
-    m, l = probe_stats(q, k, bs, 128 ** -0.5)
-    m_ref, l_ref = naive_probe_stats(q, k, bs, 128 ** -0.5)
+    q = torch.randn(q_len, 9, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(k_len, 3, d, dtype=torch.bfloat16, device=DEV)
+    m, l, *means = probe_stats(q, k, bs, d ** -0.5, query_means=True)
+    m_ref, l_ref, *means_ref = naive_probe_stats(q, k, bs, d ** -0.5, query_means=True)
     assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(l, l_ref, atol=1e-3, rtol=2e-3)
+    for got, want in zip(means, means_ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["torch-select", "fused-select"])
+@pytest.mark.parametrize("ops", [torch_ops, triton_ops], ids=["torch-twins", "triton-kernels"])
 @pytest.mark.parametrize("tau", [0.1, 0.8])
-def test_gpu_estimator_matches_spec(tau, fused):
+def test_gpu_estimator_matches_spec(tau, ops):
     q_lens, k_lens = [4096, 1500], [4096, 6000]
     q, k, _ = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=7)
     layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=512, sparse_block_size=128, min_sparse_tokens=0)
     spec = naive_select_blocks(q, k, layout, cfg, 128 ** -0.5)
-    got = select_blocks(q, k, layout, cfg, 128 ** -0.5, probe_stats, fused=fused)
+    got = estimate_blocks(q, k, layout, cfg, 128 ** -0.5, ops())
     assert torch.equal(got.query_aware, spec.query_aware)
     # bf16 scores on the tensor cores may reorder near-equal blocks; allow a tiny disagreement
     differ = (got.block_idx != spec.block_idx).any(-1).float().mean().item()

@@ -47,6 +47,32 @@ def register() -> None:
     else:
         alias_name_to_custom(AttentionBackendEnum)
     wrap_backend_selection()
+    wrap_config_check()
+
+
+def wrap_config_check() -> None:
+    """Validates ``additional_config["flexprefill"]`` where vLLM validates its own config.
+
+    vLLM builds its config in the caller's process (``LLM(...)``, ``vllm serve``) and lets
+    the platform check it there (``check_and_update_config``), before the engine starts.
+    Raising there puts the message naming the key, the value and what is allowed in the
+    exception the user sees, within seconds; the engine-side check stays as a second line.
+    """
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config
+    if getattr(original, "_flexprefill", False):
+        return
+
+    def check_and_update_config(cls, vllm_config, *args, **kwargs):
+        from vllm_flexprefill.backend.settings import config_from_vllm
+
+        config_from_vllm(vllm_config)
+        return original(vllm_config, *args, **kwargs)
+
+    check_and_update_config._flexprefill = True
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def alias_name_to_custom(enum_cls) -> None:

@@ -25,7 +25,8 @@ def config_from_vllm(vllm_config) -> FlexPrefillConfig:
     try:
         return FlexPrefillConfig.from_dict(extra.get(KEY))
     except ValueError as e:
-        raise ValueError(f"invalid --additional-config '{{\"{KEY}\": ...}}': {e}") from None
+        raise ValueError(f"invalid FlexPrefill settings in additional_config={{'{KEY}': {extra.get(KEY)!r}}} "
+                         f"(CLI: --additional-config '{{\"{KEY}\": ...}}'): {e}") from None
 
 
 def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:
