@@ -117,7 +117,7 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     row["default_density"] = sel.density(layout).mean().item()
     row["default_query_aware"] = sel.query_aware.float().mean().item()
     row["whole_default_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, default), reps_ms)
-    forced = FlexPrefillConfig(min_sparse_tokens=0, tau=0.0, max_budget=max(BS, n // 40))
+    forced = FlexPrefillConfig(min_sparse_tokens=0, tau=0.0, min_budget=None, max_budget=max(BS, n // 40))
     row["forced_density"] = select_blocks(q, k, layout, forced, scale).density(layout).mean().item()
     row["whole_forced_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, forced), reps_ms)
     row["estimate_share"] = row["estimate_ms"] / ref_ms
