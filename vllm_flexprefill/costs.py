@@ -8,8 +8,8 @@ floating-point operations. The model predicts, in milliseconds:
     sparse = estimate_fixed + estimate_per_block * HQ * ceil(k / BS) + density * F / sparse_rate
 
 ``density`` is the share of causal key blocks FlexPrefill computes (measured per layer by
-the backend, ``backend/routing.py``). Sparse runs where it is predicted faster than dense
-by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/calibrate.py``
+the backend, ``backend/cost_routing.py``). Sparse runs where it is predicted faster than
+dense by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/kernels.py``
 measures them, and ``CALIBRATED`` below holds what it printed. An unknown device gets
 ``CONSERVATIVE``: sparse only where it wins with room to spare.
 """
@@ -41,8 +41,15 @@ class Rates:
 CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, estimate_fixed=2.0,
                      estimate_per_block=2e-5)
 
-# device name prefix -> head_dim -> Rates, from benchmarks/calibrate.py (docs/benchmarks.md)
-CALIBRATED: dict[str, dict[int, Rates]] = {}
+# device name prefix -> head_dim -> Rates, printed by benchmarks/kernels.py (docs/benchmarks.md)
+CALIBRATED: dict[str, dict[int, Rates]] = {
+    "NVIDIA H200": {
+        64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.2625,
+                  estimate_per_block=0.0),
+        128: Rates(dense_rate=668.8, sparse_rate=425.4, dense_fixed=0.0586, estimate_fixed=0.4457,
+                   estimate_per_block=0.0),
+    },
+}
 
 # on the CPU the PyTorch path is much slower than vLLM's CPU kernel: it never pays by default
 CPU = Rates(dense_rate=0.2, sparse_rate=0.01, dense_fixed=0.0, estimate_fixed=50.0, estimate_per_block=1e-3)
