@@ -192,10 +192,10 @@ def plot(results: dict, path: pathlib.Path) -> bool:
             xs.append(rs[0]["density"] if rs[0]["density"] is not None else 1.0)
             ys.append(statistics.mean(r["accuracy"] for r in rs))
             labels.append(f"{length // 1024}k")
-        ax.plot(xs, ys, "o-", label=name)
+        ax.plot(xs, ys, "o", label=name, alpha=0.8)
         for x, y, label in zip(xs, ys, labels):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("density (computed / causal key blocks; dense = 1)")
+    ax.set_xlabel("density of the sparse layer calls (computed / causal key blocks; dense = 1)")
     ax.set_ylabel("mean accuracy over tasks (%)")
     ax.set_title(results["meta"].get("title", "RULER-style accuracy, SmolLM2-135M-Instruct"))
     ax.grid(alpha=0.3)
