@@ -99,7 +99,7 @@ def main() -> None:
     model = smollm2.checkpoint(yarn=args.tokens > NATIVE)
     tokenizer = AutoTokenizer.from_pretrained(model)
     gen = Generator(tokenizer)
-    sample = gen.sample("niah_single_number", args.tokens, index=1, seed=7, depth=args.depth)
+    sample = gen.sample("niah_single_number", args.tokens, index=3, seed=7, depth=args.depth)
     warmup = gen.sample("niah_single_number", 600, index=0, seed=7)
     question = tokenizer.decode(sample.token_ids[-60:]).split("?")[0].split("\n")[-1] + "?"
     log = pathlib.Path(args.log or tempfile.mkstemp(prefix="flexprefill-demo-", suffix=".log")[1])
