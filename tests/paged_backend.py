@@ -194,17 +194,23 @@ def reference(batch: Batch, requests: list[Request]) -> torch.Tensor:
 
 
 def flexprefill_reference(batch: Batch, requests: list[Request], which: list[int], flexprefill: dict) -> torch.Tensor:
-    """FlexPrefill's functional API on requests ``which`` alone: what the backend must give for them."""
-    from vllm_flexprefill import FlexPrefillConfig, flex_prefill_attention_varlen
+    """The naive specification on requests ``which`` alone (the per-head PyTorch selection of
+    patterns/naive.py and the naive block-sparse attention, in float32 on the CPU): what the
+    backend must give for them."""
+    from vllm_flexprefill import FlexPrefillConfig
+    from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
+    from vllm_flexprefill.patterns.layout import BatchLayout
+    from vllm_flexprefill.patterns.naive import naive_select_blocks
 
     cfg = FlexPrefillConfig.from_dict(flexprefill)
-    dev = batch.query.device
-    cu_q = torch.tensor([0, *itertools.accumulate(requests[i].q_len for i in which)], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, *itertools.accumulate(requests[i].seq_len for i in which)], dtype=torch.int32,
-                        device=dev)
-    return flex_prefill_attention_varlen(
-        batch.query[rows_of(requests, which)], torch.cat([batch.keys[i] for i in which]),
-        torch.cat([batch.values[i] for i in which]), cu_q, cu_k, dataclasses.replace(cfg, min_sparse_tokens=0))
+    q_lens, k_lens = [requests[i].q_len for i in which], [requests[i].seq_len for i in which]
+    layout = BatchLayout.build(q_lens, k_lens, cfg.sparse_block_size, "cpu")
+    q = batch.query[rows_of(requests, which).to(batch.query.device)].float().cpu()
+    k = torch.cat([batch.keys[i] for i in which]).float().cpu()
+    v = torch.cat([batch.values[i] for i in which]).float().cpu()
+    selection = naive_select_blocks(q, k, layout, cfg, D ** -0.5)
+    out = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, D ** -0.5)
+    return out.to(batch.query.device, batch.query.dtype)
 
 
 def rows_of(requests: list[Request], which: list[int]) -> torch.Tensor:

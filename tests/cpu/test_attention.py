@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_flexprefill import FlexPrefillConfig, flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
+from vllm_flexprefill import (
+    FlexPrefillConfig,
+    flex_prefill_attention,
+    flex_prefill_attention_varlen,
+    flex_prefill_stats,
+)
 from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, dense_reference, planted_inputs, rel_err
 
 

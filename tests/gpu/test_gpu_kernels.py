@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
+from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
-from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.estimate import estimate_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout
@@ -101,7 +101,8 @@ def test_planted_structure_long(n):
     out = flex_prefill_attention_varlen(q, k, v, cu(q_lens), cu(k_lens), cfg)
     ref = torch.cat([
         sdpa_causal(q[None, :n], k[None, :n], v[None, :n])[0],
-        flex_prefill_attention_varlen(q[n:], k[n:], v[n:], cu([4096]), cu([n]), {"min_budget": n, "min_sparse_tokens": 0}),
+        flex_prefill_attention_varlen(q[n:], k[n:], v[n:], cu([4096]), cu([n]),
+                                      {"min_budget": n, "min_sparse_tokens": 0}),
     ])
     stats = flex_prefill_stats(q, k, cu(q_lens), cu(k_lens), cfg)
     density = stats.density.mean().item()

@@ -11,8 +11,8 @@ prompts only, from the layer's new keys and values, and says so once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
-import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -21,9 +21,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, logger, make_router, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -45,13 +46,13 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.flex_config = config_from_vllm(vllm_config)
-        cache_dtype = self.dtype if self.kv_cache_dtype == "auto" else getattr(torch, self.kv_cache_dtype)
-        self.page_layout = learn_page_layout(self.isa, cache_dtype, self.block_size, self.head_dim)
-        logger.info_once("FlexPrefill active (CPU): %s", self.flex_config)
+        isa, cache_dtype, page_size, head_size = compat.cpu_builder_facts(self)
+        self.page_layout = learn_page_layout(isa, cache_dtype, page_size, head_size)
+        compat.say_once(logging.INFO, "FlexPrefill active (CPU): %s", self.flex_config)
         self.router = make_router(self.flex_config, vllm_config, layer_names, device)
         if self.page_layout is None:
-            logger.info_once("FlexPrefill (CPU): the %s KV cache layout of %s cannot be read back; chunk "
-                             "continuations and prefix-cache hits run dense", self.isa, cache_dtype)
+            compat.say_once(logging.INFO, "FlexPrefill (CPU): the %s KV cache layout of %s cannot be read back; chunk "
+                             "continuations and prefix-cache hits run dense", isa, cache_dtype)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         # the whole batch's metadata also serves layers FlexPrefill cannot (they run dense)
@@ -77,7 +78,7 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
         if self.unsupported:
-            logger.info_once("FlexPrefill: layers with %s run dense attention", self.unsupported)
+            compat.say_once(logging.INFO, "FlexPrefill: layers with %s run dense attention", self.unsupported)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -18,7 +18,8 @@ import functools
 import math
 
 import torch
-from vllm import _custom_ops as ops
+
+from vllm_flexprefill.backend.compat import cpu_reshape_and_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ def write_tokens(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Stores key, value [T, H, D] at slots [T] through the CPU kernel's own writer."""
     n, h, page_size, _ = kv_cache.shape
     key_cache, value_cache = kv_cache.view(n, h, 2 * page_size, -1).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
 def read_tokens(kv_cache: torch.Tensor, pages: torch.Tensor,

@@ -14,6 +14,7 @@ take the same path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention.attention import Attention
@@ -25,8 +26,9 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
-from vllm_flexprefill.backend.settings import config_from_vllm, logger, make_router, unsupported_layer_reason
+from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import sparse_prefill
 
 
@@ -52,10 +54,10 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self.flex_enabled = not reasons
         self.router = None
         if reasons:
-            logger.info_once("FlexPrefill: a KV-cache group with %s runs FlashAttention only",
+            compat.say_once(logging.INFO, "FlexPrefill: a KV-cache group with %s runs FlashAttention only",
                              ", ".join(sorted(reasons)))
         else:
-            logger.info_once("FlexPrefill active: %s", self.flex_config)
+            compat.say_once(logging.INFO, "FlexPrefill active: %s", self.flex_config)
             self.router = make_router(self.flex_config, vllm_config, layer_names, device)
 
     @classmethod

@@ -11,6 +11,7 @@ Selection, all three work:
 
 from __future__ import annotations
 
+import logging
 import os
 
 from vllm_flexprefill.backend import compat
@@ -41,58 +42,12 @@ def register() -> None:
     if hasattr(AttentionBackendEnum, "register"):
         if NAME not in AttentionBackendEnum.__members__:
             register_backend(NAME, CUDA_CLASSES[NAME])
-        # Enum members pickle by value; a spawned process or Ray actor unpickles the
-        # config before it loads plugins. This rebuilds the member by name instead.
-        AttentionBackendEnum[NAME].__reduce_ex__ = lambda protocol: (backend_member, (NAME,))
+        compat.pickle_by_name(AttentionBackendEnum[NAME], backend_member)
     else:
-        alias_name_to_custom(AttentionBackendEnum)
-    wrap_backend_selection()
-    wrap_config_check()
-
-
-def wrap_config_check() -> None:
-    """Validates ``additional_config["flexprefill"]`` where vLLM validates its own config.
-
-    vLLM builds its config in the caller's process (``LLM(...)``, ``vllm serve``) and lets
-    the platform check it there (``check_and_update_config``), before the engine starts.
-    Raising there puts the message naming the key, the value and what is allowed in the
-    exception the user sees, within seconds; the engine-side check stays as a second line.
-    """
-    from vllm.platforms import current_platform
-
-    platform = type(current_platform)
-    original = platform.check_and_update_config
-    if getattr(original, "_flexprefill", False):
-        return
-
-    def check_and_update_config(cls, vllm_config, *args, **kwargs):
-        from vllm_flexprefill.backend.settings import config_from_vllm
-
-        config_from_vllm(vllm_config)
-        return original(vllm_config, *args, **kwargs)
-
-    check_and_update_config._flexprefill = True
-    platform.check_and_update_config = classmethod(check_and_update_config)
-
-
-def alias_name_to_custom(enum_cls) -> None:
-    """vLLM < 0.32 cannot add enum members: there FLEX_PREFILL names the CUSTOM member.
-
-    Wraps the enum's name lookup (used by --attention-backend parsing and the selector),
-    so FLEX_PREFILL works on every supported vLLM and pickles as the static CUSTOM member.
-    """
-    meta = type(enum_cls)
-    original = meta.__getitem__
-    if getattr(original, "_flexprefill", False):
-        return
-
-    def __getitem__(cls, name):
-        if cls is enum_cls and isinstance(name, str) and name.upper() == NAME:
-            name = "CUSTOM"
-        return original(cls, name)
-
-    __getitem__._flexprefill = True
-    meta.__getitem__ = __getitem__
+        # FLEX_PREFILL names the static CUSTOM member (and pickles as it)
+        compat.alias_enum_name(AttentionBackendEnum, NAME, "CUSTOM")
+    compat.wrap_platform("get_attn_backend_cls", honour_selection)
+    compat.wrap_platform("check_and_update_config", check_config_first)
 
 
 def backend_member(name: str):
@@ -124,19 +79,15 @@ def selection_from_env():
     return AttentionBackendEnum[NAME]
 
 
-def wrap_backend_selection() -> None:
-    """Makes the current platform honour FlexPrefill.
+def honour_selection(original):
+    """The platform's backend choice, made to honour FlexPrefill.
 
     The CPU platform ignores any selected backend but its own; the wrapper returns our
-    CPU class when FlexPrefill is selected. On every platform the wrapper also applies
+    CPU class when FlexPrefill is selected. On every platform it also applies
     VLLM_ATTENTION_BACKEND when no backend was selected.
     """
     from vllm.platforms import current_platform
 
-    platform = type(current_platform)
-    original = platform.get_attn_backend_cls
-    if getattr(original, "_flexprefill", False):
-        return
     on_cpu = current_platform.is_cpu()
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
@@ -146,9 +97,25 @@ def wrap_backend_selection() -> None:
             if attn_selector_config.use_mla or attn_selector_config.use_sparse:
                 raise ValueError("FLEX_PREFILL supports standard (non-MLA, non-sparse) attention only; "
                                  "choose another --attention-backend for this model")
-            compat.logger.info("Using FlexPrefill attention backend (CPU).")
+            compat.say_once(logging.INFO, "Using FlexPrefill attention backend (CPU).")
             return CPU_CLASSES[selected_backend.name]
         return original(selected_backend, attn_selector_config, *args, **kwargs)
 
-    get_attn_backend_cls._flexprefill = True
-    platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    return get_attn_backend_cls
+
+
+def check_config_first(original):
+    """The platform's config check, validating ``additional_config["flexprefill"]`` first.
+
+    vLLM builds and checks its config in the caller's process (``LLM(...)``, ``vllm
+    serve``) before the engine starts, so the exception the user sees names the key, the
+    value and what is allowed, within seconds; the engine-side check stays as a second line.
+    """
+
+    def check_and_update_config(cls, vllm_config, *args, **kwargs):
+        from vllm_flexprefill.backend.settings import config_from_vllm
+
+        config_from_vllm(vllm_config)
+        return original(vllm_config, *args, **kwargs)
+
+    return check_and_update_config

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from vllm_flexprefill import stats
+from vllm_flexprefill.backend.compat import slice_metadata
 from vllm_flexprefill.backend.cost_routing import DensityMemory, Router
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
@@ -163,33 +164,11 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
     return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests))
 
 
-def slice_requests(cm, r0: int, r1: int):
-    """CommonAttentionMetadata of requests [r0, r1) (host slicing; device views and one subtraction)."""
-    qsl = cm.query_start_loc_cpu
-    t0, t1 = int(qsl[r0]), int(qsl[r1])
-    q_cpu = qsl[r0:r1 + 1] - t0
-    seq_cpu = cm.seq_lens_cpu_upper_bound[r0:r1] if cm.seq_lens_cpu_upper_bound is not None else None
-    causal = cm.causal[r0:r1] if isinstance(cm.causal, torch.Tensor) else cm.causal
-    return type(cm)(
-        query_start_loc=cm.query_start_loc[r0:r1 + 1] - t0,
-        query_start_loc_cpu=q_cpu,
-        seq_lens=cm.seq_lens[r0:r1],
-        num_reqs=r1 - r0,
-        num_actual_tokens=t1 - t0,
-        max_query_len=int((q_cpu[1:] - q_cpu[:-1]).max()),
-        max_seq_len=int(seq_cpu.max()) if seq_cpu is not None else cm.max_seq_len,
-        block_table_tensor=cm.block_table_tensor[r0:r1],
-        slot_mapping=cm.slot_mapping[t0:t1],
-        causal=causal,
-        seq_lens_cpu_upper_bound=seq_cpu,
-    ), t0, t1
-
-
 def dense_run_metadata(cm, plan: SparsePlan, build) -> tuple:
     """(first token, end token, ``build(metadata of the run)``) for each run of dense requests."""
     runs = []
     for r0, r1 in plan.dense_runs:
-        run_cm, t0, t1 = slice_requests(cm, r0, r1)
+        run_cm, t0, t1 = slice_metadata(cm, r0, r1)
         runs.append((t0, t1, build(run_cm)))
     return tuple(runs)
 

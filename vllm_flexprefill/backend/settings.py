@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from vllm.logger import init_logger
 
 from vllm_flexprefill.attention import SUPPORTED_HEAD_DIMS
 from vllm_flexprefill.backend import compat
@@ -12,8 +13,6 @@ from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import CostModel, rates_for
 
 KEY = "flexprefill"
-# compat.py's logger with vLLM's *_once methods: info_once drops repeats in this process
-logger = init_logger(compat.logger.name)
 
 
 def config_from_vllm(vllm_config) -> FlexPrefillConfig:
@@ -56,8 +55,8 @@ def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Rou
     or that it never will below max_model_len, and what to change.
     """
     if not cfg.cost_routing:
-        logger.info_once("FlexPrefill routing: fixed thresholds (min_sparse_tokens=%s, min_sparse_query_tokens=%s)",
-                         cfg.min_sparse_tokens, cfg.min_sparse_query_tokens)
+        compat.say_once(logging.INFO, "FlexPrefill routing: fixed thresholds (min_sparse_tokens=%s, "
+                        "min_sparse_query_tokens=%s)", cfg.min_sparse_tokens, cfg.min_sparse_query_tokens)
         return None
     model = vllm_config.model_config
     heads, head_dim = model.get_num_attention_heads(vllm_config.parallel_config), model.get_head_size()
@@ -69,12 +68,13 @@ def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Rou
                   and cost.pays([int(n)], [int(n)], PRIOR_DENSITY)), None)
     where = name or "CPU"
     if first is None or first > model.max_model_len:
-        logger.warning_once(
+        compat.say_once(
+            logging.WARNING,
             "FlexPrefill will run no sparse prefill: on %s its cost model predicts dense attention faster for every "
             "prompt up to max_model_len=%d%s. Set additional_config {\"flexprefill\": {\"min_sparse_tokens\": N}} to "
             "run sparse from N tokens anyway.", where, model.max_model_len,
             " (its PyTorch path is slower than vLLM's CPU kernel)" if name is None else "")
     else:
-        logger.info_once("FlexPrefill routing: cost model for %s; sparse attention may pay from about %d tokens, "
-                         "per layer where it measured a low density", where, int(first))
+        compat.say_once(logging.INFO, "FlexPrefill routing: cost model for %s; sparse attention may pay from "
+                        "about %d tokens, per layer where it measured a low density", where, int(first))
     return router

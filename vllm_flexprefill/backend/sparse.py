@@ -8,9 +8,9 @@ import torch
 
 from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
+from vllm_flexprefill.backend.compat import logger
 from vllm_flexprefill.backend.cost_routing import length_bucket
 from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
-from vllm_flexprefill.backend.settings import logger
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, plan: SparsePlan,
