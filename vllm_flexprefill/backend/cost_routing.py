@@ -22,15 +22,16 @@ from vllm_flexprefill.costs import CostModel
 
 # density of a layer never measured: sparse is tried first, then kept where it paid
 PRIOR_DENSITY = 0.5
-# key-length buckets: < 8k, 8-16k, ..., >= 512k
-NUM_BUCKETS = 8
+# key-length buckets of half an octave: < 5.8k, 5.8-8k, 8-11.6k, 11.6-16k, ..., >= 1M; a
+# chunk's density depends on how many keys it sees (the floor weighs less on longer ones)
+NUM_BUCKETS = 16
 # weight of a new measurement, and the drift towards the prior per step a layer runs dense
 NEW_WEIGHT = 0.5
 DRIFT = 0.02
 
 
 def length_bucket(k_len: int) -> int:
-    return min(NUM_BUCKETS - 1, max(0, int(math.log2(max(k_len, 1))) - 12))
+    return min(NUM_BUCKETS - 1, max(0, int(2 * math.log2(max(k_len, 1))) - 24))
 
 
 class DensityMemory:
