@@ -65,7 +65,7 @@ def worker(spec: dict) -> dict:
 def run_engine(spec: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
     stats_file = pathlib.Path(spec["stats_file"])
-    os.environ["VLLM_FLEXPREFILL_STATS"] = str(stats_file)
+    os.environ["FLEXPREFILL_STATS"] = str(stats_file)
     import torch
     from vllm import LLM, SamplingParams
 
@@ -92,7 +92,7 @@ def run_engine(spec: dict) -> dict:
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
         # timed without statistics: recording them synchronises the device in every layer
-        os.environ.pop("VLLM_FLEXPREFILL_STATS", None)
+        os.environ.pop("FLEXPREFILL_STATS", None)
         ttft = []
         one = SamplingParams(temperature=0.0, max_tokens=1)
         for ids in batch["ttft_token_ids"]:
@@ -105,7 +105,7 @@ def run_engine(spec: dict) -> dict:
                            "sparse_tokens": summary.sparse_tokens, "dense_tokens": summary.dense_tokens,
                            "query_aware": summary.query_aware,
                            "ttft_ms": statistics.median(ttft) if ttft else None}
-        os.environ["VLLM_FLEXPREFILL_STATS"] = str(stats_file)
+        os.environ["FLEXPREFILL_STATS"] = str(stats_file)
     return results
 
 

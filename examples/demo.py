@@ -34,7 +34,7 @@ NATIVE = 8192
 def worker(spec: dict) -> dict:
     """One engine in this process: warm up, answer the question, time it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_FLEXPREFILL_STATS"] = spec["stats_file"]
+    os.environ["FLEXPREFILL_STATS"] = spec["stats_file"]
     import torch
     from vllm import LLM, SamplingParams
 

@@ -1,6 +1,7 @@
 """Per-step statistics of the vLLM backend, as JSON lines, for tests, the demo and benchmarks.
 
-Off unless ``VLLM_FLEXPREFILL_STATS`` names a file. Then every process of the engine
+Off unless ``FLEXPREFILL_STATS`` names a file (not ``VLLM_``-prefixed: vLLM warns about
+variables of its namespace that it does not know). Then every process of the engine
 (engine core, each tensor-parallel worker) appends one line per planned step and one per
 FlexPrefill layer call. The layer records need the chosen block counts on the host, a
 device synchronisation per layer, which is why they are opt-in. Records:
@@ -23,7 +24,7 @@ import json
 import os
 import pathlib
 
-ENV = "VLLM_FLEXPREFILL_STATS"
+ENV = "FLEXPREFILL_STATS"
 
 
 def path() -> str | None:
