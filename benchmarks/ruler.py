@@ -12,6 +12,7 @@ accuracy against density.
     python benchmarks/ruler.py --lengths 4096 8192 16384 32768 --samples 100 --out bench-results
     python benchmarks/ruler.py --engines dense flex --engine 'g90={"gamma": 0.9}' --samples 20
     python benchmarks/ruler.py --report bench-results/ruler-a.json bench-results/ruler-b.json
+    python benchmarks/ruler.py --via transformers --lengths 16384 --samples 30 --engines dense flex-sparse
 
 Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "flex"
 (FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
@@ -57,7 +58,7 @@ def worker(spec: dict) -> dict:
     import traceback
 
     try:
-        return run_engine(spec)
+        return run_engine_hf(spec) if spec["via"] == "transformers" else run_engine(spec)
     except Exception:
         return {"error": traceback.format_exc()}
 
@@ -106,6 +107,42 @@ def run_engine(spec: dict) -> dict:
                            "query_aware": summary.query_aware,
                            "ttft_ms": statistics.median(ttft) if ttft else None}
         os.environ["FLEXPREFILL_STATS"] = str(stats_file)
+    return results
+
+
+def run_engine_hf(spec: dict) -> dict:
+    """One engine through transformers (the prompt's prefill in one piece, greedy decoding)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_flexprefill.hf.attention import patch_model
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 attn_implementation="sdpa").to(device).eval()
+    if spec["flexprefill"] is not None:
+        patch_model(model, spec["flexprefill"])
+    results = {}
+    for length, batch in spec["batches"].items():
+        print(f"[{spec['engine']}] {length} tokens: {len(batch['token_ids'])} prompts (transformers)", flush=True)
+        texts = []
+        with torch.no_grad():
+            for ids, n in zip(batch["token_ids"], batch["max_new_tokens"]):
+                out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
+                texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+            ttft = []
+            for ids in batch["ttft_token_ids"]:
+                if gpu:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(torch.tensor([ids], device=device), logits_to_keep=1)
+                if gpu:
+                    torch.cuda.synchronize()
+                ttft.append((time.perf_counter() - start) * 1000)
+        results[length] = {"texts": texts, "density": None, "sparse_tokens": 0, "dense_tokens": 0,
+                           "query_aware": None, "ttft_ms": statistics.median(ttft) if ttft else None}
     return results
 
 
@@ -219,6 +256,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--name", default="ruler", help="file name stem of the JSON and the plot")
     parser.add_argument("--report", nargs="+", default=None, help="merge result files and print their table")
+    parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
+                        help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
+                             "a second check of the vLLM path; no density statistics")
     args = parser.parse_args()
 
     out = pathlib.Path(args.out)
@@ -247,7 +287,7 @@ def main() -> None:
     samples = build_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, args.ttft_reps)
     variants = [(native, NATIVE, [n for n in args.lengths if n <= NATIVE]),
                 (yarn, 4 * NATIVE, [n for n in args.lengths if n > NATIVE])]
-    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed,
+    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed, "via": args.via,
                         "python": sys.version.split()[0], "argv": sys.argv[1:]},
                "engines": {}}
     ctx = multiprocessing.get_context("spawn")
@@ -262,7 +302,8 @@ def main() -> None:
                            "ttft_token_ids": [list(s.token_ids) for s in samples[n][1]]} for n in lengths}
             spec = {"engine": name, "model": model, "max_model_len": max_len, "flexprefill": config,
                     "batches": batches, "stats_file": os.path.join(tmp, f"{name}-{max_len}.jsonl"),
-                    "max_num_batched_tokens": args.max_num_batched_tokens, "progress": sys.stderr.isatty()}
+                    "max_num_batched_tokens": args.max_num_batched_tokens, "progress": sys.stderr.isatty(),
+                    "via": args.via}
             start = time.perf_counter()
             with ctx.Pool(1) as pool:
                 got = pool.apply(worker, (spec,))
