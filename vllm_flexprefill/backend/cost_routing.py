@@ -49,7 +49,9 @@ class DensityMemory:
         # written by the layers: [sum of densities, number of calls] per (layer, bucket)
         self.measured = torch.zeros(2, *shape, device=self.device)
         self.estimate = torch.full(shape, PRIOR_DENSITY)
-        self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        # one pinned host buffer and the event of the copy into it (at most one in flight)
+        self._host = torch.empty(self.measured.shape, pin_memory=self.device.type == "cuda")
+        self._copied: torch.cuda.Event | None = None
 
     def record(self, layer_name: str, bucket: int, density: torch.Tensor) -> None:
         """Adds one layer call's measured density (a 0-dim device tensor); device ops only."""
@@ -64,17 +66,14 @@ class DensityMemory:
             self._fold(self.measured.clone())
             self.measured.zero_()
             return
-        if self._copy is not None:
-            host, event = self._copy
-            if not event.query():
+        if self._copied is not None:
+            if not self._copied.query():
                 return  # the previous copy is still in flight; fold it next step
-            self._fold(host)
-        host = torch.empty(self.measured.shape, pin_memory=True)
-        host.copy_(self.measured, non_blocking=True)
+            self._fold(self._host)
+        self._host.copy_(self.measured, non_blocking=True)
         self.measured.zero_()
-        event = torch.cuda.Event()
-        event.record()
-        self._copy = (host, event)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def _fold(self, measured: torch.Tensor) -> None:
         total, calls = measured
