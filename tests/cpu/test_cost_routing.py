@@ -89,3 +89,21 @@ def test_fixed_thresholds_bypass_the_cost_model():
     qsl = torch.tensor([0, 2048], dtype=torch.int32)
     plan = plan_batch(qsl, torch.tensor([2048]), torch.zeros(1, 128, dtype=torch.int32), 16, cfg, decode_threshold=1)
     assert plan.requests == (0,) and plan.sparse_layers is None and plan.runs_sparse("any layer")
+
+
+def test_start_up_says_when_flexprefill_can_never_run(caplog):
+    import logging
+    import types
+
+    from vllm_flexprefill.backend.settings import make_router
+
+    model = types.SimpleNamespace(get_num_attention_heads=lambda parallel: 9, get_head_size=lambda: 64,
+                                  max_model_len=8192)
+    vllm_config = types.SimpleNamespace(model_config=model, parallel_config=None)
+    with caplog.at_level(logging.INFO, logger="vllm.flexprefill"):
+        router = make_router(FlexPrefillConfig(), vllm_config, LAYERS, "cpu")
+        assert make_router(FlexPrefillConfig(min_sparse_tokens=0), vllm_config, LAYERS, "cpu") is None
+    assert router is not None
+    text = caplog.text
+    assert "will run no sparse prefill" in text and "max_model_len=8192" in text and "min_sparse_tokens" in text
+    assert "fixed thresholds (min_sparse_tokens=0" in text
