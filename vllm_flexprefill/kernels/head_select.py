@@ -230,7 +230,8 @@ def select_heads(
         min_blocks, max_blocks: budget of vertical-slash heads; qa_blocks: of query-aware heads.
         chunk: blocks handled per step of the loops (a power of two).
     Returns:
-        keep_v [HQ, NB] bool, keep_s [HQ, NB] bool (chosen block offsets), query_aware [HQ] bool.
+        keep_v [HQ, NB], keep_s [HQ, NB] (chosen block offsets), query_aware [HQ]: int8 flags
+        (0/1), which the next kernels read as they are (no conversion launches).
     """
     hq, nb, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
@@ -247,4 +248,4 @@ def select_heads(
         BV=chunk,
         num_warps=8,
     )
-    return keep_v.bool(), keep_s.bool(), query_aware.bool()
+    return keep_v, keep_s, query_aware

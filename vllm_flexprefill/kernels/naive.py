@@ -178,4 +178,4 @@ def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, ta
     before = torch.cumsum(values, -1) - values
     count = (before < target).sum(-1).clamp_min(1)
     crossing = torch.gather(values, -1, (count - 1)[:, None])[:, 0]
-    return torch.where(query_aware, crossing, 2.0)
+    return torch.where(query_aware.bool(), crossing, 2.0)
