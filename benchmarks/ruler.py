@@ -247,7 +247,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--samples", type=int, default=100, help="samples per task and length")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of vllm_flexprefill.tasks")
-    parser.add_argument("--engines", nargs="+", default=["dense", "flex", "flex-sparse"])
+    parser.add_argument("--engines", nargs="*", default=["dense", "flex", "flex-sparse"],
+                        help="built-in engines (none: only those given with --engine)")
     parser.add_argument("--engine", action="append", default=[], metavar="NAME=JSON",
                         help="FLEX_PREFILL with these settings, e.g. 'g90={\"gamma\": 0.9}'")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,9 @@
 #                                         # launch settings of the block-sparse kernel at head_dim 64
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
 #                                         # (RULER_ARGS overrides the arguments)
+#   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
+#   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model, FLASH_ATTN vs FLEX_PREFILL default, 4k-32k
+#   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
@@ -38,6 +41,15 @@ for stage in "$@"; do
               timeout 190 python benchmarks/ttft.py --shape "$shape" --lengths 32768 --engines FLASH_ATTN FLEX_10 \
                 --reps 1 --out "$OUT/$shape" 2>&1 | grep -E "^ +on|failed|Error" | tail -4
             done ;;
-    *) echo "unknown stage $stage (model, tests, kernels, ruler, e2e, tp2, ttft, shapes)"; exit 2 ;;
+    sweep) sparse='"min_sparse_tokens": 0, "min_sparse_query_tokens": 0'
+           timeout 590 python benchmarks/ruler.py --out "$OUT" --name sweep --lengths 16384 32768 --engines \
+             --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
+             ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
+    ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths 4096 8192 16384 32768 \
+                 --engines FLASH_ATTN FLEX_PREFILL --reps 5 --out "$OUT" 2>&1 | grep -E "^ +on|failed|Error" | tail -8 ;;
+    serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
+             --out "$OUT/serve.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
+    *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, e2e, tp2, ttft, shapes)"
+       exit 2 ;;
   esac
 done
