@@ -11,6 +11,7 @@
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
 #   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model, FLASH_ATTN vs FLEX_PREFILL default, 4k-32k
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
+#   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
@@ -49,7 +50,11 @@ for stage in "$@"; do
                  --engines FLASH_ATTN FLEX_PREFILL --reps 5 --out "$OUT" 2>&1 | grep -E "^ +on|failed|Error" | tail -8 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --out "$OUT/serve.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
-    *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, e2e, tp2, ttft, shapes)"
+    profile) timeout 200 python benchmarks/profile_layer.py --shape 9 3 64 --new 16384 --keys 32768 2>&1 | tail -34
+             timeout 200 python benchmarks/profile_layer.py --shape 32 8 128 --new 8192 --keys 131072 2>&1 \
+               | grep -A7 "^step" ;;
+    *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
+       echo "shapes)"
        exit 2 ;;
   esac
 done
