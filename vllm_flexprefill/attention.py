@@ -3,10 +3,11 @@
 Shapes (docs/algorithm.md): B batch, N tokens per sequence, T packed tokens, HQ query
 heads, H key/value heads (HQ = G * H, query head h reads kv head h // G), D head dim.
 
-    selection = select_blocks(q, k, layout, config, scale)   # patterns/
-    out = block_sparse_attention(q, k, v, layout, selection)  # kernels/
+    selection = select_blocks(q, k, layout, config, scale)   # patterns/ with kernels/ (or the spec)
+    out = sparse_attention(q, k, v, layout, selection, scale)  # kernels/
 
-CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch twins.
+CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch path. This module
+is where that choice is made (``triton_ops`` / ``torch_ops``), not patterns/ or kernels/.
 """
 
 from __future__ import annotations
