@@ -2,7 +2,7 @@
 
 Decode-only, prefill-only, chunk continuations, prefix-cache hits and mixed batches: in
 exact mode every token equals causal attention; with a sparse config the long prefills
-equal FlexPrefill's functional API on the same tokens and the rest equals dense attention.
+equal the naive specification (patterns/naive.py) on the same tokens and the rest equals dense attention.
 """
 
 import os
@@ -31,7 +31,7 @@ def test_exact_mode_equals_causal_attention(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
-def test_sparse_config_long_prefills_equal_functional_api(case):
+def test_sparse_config_long_prefills_equal_the_spec(case):
     requests = CASES[case]
     out, batch, _ = run_backend(requests, SPARSE, torch.float32, "cpu", seed=1)
     sparse = long_prefills(requests)

@@ -1,8 +1,8 @@
 """The registered CUDA backend (FlashAttention + FlexPrefill) on a shuffled paged KV cache.
 
 The CPU tier's cases (tests/paged_backend.py) in bf16 on the GPU: exact mode equals causal
-attention for every token; with a sparse config the long prefills equal FlexPrefill's
-functional API on the same tokens; batches without a long prefill keep FlashAttention's
+attention for every token; with a sparse config the long prefills equal the naive
+specification (patterns/naive.py) on the same tokens; batches without a long prefill keep FlashAttention's
 own metadata (what CUDA graphs capture).
 """
 
@@ -36,7 +36,7 @@ def test_exact_mode_equals_causal_attention(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
-def test_sparse_config_long_prefills_equal_functional_api(case):
+def test_sparse_config_long_prefills_equal_the_spec(case):
     requests = CASES[case]
     out, batch, _ = run_backend(requests, SPARSE, BF16, "cuda", seed=1)
     sparse = long_prefills(requests)
