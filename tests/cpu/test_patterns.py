@@ -164,3 +164,20 @@ def test_dense_sequences_keep_every_causal_block():
     assert (density[0] == 1).all() and (density[2] == 1).all()
     assert (density[1] < 1).all()
     assert not sel.query_aware[0].any()
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.8])
+def test_selection_grows_with_gamma(tau):
+    # a higher gamma keeps every block a lower one kept: the lines' coverage counts and the
+    # query-aware threshold are monotone in gamma, and the pattern test does not depend on it
+    q, k, layout = batch()
+    chosen = []
+    for gamma in (0.5, 0.8, 0.9, 0.95, 0.99):
+        cfg = FlexPrefillConfig(gamma=gamma, tau=tau, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
+        sel = naive_select_blocks(q, k, layout, cfg, 0.125)
+        mask = torch.zeros(*sel.block_idx.shape[:2], layout.max_key_blocks + 1, dtype=torch.bool)
+        mask.scatter_(-1, torch.where(sel.block_idx >= 0, sel.block_idx, layout.max_key_blocks).long(), True)
+        chosen.append(mask[..., :-1])
+    for smaller, larger in zip(chosen, chosen[1:]):
+        assert (larger | ~smaller).all(), "a block kept at a lower gamma was dropped at a higher one"
+    assert chosen[-1].sum() > chosen[0].sum()
