@@ -12,7 +12,7 @@ import torch
 
 from vllm_flexprefill import stats
 from vllm_flexprefill.backend.compat import slice_metadata
-from vllm_flexprefill.backend.cost_routing import DensityMemory, Router
+from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_bucket
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
@@ -33,6 +33,8 @@ class SparseGroup:
         0 .. seq_len-1 of every request in the paged KV cache (None where only fresh
         prompts run sparse and their keys are the layer's inputs).
     requests: their indices in the batch.
+    causal_blocks: key blocks a dense pass over their query tiles visits, per head.
+    bucket: the router's length bucket of their longest request.
     """
 
     layout: BatchLayout
@@ -40,6 +42,8 @@ class SparseGroup:
     kv_pages: torch.Tensor | None
     kv_offsets: torch.Tensor | None
     requests: tuple[int, ...]
+    causal_blocks: int
+    bucket: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +165,8 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
         positions = [torch.arange(n, device=device) for n in sk]
         kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
         kv_offsets = torch.cat([pos % page_size for pos in positions])
-    return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests))
+    return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests), layout.causal_blocks(),
+                       length_bucket(max(sk)))
 
 
 def dense_run_metadata(cm, plan: SparsePlan, build) -> tuple:

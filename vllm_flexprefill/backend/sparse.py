@@ -9,7 +9,6 @@ import torch
 from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
 from vllm_flexprefill.backend.compat import logger
-from vllm_flexprefill.backend.cost_routing import length_bucket
 from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
 
 
@@ -24,9 +23,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
     selection = select_blocks(q, k, group.layout, cfg, scale)
     if plan.memory is not None:
         # the measured density, for the router's next decisions (device ops, no synchronisation)
-        causal = group.layout.causal_blocks() * q.shape[1]
-        plan.memory.record(layer_name, length_bucket(max(group.layout.k_lens)),
-                           selection.block_cnt.sum(dtype=torch.float32) / causal)
+        plan.memory.record(layer_name, group.bucket,
+                           selection.block_cnt.sum(dtype=torch.float32) / (group.causal_blocks * q.shape[1]))
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
         density = selection.density(group.layout)
