@@ -87,15 +87,17 @@ class CostModel:
     margin: float = 0.95
     """Sparse must be predicted at most this share of dense: room for the model's error."""
 
+    def flops(self, q_lens, k_lens) -> float:
+        return sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
+
     def dense_ms(self, q_lens, k_lens) -> float:
-        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
-        return flops / (self.rates.dense_rate * 1e9) + self.rates.dense_fixed
+        return self.flops(q_lens, k_lens) / (self.rates.dense_rate * 1e9) + self.rates.dense_fixed
 
     def sparse_ms(self, q_lens, k_lens, density: float) -> float:
         r = self.rates
         blocks = sum(-(-k // self.block_size) for k in k_lens) * self.num_heads
-        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
-        return r.estimate_fixed * len(q_lens) + r.estimate_per_block * blocks + density * flops / (r.sparse_rate * 1e9)
+        return (r.estimate_fixed * len(q_lens) + r.estimate_per_block * blocks
+                + density * self.flops(q_lens, k_lens) / (r.sparse_rate * 1e9))
 
     def pays(self, q_lens, k_lens, density: float) -> bool:
         """True when sparse attention at ``density`` is predicted faster than dense (with the margin)."""
@@ -103,7 +105,6 @@ class CostModel:
 
     def break_even(self, q_lens, k_lens) -> float:
         """The density below which sparse pays for these requests (may be <= 0: never)."""
-        r = self.rates
-        flops = sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
         fixed = self.sparse_ms(q_lens, k_lens, 0.0)
-        return (self.margin * self.dense_ms(q_lens, k_lens) - fixed) * r.sparse_rate * 1e9 / flops
+        return (self.margin * self.dense_ms(q_lens, k_lens) - fixed) * self.rates.sparse_rate * 1e9 / \
+            self.flops(q_lens, k_lens)

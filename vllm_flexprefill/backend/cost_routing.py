@@ -107,11 +107,11 @@ class Router:
         tile, the probe's tiles dense."""
         bs = self.config.sparse_block_size
         nb = -(-k_len // bs)
-        rows = range((k_len - q_len) // bs, nb)
-        causal = sum(r + 1 for r in rows)
+        first = (k_len - q_len) // bs
+        causal = (nb * (nb + 1) - first * (first + 1)) // 2  # rows first .. nb-1, row r has r + 1 blocks
         per_row = min(2 * self.config.min_blocks, nb)
         dense_rows = 2 * nb
-        return min(1.0, (len(rows) * per_row + dense_rows) / causal)
+        return min(1.0, ((nb - first) * per_row + dense_rows) / causal)
 
     def candidate(self, q_len: int, k_len: int) -> bool:
         return self.cost.pays([q_len], [k_len], self.floor_density(q_len, k_len))

@@ -28,6 +28,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
+from vllm_flexprefill.patterns.estimate import probe_row
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, block_means, causal_mask, mask_to_lists
 
 
@@ -103,16 +104,14 @@ def naive_head_selection(
     mask = causal & (keep_v[None, :] | keep_s[diff.clamp_min(0)])
     if query_aware:
         # pooled block map over the chunk's query tiles, selected globally
-        q_abs = torch.arange(k_len - q_len, k_len) // bs - first_row
-        q_bar = torch.zeros(len(rows), q.shape[1]).index_add_(0, q_abs, q.float())
-        q_bar = q_bar / torch.bincount(q_abs, minlength=len(rows)).clamp_min(1).unsqueeze(1)
+        q_bar = block_means(q[:, None], bs, offset=(k_len - q_len) % bs)[:, 0]  # [R, D], one per tile
         logits = (scale * q_bar @ block_means(k[:, None], bs)[:, 0].T).masked_fill(~causal, float("-inf"))
         pooled = torch.softmax(logits, dim=-1)
         keep_qa = coverage_select(pooled.flatten(), causal.flatten(), torch.zeros_like(causal.flatten()),
                                   cfg.gamma, 0, causal.numel())
         mask |= keep_qa.view_as(mask)
     # 5. the tiles holding the probe (the last BS queries) attend to every key
-    mask |= causal & (rows >= (k_len - n_probe) // bs)[:, None]
+    mask |= causal & (rows >= probe_row(q_len, k_len, bs))[:, None]
     return mask, query_aware
 
 
