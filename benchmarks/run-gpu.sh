@@ -9,13 +9,15 @@
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
-#   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model, FLASH_ATTN vs FLEX_PREFILL default, 4k-32k
+#   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model 4k-32k: FLASH_ATTN, FLEX_PREFILL default, every
+#                                         # chunk sparse; a profile of one 32k prompt per engine
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
-#   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_PREFILL -> $OUT/ttft.json
+#   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_10 -> $OUT/ttft.json
+#   bash benchmarks/run-gpu.sh ttft-default  # the same, FLASH_ATTN vs FLEX_PREFILL default settings
 #   bash benchmarks/run-gpu.sh shapes     # the same at 32k for Qwen2-7B, GLM-4-9B, Yi-9B-200K shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,14 +49,17 @@ for stage in "$@"; do
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
     ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths 4096 8192 16384 32768 \
-                 --engines FLASH_ATTN FLEX_PREFILL --reps 5 --out "$OUT" 2>&1 | grep -E "^ +on|failed|Error" | tail -8 ;;
+                 --engines FLASH_ATTN FLEX_PREFILL FLEX_SPARSE --reps 5 --profile --out "$OUT" 2>&1 \
+                 | grep -E "^ +on|failed|Error|GPU busy" | tail -12 ;;
+    ttft-default) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 131072 --engines FLASH_ATTN FLEX_PREFILL \
+                    --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error" | tail -6 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
-             --out "$OUT/serve.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
+             --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     profile) timeout 200 python benchmarks/profile_layer.py --shape 9 3 64 --new 16384 --keys 32768 2>&1 | tail -34
              timeout 200 python benchmarks/profile_layer.py --shape 32 8 128 --new 8192 --keys 131072 2>&1 \
                | grep -A7 "^step" ;;
     *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
-       echo "shapes)"
+       echo "ttft-default, shapes)"
        exit 2 ;;
   esac
 done

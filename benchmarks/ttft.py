@@ -15,7 +15,12 @@ Engines: "FLASH_ATTN"; "FLEX_PREFILL" (default settings); "FLEX_10" (FLEX_PREFIL
 tau = 0 and max_budget = N / 40 tokens, which keeps about 10 % of the causal blocks on
 random-weight attention; one engine per length); "FLEX_FLOOR" (tau = 0, max_budget =
 min_budget = 1024: every head keeps exactly the default floor, which is what the default
-settings cost on attention concentrated enough to need no more).
+settings cost on attention concentrated enough to need no more); "FLEX_SPARSE" (default
+settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query_tokens = 0``).
+
+``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
+``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
+took it, to see where a layer call's time goes inside vLLM.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def engine_measure(spec: dict) -> dict:
             llm.generate([p], one, use_tqdm=False)
             times.append((time.perf_counter() - start) * 1000)
         out["ttft_ms"][n] = statistics.median(times)
+    if spec.get("profile_dir") and spec["lengths"][-1] == max(spec["all_lengths"]):
+        profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
     # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
     n = spec["decode_length"]
     many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
@@ -125,6 +132,30 @@ def engine_measure(spec: dict) -> dict:
         per_token.append((t257 - t1) * 1000 / 256)
     out["decode_ms_per_token"] = statistics.median(per_token)
     return out
+
+
+def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
+    """One prompt under torch.profiler (the engine runs in this process): a text summary."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000
+    events = prof.key_averages()
+    # device time of the kernels and copies themselves (the events that ran on the GPU)
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1000
+    n = len(prompt["prompt_token_ids"])
+    text = (f"{spec['backend']} {spec.get('flexprefill')} N={n}: wall {wall:.1f} ms (under the profiler), "
+            f"GPU busy {busy:.1f} ms\n"
+            + events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    path = pathlib.Path(spec["profile_dir"]) / f"profile-{spec['backend']}-{n}.txt"
+    path.write_text(text)
+    print(text.splitlines()[0], flush=True)
 
 
 def real_model_variants(lengths: list[int], reps: int) -> list[dict]:
@@ -160,6 +191,7 @@ def main() -> None:
     parser.add_argument("--min-sparse-tokens", type=int, default=None,
                         help="min_sparse_tokens for the FLEX engines (default: the config's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
+    parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
@@ -186,12 +218,15 @@ def main() -> None:
                                                          **routing}, lengths=[n]) for n in lengths]
                 elif engine == "FLEX_PREFILL":
                     specs.append(dict(variant, flexprefill=routing or None))
+                elif engine == "FLEX_SPARSE":
+                    specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}))
                 elif engine == "FLEX_FLOOR":
                     specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **routing}))
                 else:
                     specs.append(dict(variant, flexprefill=None))
             for spec in specs:
                 spec.update(backend=engine, chunked=chunked == "on", reps=args.reps,
+                            profile_dir=str(out_dir) if args.profile else None, all_lengths=args.lengths,
                             decode_length=spec["lengths"][0] if spec["prompts"] else args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
