@@ -81,3 +81,21 @@ def test_bf16_cache_layout_through_the_backend():
     out, batch, metadata = run_backend(requests, EXACT, torch.bfloat16, "cpu", seed=3)
     assert metadata.plan.requests == tuple(long_prefills(requests))
     torch.testing.assert_close(out.float(), reference(batch, requests), atol=ATOL[torch.bfloat16], rtol=0)
+
+
+def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):
+    # default settings (the cost model), with rates where every prefill may pay: a layer that
+    # has measured nothing yet runs the batch dense and the estimation alone
+    from vllm_flexprefill.backend import settings
+    from vllm_flexprefill.costs import Rates
+
+    eager = Rates(dense_rate=1.0, sparse_rate=1000.0, dense_fixed=0.0, estimate_fixed=0.0, estimate_per_block=0.0)
+    monkeypatch.setattr(settings, "rates_for", lambda name, head_dim: eager)
+    requests = CASES["mixed"]
+    out, batch, metadata = run_backend(requests, {}, torch.float32, "cpu", seed=4)
+    plan, name = metadata.plan, "model.layers.4.self_attn.attn"
+    assert set(long_prefills(requests)) <= set(plan.requests)
+    assert plan.measures(name) and not plan.runs_sparse(name)
+    torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
+    total, calls = plan.memory.measured.sum(-1)[:, plan.memory.rows[name]].tolist()
+    assert calls == len(plan.groups) and 0 < total / calls <= 1

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from vllm_flexprefill.backend.cost_routing import PRIOR_DENSITY, DensityMemory, Router, length_bucket
+from vllm_flexprefill.backend.cost_routing import REMEASURE_STEPS, DensityMemory, Router, length_bucket
 from vllm_flexprefill.backend.routing import plan_batch
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import CONSERVATIVE, CPU, CostModel, Rates, rates_for
@@ -45,24 +45,48 @@ def test_router_candidates_by_length():
     assert not r.candidate(16, 131072)
 
 
-def test_diffuse_layers_run_dense_and_get_measured_again():
+def measure(r, layer, bucket, density, times=1):
+    for _ in range(times):
+        r.memory.record(LAYERS[layer], bucket, torch.tensor(density))
+        r.memory.refresh()
+
+
+def test_layers_measure_before_they_run_sparse_and_diffuse_ones_run_dense():
     r = router()
     q, k = [65536], [65536]
     bucket = length_bucket(k[0])
-    assert r.sparse_layers(q, k) == frozenset(range(4)), "never measured: every layer tries sparse"
-    # layer 2 measured diffuse, the others sparse
+    first = r.route_layers(q, k)
+    assert first.sparse == frozenset() and first.measure == frozenset(range(4)), "never measured: measure, no guess"
+    # layer 2 measured diffuse, the others concentrated
     for layer, density in enumerate([0.1, 0.2, 0.98, 0.3]):
-        r.memory.record(LAYERS[layer], bucket, torch.tensor(density))
-    r.memory.refresh()
-    for _ in range(3):  # a few more measurements pull the estimate towards them
-        r.memory.record(LAYERS[2], bucket, torch.tensor(0.98))
-        r.memory.refresh()
-    assert r.sparse_layers(q, k) == frozenset({0, 1, 3})
-    # running dense, layer 2 drifts back towards the prior until it is tried again
-    steps = next(n for n in range(1, 1000) if 2 in r.sparse_layers(q, k))
-    assert 10 < steps < 200
-    assert r.memory.density(2, bucket) == pytest.approx(r.cost.break_even(q, k), abs=0.02)
-    assert r.memory.density(0, length_bucket(8192)) == PRIOR_DENSITY, "other lengths keep their own estimate"
+        measure(r, layer, bucket, density)
+    route = r.route_layers(q, k)
+    assert route.sparse == frozenset({0, 1, 3}) and route.measure == frozenset()
+    # kept dense, layer 2 measures again after REMEASURE_STEPS steps (never runs sparse meanwhile)
+    steps = next(n for n in range(1, 1000) if 2 in r.route_layers(q, k).measure)
+    assert steps == REMEASURE_STEPS
+    assert all(2 not in r.route_layers(q, k).sparse for _ in range(5))
+    # a diffuse layer that becomes concentrated runs sparse once its measurements say so
+    measure(r, 2, bucket, 0.05, times=3)
+    assert 2 in r.route_layers(q, k).sparse
+
+
+def test_an_unmeasured_length_borrows_the_nearest_shorter_one():
+    # a slower sparse kernel: break-even near 0.38
+    r = router(rates=Rates(dense_rate=500.0, sparse_rate=200.0, dense_fixed=0.01, estimate_fixed=0.1,
+                           estimate_per_block=1e-5))
+    short, long = [32768], [131072]
+    bucket = length_bucket(short[0])
+    for layer, density in enumerate([0.1, 0.98, 0.5, 0.1]):
+        measure(r, layer, bucket, density)
+    even = r.cost.break_even(long, long)
+    assert even < 0.5 < 1.5 * even < 0.98, "layer 2's borrowed estimate is near break-even, layer 1's far above"
+    route = r.route_layers(long, long)
+    # concentrated: sparse at once; diffuse by far: dense without measuring; near break-even: measure
+    assert route.sparse == frozenset({0, 3}) and route.measure == frozenset({2})
+    assert r.memory.density(0, length_bucket(131072)) == (pytest.approx(0.1), False)
+    # a shorter length never borrows from a longer one
+    assert r.route_layers([8192], [8192]).measure == frozenset(range(4))
 
 
 def test_plan_runs_sparse_per_layer_and_dense_when_no_layer_pays():
@@ -71,13 +95,18 @@ def test_plan_runs_sparse_per_layer_and_dense_when_no_layer_pays():
     qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
     table = torch.arange(2 * 4096, dtype=torch.int32).view(2, 4096)
     bucket = length_bucket(65536)
-    for layer in (1, 3):
-        for _ in range(4):
-            r.memory.record(LAYERS[layer], bucket, torch.tensor(0.99))
-            r.memory.refresh()
     plan = plan_batch(qsl, torch.tensor(seq_lens), table, 16, r.config, decode_threshold=1, router=r)
-    assert plan.requests == (1,)
+    assert plan.requests == (1,), "the first long prompt is planned for measuring"
+    assert [(plan.runs_sparse(name), plan.measures(name)) for name in LAYERS] == [(False, True)] * 4
+    for layer, density in enumerate([0.1, 0.99, 0.1, 0.99]):
+        measure(r, layer, bucket, density, times=2)
+    plan = plan_batch(qsl, torch.tensor(seq_lens), table, 16, r.config, decode_threshold=1, router=r)
     assert [plan.runs_sparse(name) for name in LAYERS] == [True, False, True, False]
+    assert not any(plan.measures(name) for name in LAYERS)
+    # every layer measured diffuse: the whole batch runs dense, no plan
+    for layer in (0, 2):
+        measure(r, layer, bucket, 0.99, times=4)
+    assert plan_batch(qsl, torch.tensor(seq_lens), table, 16, r.config, decode_threshold=1, router=r) is None
     # a short prompt: no layer pays, the whole batch runs dense
     short = torch.tensor([0, 1, 2049], dtype=torch.int32)
     assert plan_batch(short, torch.tensor([900, 2048]), table, 16, r.config, decode_threshold=1, router=r) is None

@@ -7,12 +7,19 @@ measured recently (at a similar length) is below the break-even density; diffuse
 run dense. Densities come from the layers themselves: each FlexPrefill layer call writes
 its measured density into a device buffer (``DensityMemory.record``, no synchronisation);
 the next step's builder copies that buffer to the host asynchronously and folds in the
-copy of the step before, once its event says it has landed. A layer routed dense drifts
-back towards the prior, so it is measured again now and then.
+copy of the step before, once its event says it has landed.
+
+A layer never runs sparse on a guess. Where its density at this length is unknown it
+*measures*: it runs dense and the estimation alone, which costs a few percent of the
+dense call. A length never measured borrows the layer's estimate at the nearest shorter
+length (densities fall with length), and measures when that one is close to break-even.
+A layer kept dense measures again every ``REMEASURE_STEPS`` steps, so it follows the
+prompts it serves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,14 +27,16 @@ import torch
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import CostModel
 
-# density of a layer never measured: sparse is tried first, then kept where it paid
-PRIOR_DENSITY = 0.5
+# the density the start-up message assumes, to say from which length sparse may pay
+TYPICAL_DENSITY = 0.5
 # key-length buckets of half an octave: < 5.8k, 5.8-8k, 8-11.6k, 11.6-16k, ..., >= 1M; a
 # chunk's density depends on how many keys it sees (the floor weighs less on longer ones)
 NUM_BUCKETS = 16
-# weight of a new measurement, and the drift towards the prior per step a layer runs dense
+# weight of a new measurement; steps a layer runs dense before it measures again; a
+# borrowed estimate up to BORROW_MARGIN x break-even is measured rather than trusted
 NEW_WEIGHT = 0.5
-DRIFT = 0.02
+REMEASURE_STEPS = 64
+BORROW_MARGIN = 1.5
 
 
 def length_bucket(k_len: int) -> int:
@@ -48,7 +57,11 @@ class DensityMemory:
         self.device = torch.device(device)
         # written by the layers: [sum of densities, number of calls] per (layer, bucket)
         self.measured = torch.zeros(2, *shape, device=self.device)
-        self.estimate = torch.full(shape, PRIOR_DENSITY)
+        # NaN: never measured; kept as a host list too, read per layer each step
+        self.estimate = torch.full(shape, float("nan"))
+        self._table = self.estimate.tolist()
+        # steps each (layer, bucket) ran dense since it last measured
+        self.dense_steps = [[0] * NUM_BUCKETS for _ in layer_names]
         # one pinned host buffer and the event of the copy into it (at most one in flight)
         self._host = torch.empty(self.measured.shape, pin_memory=self.device.type == "cuda")
         self._copied: torch.cuda.Event | None = None
@@ -79,15 +92,27 @@ class DensityMemory:
         total, calls = measured
         seen = calls > 0
         mean = total / calls.clamp_min(1)
-        self.estimate = torch.where(seen, (1 - NEW_WEIGHT) * self.estimate + NEW_WEIGHT * mean, self.estimate)
+        blended = torch.where(self.estimate.isnan(), mean, (1 - NEW_WEIGHT) * self.estimate + NEW_WEIGHT * mean)
+        self.estimate = torch.where(seen, blended, self.estimate)
+        self._table = self.estimate.tolist()
 
-    def density(self, layer: int, bucket: int) -> float:
-        return float(self.estimate[layer, bucket])
+    def density(self, layer: int, bucket: int) -> tuple[float, bool]:
+        """(estimate, whether it was measured at this bucket): else the nearest shorter
+        bucket's estimate; NaN where the layer has none."""
+        row = self._table[layer]
+        for b in range(bucket, -1, -1):
+            if row[b] == row[b]:  # not NaN
+                return row[b], b == bucket
+        return float("nan"), False
 
-    def drift(self, layer: int, bucket: int) -> None:
-        """One step of a layer running dense: its estimate moves towards the prior."""
-        e = self.estimate[layer, bucket]
-        self.estimate[layer, bucket] = e + DRIFT * (PRIOR_DENSITY - e)
+
+@dataclasses.dataclass(frozen=True)
+class LayerRoute:
+    """One step's layers: ``sparse`` run the candidates sparse, ``measure`` run dense and
+    the estimation alone (to learn their density); the rest run dense."""
+
+    sparse: frozenset[int]
+    measure: frozenset[int]
 
 
 class Router:
@@ -116,15 +141,23 @@ class Router:
     def candidate(self, q_len: int, k_len: int) -> bool:
         return self.cost.pays([q_len], [k_len], self.floor_density(q_len, k_len))
 
-    def sparse_layers(self, q_lens: list[int], k_lens: list[int]) -> frozenset[int]:
-        """The layers where the candidates' predicted density is below break-even."""
+    def route_layers(self, q_lens: list[int], k_lens: list[int]) -> LayerRoute:
+        """Sparse where the candidates' estimated density is below break-even; measure
+        where it is unknown, borrowed and close, or old."""
         self.memory.refresh()
         bucket = length_bucket(max(k_lens))
         even = self.cost.break_even(q_lens, k_lens)
-        layers = set()
+        sparse, measure = set(), set()
         for layer in range(len(self.memory.rows)):
-            if self.memory.density(layer, bucket) <= even:
-                layers.add(layer)
+            density, own = self.memory.density(layer, bucket)
+            steps = self.memory.dense_steps[layer]
+            if density <= even:
+                sparse.add(layer)
+                steps[bucket] = 0
+            elif density != density or (not own and density <= BORROW_MARGIN * even) \
+                    or steps[bucket] >= REMEASURE_STEPS:
+                measure.add(layer)
+                steps[bucket] = 0
             else:
-                self.memory.drift(layer, bucket)
-        return frozenset(layers)
+                steps[bucket] += 1
+        return LayerRoute(frozenset(sparse), frozenset(measure))

@@ -25,7 +25,7 @@ from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
-from vllm_flexprefill.backend.sparse import sparse_prefill
+from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
 
 
 @dataclasses.dataclass
@@ -83,23 +83,33 @@ class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "plan", None)
-        if plan is None or self.unsupported or not plan.runs_sparse(getattr(layer, "layer_name", "")):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
+        name = getattr(layer, "layer_name", "")
+        if plan is None or self.unsupported or not plan.runs_sparse(name):
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+            if plan is not None and not self.unsupported and plan.measures(name):
+                for group, positions in zip(plan.groups, attn_metadata.kv_positions):
+                    k, _ = self.group_kv(group, positions, key, value, kv_cache)
+                    choose_and_record(query[group.q_rows], k, group, plan, self.scale, name)
+            return output
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
         for group, positions in zip(plan.groups, attn_metadata.kv_positions):
             rows = group.q_rows
-            if positions is not None:
-                # vLLM stored this step's keys and values before forward: the cache holds every position
-                k, v = read_tokens(kv_cache, group.kv_pages, positions)
-            else:  # fresh prompts only: their keys and values are this step's inputs
-                k, v = key[rows], value[rows]
-            out = sparse_prefill(query[rows], k, v, group, plan, self.scale,
-                                 layer_name=getattr(layer, "layer_name", ""))
+            k, v = self.group_kv(group, positions, key, value, kv_cache)
+            out = sparse_prefill(query[rows], k, v, group, plan, self.scale, layer_name=name)
             output.view(output.shape[0], self.num_heads, -1)[rows] = out
         return output
+
+    @staticmethod
+    def group_kv(group, positions, key, value, kv_cache):
+        """[Tk, H, D] keys and values of every position of the group's requests."""
+        if positions is not None:
+            # vLLM stored this step's keys and values before forward: the cache holds every position
+            return read_tokens(kv_cache, group.kv_pages, positions)
+        # fresh prompts only: their keys and values are this step's inputs
+        return key[group.q_rows], value[group.q_rows]
 
 
 class FlexPrefillCPUBackend(CPUAttentionBackend):

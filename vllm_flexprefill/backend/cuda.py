@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
+
 from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
@@ -29,7 +31,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
-from vllm_flexprefill.backend.sparse import sparse_prefill
+from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
 
 
 @dataclasses.dataclass
@@ -95,15 +97,21 @@ class FlexPrefillImpl(FlashAttentionImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         name = getattr(layer, "layer_name", "")
-        if not isinstance(attn_metadata, FlexPrefillMetadata) or not attn_metadata.plan.runs_sparse(name):
+        plan = attn_metadata.plan if isinstance(attn_metadata, FlexPrefillMetadata) else None
+        if plan is None or not plan.runs_sparse(name):
             # (the FlexPrefill metadata holds FlashAttention's for the whole batch)
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+            if plan is not None and plan.measures(name):
+                key_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)[0]
+                for group in plan.groups:
+                    choose_and_record(group_rows(query, group), key_cache[group.kv_pages, group.kv_offsets], group,
+                                      plan, self.scale, name)
+            return output
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        plan = attn_metadata.plan
         for group in plan.groups:
             # [Tk, H, D]: every key position of the group's requests, gathered from their pages
             k = key_cache[group.kv_pages, group.kv_offsets]
@@ -117,6 +125,12 @@ class FlexPrefillImpl(FlashAttentionImpl):
                                      layer_name=name)
                 output.index_copy_(0, rows, out)
         return output
+
+
+def group_rows(query: torch.Tensor, group) -> torch.Tensor:
+    """[Tq, HQ, D]: the query rows of a group's requests."""
+    rows = group.q_rows
+    return query[rows] if isinstance(rows, slice) else query.index_select(0, rows)
 
 
 class FlexPrefillBackend(FlashAttentionBackend):

@@ -54,6 +54,8 @@ class SparsePlan:
     config: the settings the plan was made with, which the layers run it with.
     sparse_layers: rows (in ``memory``) of the layers that run the groups sparse; the
         others run the whole batch dense. None: every layer runs them sparse.
+    measure_layers: rows of the layers that run the whole batch dense and, for the
+        groups, the estimation alone, to measure their density.
     memory: where the layers record the density they measure (None: nowhere).
     """
 
@@ -63,12 +65,17 @@ class SparsePlan:
     config: FlexPrefillConfig
     sparse_layers: frozenset[int] | None = None
     memory: DensityMemory | None = None
+    measure_layers: frozenset[int] = frozenset()
 
     def runs_sparse(self, layer_name: str) -> bool:
         """Whether this layer runs the plan's groups sparse (else the whole batch runs dense)."""
         if self.sparse_layers is None:
             return True
         return self.memory.rows.get(layer_name, -1) in self.sparse_layers
+
+    def measures(self, layer_name: str) -> bool:
+        """Whether this layer (running dense) measures the groups' density."""
+        return bool(self.measure_layers) and self.memory.rows.get(layer_name, -1) in self.measure_layers
 
 
 def choose_sparse(q_lens: list[int], seq_lens: list[int], cfg: FlexPrefillConfig, decode_threshold: int,
@@ -123,15 +130,16 @@ def plan_batch(
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     seq_lens = seq_lens_cpu.tolist()[:len(q_lens)]
     sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only, router)
-    layers = None
+    route = None
     if router is not None and any(sparse):
-        layers = router.sparse_layers([q for q, s in zip(q_lens, sparse) if s],
-                                      [k for k, s in zip(seq_lens, sparse) if s])
-        if not layers:
+        route = router.route_layers([q for q, s in zip(q_lens, sparse) if s],
+                                    [k for k, s in zip(seq_lens, sparse) if s])
+        if not route.sparse and not route.measure:
             sparse = [False] * len(sparse)
     if stats.path() is not None:
+        # "sparse": planned sparse (in the layers the router chose; all of them without a router)
         stats.append({"kind": "step", "requests": [
-            {"new": q, "all": k, "route": "sparse" if s else "dense"}
+            {"new": q, "all": k, "route": "sparse" if s and (route is None or route.sparse) else "dense"}
             for q, k, s in zip(q_lens, seq_lens, sparse) if q > decode_threshold]})
     requests = tuple(i for i, s in enumerate(sparse) if s)
     if not requests:
@@ -146,7 +154,9 @@ def plan_batch(
         gathered += seq_lens[i]
     groups.append(current)
     built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
-    return SparsePlan(requests, built, dense_runs(sparse), cfg, layers, router.memory if router else None)
+    if route is None:
+        return SparsePlan(requests, built, dense_runs(sparse), cfg)
+    return SparsePlan(requests, built, dense_runs(sparse), cfg, route.sparse, router.memory, route.measure)
 
 
 def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_lens: list[int],

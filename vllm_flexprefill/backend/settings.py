@@ -8,7 +8,7 @@ import torch
 
 from vllm_flexprefill.attention import SUPPORTED_HEAD_DIMS
 from vllm_flexprefill.backend import compat
-from vllm_flexprefill.backend.cost_routing import PRIOR_DENSITY, DensityMemory, Router
+from vllm_flexprefill.backend.cost_routing import TYPICAL_DENSITY, DensityMemory, Router
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import CostModel, rates_for
 
@@ -65,7 +65,7 @@ def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Rou
     cost = CostModel(rates_for(name, head_dim), heads, head_dim, cfg.sparse_block_size)
     router = Router(cfg, cost, DensityMemory(list(layer_names), device))
     first = next((n for n in (2 ** (i / 4) for i in range(40, 81)) if router.candidate(int(n), int(n))
-                  and cost.pays([int(n)], [int(n)], PRIOR_DENSITY)), None)
+                  and cost.pays([int(n)], [int(n)], TYPICAL_DENSITY)), None)
     where = name or "CPU"
     if first is None or first > model.max_model_len:
         compat.say_once(

@@ -19,12 +19,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
     q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions.
     Returns out [Tq, HQ, D] (written in place when given).
     """
-    cfg = plan.config
-    selection = select_blocks(q, k, group.layout, cfg, scale)
-    if plan.memory is not None:
-        # the measured density, for the router's next decisions (device ops, no synchronisation)
-        plan.memory.record(layer_name, group.bucket,
-                           selection.block_cnt.sum(dtype=torch.float32) / (group.causal_blocks * q.shape[1]))
+    selection = choose_and_record(q, k, group, plan, scale, layer_name)
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
         density = selection.density(group.layout)
@@ -35,6 +30,17 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
     if stats.path() is not None:
         record_layer(selection, group, layer_name)
     return sparse_attention(q, k, v, group.layout, selection, scale, out=out)
+
+
+def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan: SparsePlan, scale: float,
+                      layer_name: str):
+    """The group's block selection; its density goes to the router's memory (device ops, no
+    synchronisation). A layer that measures (``SparsePlan.measures``) calls this alone."""
+    selection = select_blocks(q, k, group.layout, plan.config, scale)
+    if plan.memory is not None:
+        plan.memory.record(layer_name, group.bucket,
+                           selection.block_cnt.sum(dtype=torch.float32) / (group.causal_blocks * q.shape[1]))
+    return selection
 
 
 def record_layer(selection, group: SparseGroup, layer_name: str) -> None:

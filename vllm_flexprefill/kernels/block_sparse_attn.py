@@ -1,11 +1,15 @@
 """Block-sparse causal flash attention over per-(query head, query tile) key-block lists.
 
-One program per (query tile, query head). A tile is up to BS queries of one sequence
+One program per (query head, query tile). A tile is up to BS queries of one sequence
 (see ``patterns/layout.py`` for the grid); it walks its sorted key-block list in
 sub-tiles of BLOCK_N keys with an online softmax in float32. Only the diagonal block
 (key block == tile row, always the list's last entry) needs the causal mask; it runs
-after the loop, so the loop body has no mask and no branch. Tiles are launched longest-row first so
-the heaviest programs start early.
+after the loop, so the loop body has no mask and no branch.
+
+Launch order: every head of the last tile, then every head of the tile before, and so on.
+The last tiles have the longest rows (and the probe's tiles attend to every key), so the
+heaviest programs start first instead of trailing the grid; heads that share a KV head run
+side by side and read the same K/V tiles from L2.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ def block_sparse_attn_fwd_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_t = (num_tiles - 1 - tl.program_id(0)).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(0).to(tl.int64)
+    i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
     i_kh = i_h // GROUP
     i_s = tl.load(tile_seq + i_t)
     i_r = tl.load(tile_row + i_t).to(tl.int64)
@@ -146,7 +150,8 @@ def block_sparse_attention(
     if num_tiles == 0:
         return out
     cfg = config or attention_config(d, block_size)
-    block_sparse_attn_fwd_kernel[(num_tiles, hq)](
+    # (grid dimension 1 allows 65535 tiles: 8M keys of one group at BS 128)
+    block_sparse_attn_fwd_kernel[(hq, num_tiles)](
         q, k, v, out, lse if lse is not None else out,
         cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
         num_tiles, scale * 1.4426950408889634,
