@@ -10,7 +10,8 @@
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
 #   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model 4k-32k: FLASH_ATTN, FLEX_PREFILL default, every
-#                                         # chunk sparse; a profile of one 32k prompt per engine
+#                                         # chunk sparse; a profile of one 32k prompt per engine; vLLM's
+#                                         # default compilation (COMPILATION=eager: without torch.compile)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
@@ -49,7 +50,8 @@ for stage in "$@"; do
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
     ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths 4096 8192 16384 32768 \
-                 --engines FLASH_ATTN FLEX_PREFILL FLEX_SPARSE --reps 5 --profile --out "$OUT" 2>&1 \
+                 --engines FLASH_ATTN FLEX_PREFILL FLEX_SPARSE --reps 5 --profile --compilation ${COMPILATION:-vllm} \
+                 --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy" | tail -12 ;;
     ttft-default) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 131072 --engines FLASH_ATTN FLEX_PREFILL \
                     --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error" | tail -6 ;;

@@ -18,6 +18,10 @@ min_budget = 1024: every head keeps exactly the default floor, which is what the
 settings cost on attention concentrated enough to need no more); "FLEX_SPARSE" (default
 settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query_tokens = 0``).
 
+``--compilation eager`` (the default) runs without torch.compile and captures CUDA graphs
+for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
+user gets. Prefill chunks longer than the captured sizes run outside CUDA graphs either way.
+
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
 took it, to see where a layer call's time goes inside vLLM.
@@ -26,6 +30,7 @@ took it, to see where a layer call's time goes inside vLLM.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -84,9 +89,12 @@ def engine_measure(spec: dict) -> dict:
     real = spec.get("prompts") is not None
     kwargs = dict(model=spec["model"], load_format="auto" if real else "dummy", skip_tokenizer_init=True,
                   dtype="bfloat16", max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
-                  gpu_memory_utilization=0.9, enable_chunked_prefill=spec["chunked"], max_num_seqs=4,
-                  compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                      "cudagraph_capture_sizes": [1, 2, 4]})
+                  gpu_memory_utilization=0.9, enable_chunked_prefill=spec["chunked"], max_num_seqs=4)
+    if spec["compilation"] == "eager":
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                        "cudagraph_capture_sizes": [1, 2, 4]}
+    else:  # vLLM's own default (torch.compile, CUDA graphs), with few graph sizes to capture
+        kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4]}
     if not real or not spec["chunked"]:
         kwargs["max_num_batched_tokens"] = 8192 if spec["chunked"] else spec["max_model_len"]
     kwargs["attention_backend"] = "FLASH_ATTN" if spec["backend"] == "FLASH_ATTN" else "FLEX_PREFILL"
@@ -184,6 +192,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--engines", nargs="+", default=["FLASH_ATTN", "FLEX_PREFILL", "FLEX_10"])
     parser.add_argument("--chunked", nargs="+", default=["on"], choices=["on", "off"])
+    parser.add_argument("--compilation", nargs="+", default=["eager"], choices=["eager", "vllm"],
+                        help="eager: no torch.compile, CUDA graphs for decode only; vllm: vLLM's default")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--decode-length", type=int, default=8192)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + ["smollm2"],
@@ -208,7 +218,7 @@ def main() -> None:
                          vocab_size=SHAPES[args.shape]["vocab_size"])]
 
     runs = []
-    for chunked in args.chunked:
+    for chunked, compilation in itertools.product(args.chunked, args.compilation):
         for engine in args.engines:
             specs = []
             for variant in variants:
@@ -225,32 +235,35 @@ def main() -> None:
                 else:
                     specs.append(dict(variant, flexprefill=None))
             for spec in specs:
-                spec.update(backend=engine, chunked=chunked == "on", reps=args.reps,
+                spec.update(backend=engine, chunked=chunked == "on", compilation=compilation, reps=args.reps,
                             profile_dir=str(out_dir) if args.profile else None, all_lengths=args.lengths,
                             decode_length=spec["lengths"][0] if spec["prompts"] else args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
                 if "error" in result:
-                    print(f"{engine} chunked={chunked} failed:\n{result['error'][-4000:]}", flush=True)
+                    print(f"{engine} chunked={chunked} compilation={compilation} failed:\n{result['error'][-4000:]}", flush=True)
                     continue
                 for n, ms in result["ttft_ms"].items():
-                    row = {"shape": args.shape, "engine": engine, "chunked": chunked, "N": n, "ttft_ms": ms,
+                    row = {"shape": args.shape, "engine": engine, "chunked": chunked, "compilation": compilation,
+                           "N": n, "ttft_ms": ms,
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
     (out_dir / "ttft.json").write_text(json.dumps(runs, indent=1))
-    print(f"{'chunked':>7} {'N':>7} " + " ".join(f"{e:>12}" for e in args.engines)
+    print(f"{'chunked':>7} {'compile':>7} {'N':>7} " + " ".join(f"{e:>12}" for e in args.engines)
           + "  speed-up vs FLASH_ATTN, decode ms/token")
-    for chunked in args.chunked:
+    for chunked, compilation in itertools.product(args.chunked, args.compilation):
         for n in args.lengths:
-            cells = {r["engine"]: r for r in runs if r["chunked"] == chunked and r["N"] == n}
-            line = f"{chunked:>7} {n:>7} " + " ".join(f"{cells[e]['ttft_ms']:12.1f}" if e in cells else f"{'-':>12}"
-                                                      for e in args.engines)
+            cells = {r["engine"]: r for r in runs
+                     if r["chunked"] == chunked and r["compilation"] == compilation and r["N"] == n}
+            line = f"{chunked:>7} {compilation:>7} {n:>7} " + " ".join(
+                f"{cells[e]['ttft_ms']:12.1f}" if e in cells else f"{'-':>12}" for e in args.engines)
             if "FLASH_ATTN" in cells:
                 line += "  " + " ".join(f"{e}={cells['FLASH_ATTN']['ttft_ms'] / r['ttft_ms']:.2f}x"
                                         for e, r in cells.items() if e != "FLASH_ATTN")
             line += "  " + " ".join(f"{e}={cells[e]['decode_ms_per_token']:.2f}" for e in cells)
             print(line)
+
 
 if __name__ == "__main__":
     main()

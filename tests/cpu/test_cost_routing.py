@@ -47,7 +47,7 @@ def test_router_candidates_by_length():
 
 def measure(r, layer, bucket, density, times=1):
     for _ in range(times):
-        r.memory.record(LAYERS[layer], bucket, torch.tensor(density))
+        r.memory.record(LAYERS[layer], bucket, torch.tensor(density), 1)
         r.memory.refresh()
 
 

@@ -61,3 +61,24 @@ def test_groups_of_bounded_keys_give_the_same_output(monkeypatch):
     grouped, _, metadata = run_backend(requests, SPARSE, BF16, "cuda", seed=2)
     assert len(metadata.plan.groups) == 3
     torch.testing.assert_close(grouped, whole, atol=ATOL[BF16], rtol=0)
+
+
+def test_density_memory_folds_measurements_after_the_copy_lands():
+    from vllm_flexprefill.backend.cost_routing import DensityMemory
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layers = ["a", "b"]
+    memory = DensityMemory(layers, "cuda")
+    memory.record("a", 3, torch.tensor(30.0, device="cuda"), 100)
+    memory.record("a", 3, torch.tensor(10.0, device="cuda"), 100)
+    memory.refresh()  # starts the copy; nothing folded yet
+    assert memory.density(0, 3)[0] != memory.density(0, 3)[0], "not folded before the copy lands"
+    memory.record("b", 5, torch.tensor(50.0, device="cuda"), 100)
+    torch.cuda.synchronize()
+    memory.refresh()  # folds the first copy, starts the second
+    assert memory.density(0, 3) == (pytest.approx(0.2), True)
+    torch.cuda.synchronize()
+    memory.refresh()
+    assert memory.density(1, 5) == (pytest.approx(0.5), True)
+    assert memory.density(1, 7) == (pytest.approx(0.5), False), "a longer bucket borrows"

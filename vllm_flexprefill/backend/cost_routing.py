@@ -55,43 +55,51 @@ class DensityMemory:
         self.rows = {name: i for i, name in enumerate(layer_names)}
         shape = (len(layer_names), NUM_BUCKETS)
         self.device = torch.device(device)
-        # written by the layers: [sum of densities, number of calls] per (layer, bucket)
-        self.measured = torch.zeros(2, *shape, device=self.device)
+        # written by the layers: the sum of their densities per (layer, bucket); the number
+        # of calls behind each sum is counted on the host, where the calls are made
+        self.sums = torch.zeros(shape, device=self.device)
+        self.calls = [[0] * NUM_BUCKETS for _ in layer_names]
         # NaN: never measured; kept as a host list too, read per layer each step
         self.estimate = torch.full(shape, float("nan"))
         self._table = self.estimate.tolist()
         # steps each (layer, bucket) ran dense since it last measured
         self.dense_steps = [[0] * NUM_BUCKETS for _ in layer_names]
-        # one pinned host buffer and the event of the copy into it (at most one in flight)
-        self._host = torch.empty(self.measured.shape, pin_memory=self.device.type == "cuda")
+        # one pinned host buffer, the calls behind it, and the event of the copy into it
+        self._host = torch.empty(shape, pin_memory=self.device.type == "cuda")
+        self._host_calls: list[list[int]] = []
         self._copied: torch.cuda.Event | None = None
 
-    def record(self, layer_name: str, bucket: int, density: torch.Tensor) -> None:
-        """Adds one layer call's measured density (a 0-dim device tensor); device ops only."""
+    def record(self, layer_name: str, bucket: int, computed_blocks: torch.Tensor, causal_blocks: int) -> None:
+        """Adds one layer call's density: ``computed_blocks`` (a 0-dim float32 device tensor)
+        out of ``causal_blocks``. One device op, no synchronisation."""
         row = self.rows.get(layer_name)
         if row is not None:
-            self.measured[0, row, bucket] += density
-            self.measured[1, row, bucket] += 1
+            self.sums[row, bucket].add_(computed_blocks, alpha=1.0 / causal_blocks)
+            self.calls[row][bucket] += 1
 
     def refresh(self) -> None:
         """Folds in the measurements that reached the host; starts copying the newest ones."""
+        calls, self.calls = self.calls, [[0] * NUM_BUCKETS for _ in self.rows]
         if self.device.type != "cuda":
-            self._fold(self.measured.clone())
-            self.measured.zero_()
+            self._fold(self.sums.clone(), calls)
+            self.sums.zero_()
             return
         if self._copied is not None:
             if not self._copied.query():
-                return  # the previous copy is still in flight; fold it next step
-            self._fold(self._host)
-        self._host.copy_(self.measured, non_blocking=True)
-        self.measured.zero_()
+                # the previous copy is still in flight: keep these calls for the next copy
+                self.calls = [[a + b for a, b in zip(x, y)] for x, y in zip(calls, self.calls)]
+                return
+            self._fold(self._host, self._host_calls)
+        self._host.copy_(self.sums, non_blocking=True)
+        self._host_calls = calls
+        self.sums.zero_()
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def _fold(self, measured: torch.Tensor) -> None:
-        total, calls = measured
-        seen = calls > 0
-        mean = total / calls.clamp_min(1)
+    def _fold(self, sums: torch.Tensor, calls: list[list[int]]) -> None:
+        n = torch.tensor(calls, dtype=torch.float32)
+        seen = n > 0
+        mean = sums / n.clamp_min(1)
         blended = torch.where(self.estimate.isnan(), mean, (1 - NEW_WEIGHT) * self.estimate + NEW_WEIGHT * mean)
         self.estimate = torch.where(seen, blended, self.estimate)
         self._table = self.estimate.tolist()
@@ -143,8 +151,8 @@ class Router:
 
     def route_layers(self, q_lens: list[int], k_lens: list[int]) -> LayerRoute:
         """Sparse where the candidates' estimated density is below break-even; measure
-        where it is unknown, borrowed and close, or old."""
-        self.memory.refresh()
+        where it is unknown, borrowed and close, or old. (``plan_batch`` refreshes the
+        memory first.)"""
         bucket = length_bucket(max(k_lens))
         even = self.cost.break_even(q_lens, k_lens)
         sparse, measure = set(), set()

@@ -129,6 +129,9 @@ def plan_batch(
     starts = query_start_loc_cpu.tolist()
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     seq_lens = seq_lens_cpu.tolist()[:len(q_lens)]
+    if router is not None:
+        # every prefill step, so that measurements land before the next candidate needs them
+        router.memory.refresh()
     sparse = choose_sparse(q_lens, seq_lens, cfg, decode_threshold, fresh_only, router)
     route = None
     if router is not None and any(sparse):

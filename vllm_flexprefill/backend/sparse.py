@@ -38,8 +38,8 @@ def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan
     synchronisation). A layer that measures (``SparsePlan.measures``) calls this alone."""
     selection = select_blocks(q, k, group.layout, plan.config, scale)
     if plan.memory is not None:
-        plan.memory.record(layer_name, group.bucket,
-                           selection.block_cnt.sum(dtype=torch.float32) / (group.causal_blocks * q.shape[1]))
+        plan.memory.record(layer_name, group.bucket, selection.block_cnt.sum(dtype=torch.float32),
+                           group.causal_blocks * q.shape[1])
     return selection
 
 
