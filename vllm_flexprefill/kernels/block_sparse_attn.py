@@ -23,17 +23,28 @@ from vllm_flexprefill.kernels.configs import attention_config, interpreted
 
 @triton.jit
 def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
-            stride_kt, stride_kh, stride_vt, stride_vh, i_kh, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-            UPCAST: tl.constexpr):
+            stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D: tl.constexpr, BD: tl.constexpr,
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
     """One sub-tile of BLOCK_N keys from position key0: the online-softmax update of the
-    running maximum b_m, sum b_l and accumulator b_acc of the tile's queries."""
+    running maximum b_m, sum b_l and accumulator b_acc of the tile's queries.
+
+    CAUSAL (the diagonal block) masks keys past the query and past k_len. Every other block
+    of a list lies wholly before the tile's row, inside k_len: its loads need no mask (none
+    at all when D is a power of two), and its scores are finite."""
     o_key = key0 + tl.arange(0, BLOCK_N)
-    m_key = o_key < k_len
+    p_k = k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :]
+    p_v = v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :]
     # [BLOCK_N, BD]
-    b_k = tl.load(k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
-                  mask=m_key[:, None] & m_d[None, :], other=0.0)
-    b_v = tl.load(v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
-                  mask=m_key[:, None] & m_d[None, :], other=0.0)
+    if CAUSAL:
+        m_kv = (o_key < k_len)[:, None] & m_d[None, :]
+        b_k = tl.load(p_k, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v, mask=m_kv, other=0.0)
+    elif D == BD:
+        b_k = tl.load(p_k)
+        b_v = tl.load(p_v)
+    else:
+        b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+        b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
     # [BS, BLOCK_N] scores in log2 units
@@ -41,7 +52,10 @@ def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, s
     if CAUSAL:
         b_s = tl.where(o_key[None, :] <= o_pos[:, None], b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    if CAUSAL:
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    else:
+        b_m_safe = b_m_new
     b_p = tl.exp2(b_s - b_m_safe[:, None])
     b_alpha = tl.exp2(b_m - b_m_safe)
     b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
@@ -98,12 +112,12 @@ def block_sparse_attn_fwd_kernel(
         for i_n in tl.static_range(BS // BLOCK_N):
             b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
                                       b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, BLOCK_N, False, UPCAST)
+                                      i_kh, D, BD, BLOCK_N, False, UPCAST)
     if n_blocks > 0:
         for i_n in tl.static_range(BS // BLOCK_N):
             b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
                                       b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, BLOCK_N, True, UPCAST)
+                                      i_kh, D, BD, BLOCK_N, True, UPCAST)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
