@@ -1,9 +1,9 @@
 """Where one FlexPrefill layer call spends its time, the way the CUDA backend runs it.
 
 One chunk of ``--new`` tokens at the end of ``--keys`` keys, cached in a paged KV cache:
-the backend's steps (gather the request's keys and values from their pages, choose the
-blocks, attend, record the density for the router) timed one by one and whole, beside
-FlashAttention-3 reading the same pages (the dense path), then a torch.profiler table of
+the backend's steps (find the rows of the request's keys in their pages, choose the
+blocks, attend, record the density for the router; the kernels read the pages in place)
+timed one by one and whole, beside FlashAttention-3 reading the same pages (the dense path), then a torch.profiler table of
 one whole call (host and device time per operation). The gap between the kernel benchmark's
 prediction and the end-to-end TTFT is what this is for.
 
@@ -38,6 +38,7 @@ def main() -> None:
     from vllm_flexprefill.backend.routing import plan_batch
     from vllm_flexprefill.backend.sparse import sparse_prefill
     from vllm_flexprefill.config import FlexPrefillConfig
+    from vllm_flexprefill.patterns.layout import paged_rows
     from vllm_flexprefill.testing import planted_inputs
 
     hq, h, d = args.shape
@@ -62,18 +63,20 @@ def main() -> None:
     scale = d ** -0.5
     out = torch.empty_like(q)
 
-    def gather():
-        return key_cache[group.kv_pages, group.kv_offsets], value_cache[group.kv_pages, group.kv_offsets]
+    def rows():
+        return paged_rows(key_cache, group.kv_pages, group.kv_offsets)
 
-    kg, vg = gather()
-    selection = select_blocks(q, kg, group.layout, cfg, scale)
+    k_rows = rows()
+    selection = select_blocks(q, key_cache, group.layout, cfg, scale, k_rows)
 
     def whole():
-        kk, vv = gather()
-        sparse_prefill(q, kk, vv, group, plan, scale, out=out, layer_name=name)
+        # as the CUDA backend runs it: the kernels read the pages in place
+        sparse_prefill(q, key_cache, value_cache, group, plan, scale, out=out, layer_name=name, k_rows=rows())
 
-    steps = {"gather K/V": gather, "choose blocks": lambda: select_blocks(q, kg, group.layout, cfg, scale),
-             "attend": lambda: sparse_attention(q, kg, vg, group.layout, selection, scale, out=out),
+    steps = {"cache rows": rows,
+             "choose blocks": lambda: select_blocks(q, key_cache, group.layout, cfg, scale, k_rows),
+             "attend": lambda: sparse_attention(q, key_cache, value_cache, group.layout, selection, scale, out=out,
+                                                k_rows=k_rows),
              "whole call (backend)": whole}
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func

@@ -22,7 +22,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks
-from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
+from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, rows_of
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
@@ -112,30 +112,36 @@ def torch_ops() -> EstimationOps:
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
-                  scale: float) -> BlockSelection:
+                  scale: float, k_rows: torch.Tensor | None = None) -> BlockSelection:
     """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
     estimation's Triton kernels (a few launches per sequence), elsewhere with the readable
-    per-head specification (``patterns/naive.py``)."""
+    per-head specification (``patterns/naive.py``).
+
+    k: [Tk, H, D] packed as ``layout`` says, or a paged cache view [..., H, D] read at
+    ``k_rows`` [Tk] (element offsets of the key positions' rows, ``patterns.layout.paged_rows``).
+    """
     if q.is_cuda:
-        return estimate_blocks(q, k, layout, cfg, scale, triton_ops())
+        return estimate_blocks(q, k, layout, cfg, scale, triton_ops(), k_rows=k_rows)
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 
-    return naive_select_blocks(q, k, layout, cfg, scale)
+    return naive_select_blocks(q, k if k_rows is None else rows_of(k, k_rows), layout, cfg, scale)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
-                     selection: BlockSelection, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attends to the selected blocks; see kernels/."""
+                     selection: BlockSelection, scale: float, out: torch.Tensor | None = None,
+                     k_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attends to the selected blocks; see kernels/. k, v as in ``select_blocks``."""
     if q.is_cuda:
         from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 
         with torch.cuda.device(q.device):
             return block_sparse_attention(
                 q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
-                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out)
+                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows)
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
-    result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale)
+    result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale,
+                                          k_rows=k_rows)
     if out is None:
         return result
     out.copy_(result)

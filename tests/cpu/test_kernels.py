@@ -6,7 +6,7 @@ import torch
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.patterns.layout import BatchLayout, paged_rows, rows_of
 from vllm_flexprefill.testing import ATOL, dense_reference, planted_inputs, random_block_lists
 
 CASES = [
@@ -74,6 +74,53 @@ def test_probe_stats_and_means_match_naive(q_len, k_len, bs, hq, h):
     for name, a, b in zip(("k_bar", "q_probe_bar", "q_bar"), got[2:], want[2:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     assert probe_stats(q, k, bs, 0.125)[4] is None
+
+
+def paged_copy(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], page: int = 16, seed: int = 0):
+    """keys, values [Tk, H, D] written to shuffled pages of a cache laid out as vLLM's
+    FlashAttention cache is ([pages, H, page, 2 * D], read through transpose and split);
+    returns the K and V views [pages, page, H, D] and each key position's row (k_rows)."""
+    h, d = keys.shape[1], keys.shape[2]
+    counts = [-(-n // page) for n in k_lens]
+    perm = torch.randperm(sum(counts) + 3, generator=torch.Generator().manual_seed(seed))
+    physical = torch.full((sum(counts) + 3, h, page, 2 * d), float("nan"), dtype=keys.dtype)
+    key_cache, value_cache = physical.transpose(1, 2).split(d, dim=-1)
+    pages, offsets, used = [], [], 0
+    for n, c in zip(k_lens, counts):
+        t = torch.arange(n)
+        pages.append(perm[used + t // page])
+        offsets.append(t % page)
+        used += c
+    pages, offsets = torch.cat(pages), torch.cat(offsets)
+    key_cache[pages, offsets] = keys
+    value_cache[pages, offsets] = values
+    return key_cache, value_cache, paged_rows(key_cache, pages, offsets)
+
+
+def test_kernels_read_a_paged_cache_in_place():
+    # the CUDA backend's path: keys and values stay in their pages; unused slots hold NaN
+    torch.manual_seed(5)
+    q_lens, k_lens, bs, hq, h, d = [37, 100], [37, 181], 32, 4, 2, 64
+    layout = BatchLayout.build(q_lens, k_lens, bs, "cpu")
+    q = torch.randn(sum(q_lens), hq, d, dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
+    v = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
+    key_cache, value_cache, rows = paged_copy(k, v, k_lens)
+    assert torch.equal(rows_of(key_cache, rows), k) and torch.equal(rows_of(value_cache, rows), v)
+    idx, cnt = random_block_lists(layout, hq, 0.5)
+    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, 0.11)
+    packed = block_sparse_attention(q, k, v, *args)
+    paged = block_sparse_attention(q, key_cache, value_cache, *args, k_rows=rows)
+    assert torch.equal(paged, packed)
+    twin = naive_block_sparse_attention(q, key_cache, value_cache, layout, idx, cnt, 0.11, k_rows=rows)
+    torch.testing.assert_close(paged.float(), twin.float(), atol=ATOL[torch.bfloat16], rtol=0)
+    # the probe of the second sequence
+    qs, ks, rs = q[layout.q_range(1)], k[layout.k_range(1)], rows[layout.k_range(1)]
+    for got, want in zip(probe_stats(qs, key_cache, bs, 0.125, True, k_rows=rs), probe_stats(qs, ks, bs, 0.125, True)):
+        assert torch.equal(got, want)
+    for got, want in zip(naive_probe_stats(qs, key_cache, bs, 0.125, True, k_rows=rs),
+                         naive_probe_stats(qs, ks, bs, 0.125, True)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [

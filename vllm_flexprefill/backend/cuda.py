@@ -32,6 +32,7 @@ from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
+from vllm_flexprefill.patterns.layout import paged_rows
 
 
 @dataclasses.dataclass
@@ -105,32 +106,42 @@ class FlexPrefillImpl(FlashAttentionImpl):
             if plan is not None and plan.measures(name):
                 key_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)[0]
                 for group in plan.groups:
-                    choose_and_record(group_rows(query, group), key_cache[group.kv_pages, group.kv_offsets], group,
-                                      plan, self.scale, name)
+                    choose_and_record(group_queries(query, group), key_cache, group, plan, self.scale, name,
+                                      cache_rows(key_cache, group))
             return output
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
+        # [pages, page_size, H, D] views; the kernels read every key position of a group's
+        # requests in place, at the rows cache_rows gives
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         for group in plan.groups:
-            # [Tk, H, D]: every key position of the group's requests, gathered from their pages
-            k = key_cache[group.kv_pages, group.kv_offsets]
-            v = value_cache[group.kv_pages, group.kv_offsets]
+            k_rows = cache_rows(key_cache, group)
             rows = group.q_rows
             if isinstance(rows, slice):
-                sparse_prefill(query[rows], k, v, group, plan, self.scale, out=output[rows],
-                               layer_name=name)
+                sparse_prefill(query[rows], key_cache, value_cache, group, plan, self.scale, out=output[rows],
+                               layer_name=name, k_rows=k_rows)
             else:
-                out = sparse_prefill(query.index_select(0, rows), k, v, group, plan, self.scale,
-                                     layer_name=name)
+                out = sparse_prefill(query.index_select(0, rows), key_cache, value_cache, group, plan, self.scale,
+                                     layer_name=name, k_rows=k_rows)
                 output.index_copy_(0, rows, out)
         return output
 
 
-def group_rows(query: torch.Tensor, group) -> torch.Tensor:
+def group_queries(query: torch.Tensor, group) -> torch.Tensor:
     """[Tq, HQ, D]: the query rows of a group's requests."""
     rows = group.q_rows
     return query[rows] if isinstance(rows, slice) else query.index_select(0, rows)
+
+
+def cache_rows(key_cache: torch.Tensor, group) -> torch.Tensor:
+    """[Tk] int64: where each key position of the group sits in the cache view, in elements;
+    computed once per step (every layer's cache has the same strides)."""
+    strides = key_cache.stride()
+    rows = group.cache_rows.get(strides)
+    if rows is None:
+        rows = group.cache_rows[strides] = paged_rows(key_cache, group.kv_pages, group.kv_offsets)
+    return rows
 
 
 class FlexPrefillBackend(FlashAttentionBackend):

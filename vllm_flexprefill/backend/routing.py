@@ -16,8 +16,8 @@ from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout
 
-# keys gathered for one FlexPrefill call: bounds the transient copy of the cached keys and
-# values (512 MiB for Llama-3.1-8B shapes); a longer request is gathered alone
+# key positions of one FlexPrefill call: bounds the CPU path's transient copy of the cached
+# keys and values (on CUDA the kernels read the pages in place); a longer request runs alone
 MAX_GATHER_TOKENS = 1 << 17
 
 
@@ -35,6 +35,8 @@ class SparseGroup:
     requests: their indices in the batch.
     causal_blocks: key blocks a dense pass over their query tiles visits, per head.
     bucket: the router's length bucket of their longest request.
+    cache_rows: filled by the CUDA layers: cache strides -> [Tk] element offsets of the
+        key positions' rows (one computation per step, not per layer).
     """
 
     layout: BatchLayout
@@ -44,6 +46,7 @@ class SparseGroup:
     requests: tuple[int, ...]
     causal_blocks: int
     bucket: int
+    cache_rows: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,15 @@ from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, plan: SparsePlan,
-                   scale: float, out: torch.Tensor | None = None, layer_name: str = "") -> torch.Tensor:
+                   scale: float, out: torch.Tensor | None = None, layer_name: str = "",
+                   k_rows: torch.Tensor | None = None) -> torch.Tensor:
     """FlexPrefill over one group's packed requests.
 
-    q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions.
+    q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions, or the paged
+    cache's views read at ``k_rows`` [Tk] (``attention.select_blocks``).
     Returns out [Tq, HQ, D] (written in place when given).
     """
-    selection = choose_and_record(q, k, group, plan, scale, layer_name)
+    selection = choose_and_record(q, k, group, plan, scale, layer_name, k_rows)
     if logger.isEnabledFor(logging.DEBUG):
         # a host synchronisation, only when debug logging asks for it
         density = selection.density(group.layout)
@@ -29,14 +31,14 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
                      [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
     if stats.path() is not None:
         record_layer(selection, group, layer_name)
-    return sparse_attention(q, k, v, group.layout, selection, scale, out=out)
+    return sparse_attention(q, k, v, group.layout, selection, scale, out=out, k_rows=k_rows)
 
 
 def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan: SparsePlan, scale: float,
-                      layer_name: str):
+                      layer_name: str, k_rows: torch.Tensor | None = None):
     """The group's block selection; its density goes to the router's memory (device ops, no
     synchronisation). A layer that measures (``SparsePlan.measures``) calls this alone."""
-    selection = select_blocks(q, k, group.layout, plan.config, scale)
+    selection = select_blocks(q, k, group.layout, plan.config, scale, k_rows)
     if plan.memory is not None:
         plan.memory.record(layer_name, group.bucket, selection.block_cnt.sum(dtype=torch.float32),
                            group.causal_blocks * q.shape[1])

@@ -22,9 +22,9 @@ from vllm_flexprefill.kernels.configs import attention_config, interpreted
 
 
 @triton.jit
-def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
+def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
             stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D: tl.constexpr, BD: tl.constexpr,
-            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr):
     """One sub-tile of BLOCK_N keys from position key0: the online-softmax update of the
     running maximum b_m, sum b_l and accumulator b_acc of the tile's queries.
 
@@ -32,8 +32,17 @@ def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, s
     of a list lies wholly before the tile's row, inside k_len: its loads need no mask (none
     at all when D is a power of two), and its scores are finite."""
     o_key = key0 + tl.arange(0, BLOCK_N)
-    p_k = k + (k_start + o_key)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :]
-    p_v = v + (k_start + o_key)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :]
+    if PAGED:  # each key's row in the paged cache (k and v share strides)
+        if CAUSAL:
+            row_k = tl.load(k_rows + k_start + o_key, mask=o_key < k_len, other=0)
+        else:
+            row_k = tl.load(k_rows + k_start + o_key)
+        row_v = row_k
+    else:
+        row_k = (k_start + o_key) * stride_kt
+        row_v = (k_start + o_key) * stride_vt
+    p_k = k + row_k[:, None] + i_kh * stride_kh + o_d[None, :]
+    p_v = v + row_v[:, None] + i_kh * stride_vh + o_d[None, :]
     # [BLOCK_N, BD]
     if CAUSAL:
         m_kv = (o_key < k_len)[:, None] & m_d[None, :]
@@ -69,13 +78,13 @@ def _attend(b_q, k, v, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, s
 
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    q, k, v, o, lse,
+    q, k, v, k_rows, o, lse,
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
     num_tiles, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ih, stride_it, stride_ch, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
     i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
@@ -110,14 +119,14 @@ def block_sparse_attn_fwd_kernel(
     for i_b in range(n_blocks - 1):
         i_c = tl.load(p_idx + i_b).to(tl.int64)
         for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
-                                      b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, False, UPCAST)
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
+                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED)
     if n_blocks > 0:
         for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
-                                      b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, True, UPCAST)
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
+                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
@@ -142,11 +151,15 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
+    k_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``kernels.naive.naive_block_sparse_attention``.
 
     Args:
-        q: [Tq, HQ, D]; k, v: [Tk, H, D] (strided, last dim contiguous), bf16 or fp16.
+        q: [Tq, HQ, D]; k, v: [Tk, H, D] (strided, last dim contiguous), bf16 or fp16; or,
+            with ``k_rows``, views of a paged cache [..., H, D] with the same strides.
+        k_rows: optional [Tk] int64: where each key position's row starts in k and v, in
+            elements (``patterns.layout.paged_rows``); the kernel reads the pages in place.
         cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32.
         block_idx: [HQ, NQB, S] int32 sorted key-block ids, each list ending with the tile's
             diagonal block (its row); block_cnt: [HQ, NQB] int32, at least 1.
@@ -157,22 +170,24 @@ def block_sparse_attention(
         out, [Tq, HQ, D] in q's dtype.
     """
     t_q, hq, d = q.shape
-    h_kv = k.shape[1]
+    h_kv = k.shape[-2]
+    if k_rows is not None and k.stride() != v.stride():
+        raise ValueError("paged k and v must have the same strides")
     if out is None:
-        out = torch.empty(t_q, hq, v.shape[2], dtype=q.dtype, device=q.device)
+        out = torch.empty(t_q, hq, v.shape[-1], dtype=q.dtype, device=q.device)
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0:
         return out
     cfg = config or attention_config(d, block_size)
     # (grid dimension 1 allows 65535 tiles: 8M keys of one group at BS 128)
     block_sparse_attn_fwd_kernel[(hq, num_tiles)](
-        q, k, v, out, lse if lse is not None else out,
+        q, k, v, k_rows if k_rows is not None else cu_seqlens_k, out, lse if lse is not None else out,
         cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
         num_tiles, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0), out.stride(1),
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0), lse.stride(0) if lse is not None else 0,
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size,
-        HAS_LSE=lse is not None, UPCAST=interpreted(q),
+        HAS_LSE=lse is not None, UPCAST=interpreted(q), PAGED=k_rows is not None,
         **cfg,
     )
     return out

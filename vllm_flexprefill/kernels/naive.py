@@ -6,7 +6,7 @@ import torch
 
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.estimate import probe_masses
-from vllm_flexprefill.patterns.layout import BatchLayout, block_means, mask_to_lists
+from vllm_flexprefill.patterns.layout import BatchLayout, block_means, mask_to_lists, rows_of
 
 
 def naive_block_sparse_attention(
@@ -17,16 +17,20 @@ def naive_block_sparse_attention(
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
     scale: float,
+    k_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to the listed key blocks of every (query head, tile).
 
     Args:
-        q: [Tq, HQ, D]; k, v: [Tk, H, D] packed as ``layout`` says.
+        q: [Tq, HQ, D]; k, v: [Tk, H, D] packed as ``layout`` says, or views of a paged
+            cache with ``k_rows`` [Tk] (``paged_rows``) saying where each key position is.
         block_idx: [HQ, NQB, NB] int32 sorted key-block ids, -1 padded.
         block_cnt: [HQ, NQB] int32.
     Returns:
         [Tq, HQ, D] in q's dtype.
     """
+    if k_rows is not None:
+        k, v = rows_of(k, k_rows), rows_of(v, k_rows)
     bs = layout.block_size
     hq, group = q.shape[1], q.shape[1] // k.shape[1]
     out = torch.empty(q.shape[0], hq, v.shape[2], dtype=q.dtype, device=q.device)
@@ -53,14 +57,16 @@ def naive_block_sparse_attention(
 
 
 def naive_probe_stats(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False,
+    k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Probe statistics and block means of one sequence (the probe: its last NP = min(BS, q_len) queries).
 
     Args:
         q: [q_len, HQ, D] the sequence's queries (the last q_len of the k_len positions).
-        k: [k_len, H, D] all keys of the sequence.
+        k: [k_len, H, D] all keys of the sequence (or a paged cache view, with ``k_rows``).
         query_means: also return the mean query of each of the chunk's query tiles.
+        k_rows: optional [k_len] int64 rows of the keys in k (``paged_rows``).
     Returns:
         m, l: [HQ, NB, BS] float32. ``m[h, c, i]`` is the largest causal score of probe row
             i in key block c (-inf if none), ``l[h, c, i]`` the sum of ``exp(score - m)``.
@@ -69,6 +75,8 @@ def naive_probe_stats(
         q_probe_bar: [HQ, D] float32 mean of the probe queries.
         q_bar: [R, HQ, D] float32 mean query of each query tile of the chunk, or None.
     """
+    if k_rows is not None:
+        k = rows_of(k, k_rows)
     q_len, hq, _ = q.shape
     k_len, group = k.shape[0], hq // k.shape[1]
     n_probe = min(block_size, q_len)

@@ -21,11 +21,11 @@ from vllm_flexprefill.kernels.configs import interpreted, probe_config
 
 @triton.jit
 def probe_kernel(
-    q, k, m_out, l_out, k_bar, q_probe_bar, q_bar,
+    q, k, k_rows, m_out, l_out, k_bar, q_probe_bar, q_bar,
     q_len, k_len, n_probe, first_row, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_mh, stride_mc,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr,
-    QUERY_MEANS: tl.constexpr,
+    QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -38,7 +38,11 @@ def probe_kernel(
     m_j = o_j < k_len
     # probe row i is query q_len - n_probe + i, at position k_len - n_probe + i
     p_q = q + i_h * stride_qh + (q_len - n_probe + o_i)[:, None] * stride_qt + o_d[None, :]
-    p_k = k + (i_h // GROUP) * stride_kh + o_j[:, None] * stride_kt + o_d[None, :]
+    if PAGED:  # each key's row in the paged cache
+        row = tl.load(k_rows + o_j, mask=m_j, other=0)
+    else:
+        row = o_j * stride_kt
+    p_k = k + (i_h // GROUP) * stride_kh + row[:, None] + o_d[None, :]
     # [BS, BD]
     b_q = tl.load(p_q, mask=m_i[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     b_k = tl.load(p_k, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -72,14 +76,18 @@ def probe_kernel(
 
 
 def probe_stats(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False,
+    k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.naive.naive_probe_stats`` (same arguments and results).
 
     Args:
         q: [q_len, HQ, D] one sequence's queries (the last q_len of the k_len positions);
-            k: [k_len, H, D] its keys; last dims contiguous.
+            k: [k_len, H, D] its keys; last dims contiguous. With ``k_rows``, k is a view
+            of a paged cache [..., H, D].
         query_means: also return the mean query of each of the chunk's query tiles.
+        k_rows: optional [k_len] int64: where each key's row starts in k, in elements
+            (``patterns.layout.paged_rows``).
     Returns:
         m, l: [HQ, NB, BS] float32 per (key block, probe row) maximum score (natural log
             units) and sum of exponentials; rows past NP are padding (m = -inf, l = 0).
@@ -89,7 +97,7 @@ def probe_stats(
             ``(k_len - q_len) // BS``), or None.
     """
     q_len, hq, d = q.shape
-    k_len, h_kv = k.shape[0], k.shape[1]
+    k_len, h_kv = (k.shape[0] if k_rows is None else k_rows.shape[0]), k.shape[-2]
     nb = triton.cdiv(k_len, block_size)
     n_probe = min(block_size, q_len)
     first_row = (k_len - q_len) // block_size
@@ -100,10 +108,10 @@ def probe_stats(
     q_probe_bar = torch.empty(hq, d, **f32)
     q_bar = torch.empty(nb - first_row, hq, d, **f32) if query_means else None
     probe_kernel[(nb, hq)](
-        q, k, m, l, k_bar, q_probe_bar, q_bar if query_means else m,
+        q, k, k_rows if k_rows is not None else m, m, l, k_bar, q_probe_bar, q_bar if query_means else m,
         q_len, k_len, n_probe, first_row, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), m.stride(0), m.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size, UPCAST=interpreted(k),
-        QUERY_MEANS=query_means, **probe_config(d, block_size),
+        QUERY_MEANS=query_means, PAGED=k_rows is not None, **probe_config(d, block_size),
     )
     return m, l, k_bar, q_probe_bar, q_bar

@@ -73,11 +73,13 @@ def probe_row(q_len: int, k_len: int, block_size: int) -> int:
 
 def estimate_blocks(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, ops: EstimationOps,
+    k_rows: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Block lists for a packed batch: estimated for sparse sequences, every causal block for the rest.
 
     Args:
-        q: [Tq, HQ, D]; k: [Tk, H, D] packed as ``layout`` says.
+        q: [Tq, HQ, D]; k: [Tk, H, D] packed as ``layout`` says, or a paged cache view
+            with ``k_rows`` [Tk] (element offset of each key position's row in k).
     """
     hq = q.shape[1]
     bs = cfg.sparse_block_size
@@ -92,8 +94,8 @@ def estimate_blocks(
             ops.write_block_lists(block_idx, block_cnt, **where)
             continue
         nb = where["nb"]
-        m, l, k_bar, q_probe_bar, q_bar = ops.probe(q[layout.q_range(s)], k[layout.k_range(s)], bs, scale,
-                                                    cfg.tau > 0)
+        keys, rows = (k[layout.k_range(s)], None) if k_rows is None else (k, k_rows[layout.k_range(s)])
+        m, l, k_bar, q_probe_bar, q_bar = ops.probe(q[layout.q_range(s)], keys, bs, scale, cfg.tau > 0, k_rows=rows)
         max_blocks = cfg.max_blocks or nb
         keep_v, keep_s, qa = ops.select_heads(m, l, k_bar, q_probe_bar, min(bs, q_len), k_len, scale, cfg.gamma,
                                               cfg.tau, cfg.min_blocks, max_blocks, min(cfg.min_blocks, max_blocks))
