@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--compilation", nargs="+", default=["eager"], choices=["eager", "vllm"],
                         help="eager: no torch.compile, CUDA graphs for decode only; vllm: vLLM's default")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine this many times, each in a fresh process, alternating engines; "
+                             "the table shows the median and range over rounds (engine processes vary)")
     parser.add_argument("--decode-length", type=int, default=8192)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + ["smollm2"],
                         help="model shape (all layers, random weights), or smollm2: the real model")
@@ -218,7 +221,7 @@ def main() -> None:
                          vocab_size=SHAPES[args.shape]["vocab_size"])]
 
     runs = []
-    for chunked, compilation in itertools.product(args.chunked, args.compilation):
+    for rnd, chunked, compilation in itertools.product(range(args.rounds), args.chunked, args.compilation):
         for engine in args.engines:
             specs = []
             for variant in variants:
@@ -236,32 +239,53 @@ def main() -> None:
                     specs.append(dict(variant, flexprefill=None))
             for spec in specs:
                 spec.update(backend=engine, chunked=chunked == "on", compilation=compilation, reps=args.reps,
-                            profile_dir=str(out_dir) if args.profile else None, all_lengths=args.lengths,
+                            profile_dir=str(out_dir) if args.profile and rnd == 0 else None,
+                            all_lengths=args.lengths,
                             decode_length=spec["lengths"][0] if spec["prompts"] else args.decode_length)
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     result = pool.apply(engine_run, (spec,))
                 if "error" in result:
-                    print(f"{engine} chunked={chunked} compilation={compilation} failed:\n{result['error'][-4000:]}", flush=True)
+                    print(f"{engine} chunked={chunked} compilation={compilation} failed:\n{result['error'][-4000:]}",
+                          flush=True)
                     continue
                 for n, ms in result["ttft_ms"].items():
                     row = {"shape": args.shape, "engine": engine, "chunked": chunked, "compilation": compilation,
-                           "N": n, "ttft_ms": ms,
+                           "round": rnd, "N": n, "ttft_ms": ms,
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
     (out_dir / "ttft.json").write_text(json.dumps(runs, indent=1))
-    print(f"{'chunked':>7} {'compile':>7} {'N':>7} " + " ".join(f"{e:>12}" for e in args.engines)
+    print_table(runs, args)
+
+
+def print_table(runs: list[dict], args) -> None:
+    """TTFT per engine (median over rounds; the range in brackets with several rounds), the
+    speed-up against FLASH_ATTN, and decode ms/token."""
+    print(f"{'chunked':>7} {'compile':>7} {'N':>7} " + " ".join(f"{e:>18}" for e in args.engines)
           + "  speed-up vs FLASH_ATTN, decode ms/token")
     for chunked, compilation in itertools.product(args.chunked, args.compilation):
         for n in args.lengths:
-            cells = {r["engine"]: r for r in runs
-                     if r["chunked"] == chunked and r["compilation"] == compilation and r["N"] == n}
-            line = f"{chunked:>7} {compilation:>7} {n:>7} " + " ".join(
-                f"{cells[e]['ttft_ms']:12.1f}" if e in cells else f"{'-':>12}" for e in args.engines)
+            cells = {}
+            for e in args.engines:
+                rows = [r for r in runs if (r["chunked"], r["compilation"], r["N"], r["engine"])
+                        == (chunked, compilation, n, e)]
+                if rows:
+                    cells[e] = {"ttft": statistics.median(r["ttft_ms"] for r in rows),
+                                "lo": min(r["ttft_ms"] for r in rows), "hi": max(r["ttft_ms"] for r in rows),
+                                "decode": statistics.median(r["decode_ms_per_token"] for r in rows)}
+
+            def cell(e):
+                if e not in cells:
+                    return f"{'-':>18}"
+                c = cells[e]
+                spread = f" [{c['lo']:.0f}-{c['hi']:.0f}]" if args.rounds > 1 else ""
+                return f"{c['ttft']:.1f}{spread}".rjust(18)
+
+            line = f"{chunked:>7} {compilation:>7} {n:>7} " + " ".join(cell(e) for e in args.engines)
             if "FLASH_ATTN" in cells:
-                line += "  " + " ".join(f"{e}={cells['FLASH_ATTN']['ttft_ms'] / r['ttft_ms']:.2f}x"
-                                        for e, r in cells.items() if e != "FLASH_ATTN")
-            line += "  " + " ".join(f"{e}={cells[e]['decode_ms_per_token']:.2f}" for e in cells)
+                line += "  " + " ".join(f"{e}={cells['FLASH_ATTN']['ttft'] / c['ttft']:.2f}x"
+                                        for e, c in cells.items() if e != "FLASH_ATTN")
+            line += "  " + " ".join(f"{e}={c['decode']:.2f}" for e, c in cells.items())
             print(line)
 
 
