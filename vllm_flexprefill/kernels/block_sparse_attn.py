@@ -171,8 +171,9 @@ def block_sparse_attention(
     """
     t_q, hq, d = q.shape
     h_kv = k.shape[-2]
-    if k_rows is not None and k.stride() != v.stride():
-        raise ValueError("paged k and v must have the same strides")
+    if k_rows is not None and (k.stride() != v.stride() or k.stride(-1) != 1):
+        raise ValueError(f"paged k and v must have the same strides, head_dim contiguous; got {k.stride()} "
+                         f"and {v.stride()}")
     if out is None:
         out = torch.empty(t_q, hq, v.shape[-1], dtype=q.dtype, device=q.device)
     num_tiles = tile_seq.shape[0]

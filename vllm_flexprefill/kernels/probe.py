@@ -98,6 +98,8 @@ def probe_stats(
     """
     q_len, hq, d = q.shape
     k_len, h_kv = (k.shape[0] if k_rows is None else k_rows.shape[0]), k.shape[-2]
+    if k.stride(-1) != 1:
+        raise ValueError(f"k's head_dim must be contiguous, got strides {k.stride()}")
     nb = triton.cdiv(k_len, block_size)
     n_probe = min(block_size, q_len)
     first_row = (k_len - q_len) // block_size
