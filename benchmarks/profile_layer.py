@@ -3,8 +3,8 @@
 One chunk of ``--new`` tokens at the end of ``--keys`` keys, cached in a paged KV cache:
 the backend's steps (find the rows of the request's keys in their pages, choose the
 blocks, attend, record the density for the router; the kernels read the pages in place)
-timed one by one and whole, beside FlashAttention-3 reading the same pages (the dense path), then a torch.profiler table of
-one whole call (host and device time per operation). The gap between the kernel benchmark's
+timed one by one and whole, beside FlashAttention-3 reading the same pages (the dense
+path), then a torch.profiler table of one whole call (host and device time per operation). The gap between the kernel benchmark's
 prediction and the end-to-end TTFT is what this is for.
 
     python benchmarks/profile_layer.py --shape 9 3 64 --new 16384 --keys 32768     # SmolLM2, 2nd chunk at 32k
