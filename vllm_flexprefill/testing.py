@@ -241,3 +241,27 @@ def make_tiny_model(path, arch: str = "llama", hidden: int = 256, heads: int = 4
             tensors[p + "self_attn.v_proj.bias"] = 0.1 * torch.randn(kv_heads * head_dim, generator=g)
     save_file(tensors, str(path / "model.safetensors"))
     return str(path)
+
+
+def paged_cache(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], page: int = 16, seed: int = 0):
+    """keys, values [Tk, H, D] (sequences of ``k_lens`` packed) written to shuffled pages of a
+    cache laid out as vLLM's FlashAttention cache ([pages, H, page, 2 * D], read through
+    transpose and split), unused slots NaN. Returns the K and V views [pages, page, H, D] and
+    each key position's row in them (the kernels' ``k_rows``)."""
+    h, d = keys.shape[1], keys.shape[2]
+    counts = [-(-n // page) for n in k_lens]
+    perm = torch.randperm(sum(counts) + 3, generator=torch.Generator().manual_seed(seed))
+    physical = torch.full((sum(counts) + 3, h, page, 2 * d), float("nan"), dtype=keys.dtype)
+    key_cache, value_cache = physical.transpose(1, 2).split(d, dim=-1)
+    pages, offsets, used = [], [], 0
+    for n, c in zip(k_lens, counts):
+        t = torch.arange(n)
+        pages.append(perm[used + t // page])
+        offsets.append(t % page)
+        used += c
+    pages, offsets = torch.cat(pages), torch.cat(offsets)
+    key_cache[pages, offsets] = keys
+    value_cache[pages, offsets] = values
+    from vllm_flexprefill.patterns.layout import paged_rows
+
+    return key_cache, value_cache, paged_rows(key_cache, pages, offsets)

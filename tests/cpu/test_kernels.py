@@ -6,8 +6,8 @@ import torch
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.layout import BatchLayout, paged_rows, rows_of
-from vllm_flexprefill.testing import ATOL, dense_reference, planted_inputs, random_block_lists
+from vllm_flexprefill.patterns.layout import BatchLayout, rows_of
+from vllm_flexprefill.testing import ATOL, dense_reference, paged_cache, planted_inputs, random_block_lists
 
 CASES = [
     # q_lens, k_lens, block_size, HQ, H, D, density
@@ -76,27 +76,6 @@ def test_probe_stats_and_means_match_naive(q_len, k_len, bs, hq, h):
     assert probe_stats(q, k, bs, 0.125)[4] is None
 
 
-def paged_copy(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], page: int = 16, seed: int = 0):
-    """keys, values [Tk, H, D] written to shuffled pages of a cache laid out as vLLM's
-    FlashAttention cache is ([pages, H, page, 2 * D], read through transpose and split);
-    returns the K and V views [pages, page, H, D] and each key position's row (k_rows)."""
-    h, d = keys.shape[1], keys.shape[2]
-    counts = [-(-n // page) for n in k_lens]
-    perm = torch.randperm(sum(counts) + 3, generator=torch.Generator().manual_seed(seed))
-    physical = torch.full((sum(counts) + 3, h, page, 2 * d), float("nan"), dtype=keys.dtype)
-    key_cache, value_cache = physical.transpose(1, 2).split(d, dim=-1)
-    pages, offsets, used = [], [], 0
-    for n, c in zip(k_lens, counts):
-        t = torch.arange(n)
-        pages.append(perm[used + t // page])
-        offsets.append(t % page)
-        used += c
-    pages, offsets = torch.cat(pages), torch.cat(offsets)
-    key_cache[pages, offsets] = keys
-    value_cache[pages, offsets] = values
-    return key_cache, value_cache, paged_rows(key_cache, pages, offsets)
-
-
 def test_kernels_read_a_paged_cache_in_place():
     # the CUDA backend's path: keys and values stay in their pages; unused slots hold NaN
     torch.manual_seed(5)
@@ -105,7 +84,7 @@ def test_kernels_read_a_paged_cache_in_place():
     q = torch.randn(sum(q_lens), hq, d, dtype=torch.bfloat16)
     k = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
     v = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
-    key_cache, value_cache, rows = paged_copy(k, v, k_lens)
+    key_cache, value_cache, rows = paged_cache(k, v, k_lens)
     assert torch.equal(rows_of(key_cache, rows), k) and torch.equal(rows_of(value_cache, rows), v)
     idx, cnt = random_block_lists(layout, hq, 0.5)
     args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, 0.11)

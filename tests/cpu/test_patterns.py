@@ -10,7 +10,7 @@ from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.estimate import estimate_blocks, probe_masses
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_lines, naive_select_blocks
-from vllm_flexprefill.testing import planted_inputs
+from vllm_flexprefill.testing import paged_cache, planted_inputs
 
 BS = 32
 
@@ -150,6 +150,20 @@ def test_batched_estimator_matches_spec(cfg, ops):
     q, k, layout = batch()
     spec = naive_select_blocks(q, k, layout, cfg, 0.125)
     got = estimate_blocks(q, k, layout, cfg, 0.125, ops())
+    assert torch.equal(got.query_aware, spec.query_aware)
+    assert torch.equal(got.block_cnt, spec.block_cnt)
+    assert torch.equal(got.block_idx, spec.block_idx)
+
+
+@pytest.mark.parametrize("ops", [torch_ops, triton_ops], ids=["torch-twins", "triton-kernels"])
+def test_batched_estimator_reads_a_paged_cache(ops):
+    # the CUDA backend's path: keys stay in shuffled pages, each sequence read at its rows
+    # (the query-aware config: every kernel runs)
+    q, k, layout = batch()
+    cfg = next(c.values[0] for c in CONFIGS if c.id == "query-aware")
+    key_cache, _, rows = paged_cache(k, k, layout.k_lens)
+    spec = naive_select_blocks(q, k, layout, cfg, 0.125)
+    got = estimate_blocks(q, key_cache, layout, cfg, 0.125, ops(), k_rows=rows)
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
