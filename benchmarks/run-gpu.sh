@@ -54,9 +54,9 @@ for stage in "$@"; do
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
-                 | grep -E "^ +on|failed|Error|GPU busy" | tail -12 ;;
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran" | tail -24 ;;
     ttft-default) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 131072 --engines FLASH_ATTN FLEX_PREFILL \
-                    --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error" | tail -6 ;;
+                    --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran" | tail -8 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     profile) timeout 200 python benchmarks/profile_layer.py --shape 9 3 64 --new 16384 --keys 32768 2>&1 | tail -34

@@ -22,6 +22,10 @@ settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
 user gets. Prefill chunks longer than the captured sizes run outside CUDA graphs either way.
 
+For the FlexPrefill engines one more prompt of the longest length runs with FlexPrefill's
+statistics on: the density of its sparse layer calls and the share of prompt tokens
+planned sparse are printed ("what ran") and kept in the JSON.
+
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
 took it, to see where a layer call's time goes inside vLLM.
@@ -125,6 +129,8 @@ def engine_measure(spec: dict) -> dict:
         out["ttft_ms"][n] = statistics.median(times)
     if spec.get("profile_dir") and spec["lengths"][-1] == max(spec["all_lengths"]):
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
+    if spec["backend"] != "FLASH_ATTN":
+        out["what_ran"] = what_ran(llm, prompt(spec["lengths"][-1]), one)
     # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
     n = spec["decode_length"]
     many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
@@ -140,6 +146,23 @@ def engine_measure(spec: dict) -> dict:
         per_token.append((t257 - t1) * 1000 / 256)
     out["decode_ms_per_token"] = statistics.median(per_token)
     return out
+
+
+def what_ran(llm, prompt: dict, params) -> dict:
+    """One more prompt with FlexPrefill's statistics on (the engine runs in this process):
+    the density of its sparse layer calls and the share of prompt tokens planned sparse."""
+    from vllm_flexprefill import stats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[stats.ENV] = f"{tmp}/stats.jsonl"
+        try:
+            llm.generate([prompt], params, use_tqdm=False)
+        finally:
+            del os.environ[stats.ENV]
+        summary = stats.summarize(stats.read(f"{tmp}/stats.jsonl"))
+    tokens = summary.sparse_tokens + summary.dense_tokens
+    return {"N": len(prompt["prompt_token_ids"]), "density": summary.density,
+            "sparse_share": summary.sparse_tokens / tokens if tokens else None}
 
 
 def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
@@ -254,6 +277,14 @@ def main() -> None:
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
+                if "what_ran" in result:
+                    ran = result["what_ran"]
+                    density = "-" if ran["density"] is None else f"{ran['density']:.3f}"
+                    share = "-" if ran["sparse_share"] is None else f"{100 * ran['sparse_share']:.0f} %"
+                    print(f"what ran: {engine} N={ran['N']} density {density} over sparse layer calls, "
+                          f"{share} of prompt tokens planned sparse", flush=True)
+                    runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,
+                                 "compilation": compilation, "round": rnd, "what_ran": ran})
     (out_dir / "ttft.json").write_text(json.dumps(runs, indent=1))
     print_table(runs, args)
 
@@ -267,7 +298,7 @@ def print_table(runs: list[dict], args) -> None:
         for n in args.lengths:
             cells = {}
             for e in args.engines:
-                rows = [r for r in runs if (r["chunked"], r["compilation"], r["N"], r["engine"])
+                rows = [r for r in runs if "ttft_ms" in r and (r["chunked"], r["compilation"], r["N"], r["engine"])
                         == (chunked, compilation, n, e)]
                 if rows:
                     cells[e] = {"ttft": statistics.median(r["ttft_ms"] for r in rows),
