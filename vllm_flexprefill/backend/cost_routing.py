@@ -79,6 +79,8 @@ class DensityMemory:
 
     def refresh(self) -> None:
         """Folds in the measurements that reached the host; starts copying the newest ones."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph capture (dummy batches) neither copies nor folds
         calls, self.calls = self.calls, [[0] * NUM_BUCKETS for _ in self.rows]
         if self.device.type != "cuda":
             self._fold(self.sums.clone(), calls)
