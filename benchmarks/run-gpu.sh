@@ -5,7 +5,8 @@
 #   bash benchmarks/run-gpu.sh model      # converts SmolLM2-135M-Instruct (needs $SMOLLM2_GGUF: setup-model.sh)
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
-#                                         # launch settings of the block-sparse kernel at head_dim 64
+#                                         # launch settings of the block-sparse kernel (paged, as in vLLM)
+#                                         # at head_dim 64 and 128
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
@@ -32,7 +33,10 @@ for stage in "$@"; do
     model) python -m vllm_flexprefill.hf.smollm2 --yarn 2>&1 | tail -1 ;;
     tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
     kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
-             timeout 120 python benchmarks/tune.py --shape 9 3 64 --lengths 32768 2>&1 | head -12 ;;
+             for shape in "9 3 64" "32 8 128"; do
+               timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \
+                 | grep -A4 "^N=" | head -12
+             done ;;
     ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
              | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \

@@ -2,6 +2,7 @@
 
     python benchmarks/tune.py --lengths 32768 65536                 # Llama-3.1-8B shape
     python benchmarks/tune.py --shape 9 3 64 --lengths 16384 32768  # SmolLM2 (HQ H D)
+    python benchmarks/tune.py --paged ...   # K/V read in place from shuffled 16-token pages, as in vLLM
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton.testing
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.configs import attention_config
 from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.testing import random_block_lists
+from vllm_flexprefill.testing import paged_cache, random_block_lists
 
 BS = 128
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 8, 128], metavar=("HQ", "H", "D"))
+    parser.add_argument("--paged", action="store_true", help="read K/V from a shuffled paged cache (vLLM's path)")
     args = parser.parse_args()
     HQ, H, D = args.shape
     for n in args.lengths:
@@ -32,9 +34,13 @@ def main() -> None:
         v = torch.randn(n, H, D, dtype=torch.bfloat16, device="cuda")
         layout = BatchLayout.build([n], [n], BS, "cuda")
         out = torch.empty_like(q)
+        k_rows = None
+        if args.paged:
+            k, v, k_rows = paged_cache(k, v, [n])
         for density in (1.0, 0.1):
             idx, cnt = random_block_lists(layout, HQ, density, torch.Generator().manual_seed(0))
-            print(f"N={n} HQ={HQ} H={H} D={D} density={density} default={attention_config(D, BS)}")
+            print(f"N={n} HQ={HQ} H={H} D={D} density={density} paged={args.paged} "
+                  f"default={attention_config(D, BS)}")
             times = []
             for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
                 cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
@@ -42,7 +48,7 @@ def main() -> None:
                     ms = triton.testing.do_bench(
                         lambda: block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
                                                        layout.tile_seq, layout.tile_row, idx, cnt, BS, D ** -0.5,
-                                                       out=out, config=cfg), warmup=50, rep=300,
+                                                       out=out, config=cfg, k_rows=k_rows), warmup=50, rep=300,
                         return_mode="median")
                     times.append((ms, cfg))
                 except Exception as e:  # out of shared memory and the like

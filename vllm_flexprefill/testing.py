@@ -251,7 +251,7 @@ def paged_cache(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], pag
     h, d = keys.shape[1], keys.shape[2]
     counts = [-(-n // page) for n in k_lens]
     perm = torch.randperm(sum(counts) + 3, generator=torch.Generator().manual_seed(seed))
-    physical = torch.full((sum(counts) + 3, h, page, 2 * d), float("nan"), dtype=keys.dtype)
+    physical = torch.full((sum(counts) + 3, h, page, 2 * d), float("nan"), dtype=keys.dtype, device=keys.device)
     key_cache, value_cache = physical.transpose(1, 2).split(d, dim=-1)
     pages, offsets, used = [], [], 0
     for n, c in zip(k_lens, counts):
@@ -259,7 +259,7 @@ def paged_cache(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], pag
         pages.append(perm[used + t // page])
         offsets.append(t % page)
         used += c
-    pages, offsets = torch.cat(pages), torch.cat(offsets)
+    pages, offsets = torch.cat(pages).to(keys.device), torch.cat(offsets).to(keys.device)
     key_cache[pages, offsets] = keys
     value_cache[pages, offsets] = values
     from vllm_flexprefill.patterns.layout import paged_rows
