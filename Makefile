@@ -21,7 +21,7 @@ $(STAMP): setup.py entry_points.txt pyproject.toml
 demo: install
 	$(PY) examples/demo.py
 
-# every tier, each test's name as it runs: about 15-25 minutes on a 2-core CPU
+# every tier, each test's name as it runs: about 12-20 minutes on a 2-core CPU
 test: install test-cpu test-gpu test-e2e
 
 # the CPU and GPU tiers without the slow end-to-end tier (a few minutes)
