@@ -43,9 +43,10 @@ CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, esti
 
 # device name prefix -> head_dim -> Rates: the rates printed by benchmarks/kernels.py; the fixed
 # cost is the estimation alone (0.26 ms at head_dim 64, 0.45 ms at 128) plus the sparse path's
-# other per-call costs in vLLM (gathering the cached keys, launches, Python), which the kernel
-# benchmark does not see: with the estimation alone as the fixed cost, SmolLM2 at 32k ran sparse
-# at 0.22 density and its TTFT was 0.93x dense (docs/benchmarks.md); 1.4 ms keeps it dense there
+# other per-call costs in vLLM (launches and Python, about 0.5 ms per call on the host at
+# a7f37f6, which also gathered the cached keys), which the kernel benchmark does not see: with
+# the estimation alone as the fixed cost, SmolLM2 at 32k ran sparse at 0.22 density and its TTFT
+# was 0.93x dense (docs/benchmarks.md); 1.4 ms keeps it dense there
 CALIBRATED: dict[str, dict[int, Rates]] = {
     "NVIDIA H200": {
         64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=1.4,

@@ -7,8 +7,8 @@ FlexPrefill layer call. The layer records need the chosen block counts on the ho
 device synchronisation per layer, which is why they are opt-in. Records:
 
     {"kind": "step", "pid": ..., "requests": [{"new": 512, "all": 20480, "route": "sparse"}, ...]}
-        every prefill request of a step and where it ran ("sparse", or "dense" with the
-        planning rule that sent it there)
+        every prefill request of a step and where it was planned: "sparse" (in the layers
+        the router chose, or every layer under fixed thresholds) or "dense"
     {"kind": "layer", "pid": ..., "layer": "model.layers.3.self_attn", "heads": 9,
      "requests": [{"new": 512, "all": 20480, "computed": 1234, "causal": 5678, "query_aware": 2}, ...]}
         per FlexPrefill request: key blocks computed and causal key blocks, summed over the

@@ -59,9 +59,8 @@ class DensityMemory:
         # of calls behind each sum is counted on the host, where the calls are made
         self.sums = torch.zeros(shape, device=self.device)
         self.calls = [[0] * NUM_BUCKETS for _ in layer_names]
-        # NaN: never measured; kept as a host list too, read per layer each step
-        self.estimate = torch.full(shape, float("nan"))
-        self._table = self.estimate.tolist()
+        # host estimates per (layer, bucket), read per layer each step; NaN: never measured
+        self.estimate = [[math.nan] * NUM_BUCKETS for _ in layer_names]
         # steps each (layer, bucket) ran dense since it last measured
         self.dense_steps = [[0] * NUM_BUCKETS for _ in layer_names]
         # one pinned host buffer, the calls behind it, and the event of the copy into it
@@ -83,7 +82,7 @@ class DensityMemory:
             return  # a CUDA graph capture (dummy batches) neither copies nor folds
         calls, self.calls = self.calls, [[0] * NUM_BUCKETS for _ in self.rows]
         if self.device.type != "cuda":
-            self._fold(self.sums.clone(), calls)
+            self._fold(self.sums.tolist(), calls)
             self.sums.zero_()
             return
         if self._copied is not None:
@@ -91,29 +90,30 @@ class DensityMemory:
                 # the previous copy is still in flight: keep these calls for the next copy
                 self.calls = [[a + b for a, b in zip(x, y)] for x, y in zip(calls, self.calls)]
                 return
-            self._fold(self._host, self._host_calls)
+            self._fold(self._host.tolist(), self._host_calls)
         self._host.copy_(self.sums, non_blocking=True)
         self._host_calls = calls
         self.sums.zero_()
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def _fold(self, sums: torch.Tensor, calls: list[list[int]]) -> None:
-        n = torch.tensor(calls, dtype=torch.float32)
-        seen = n > 0
-        mean = sums / n.clamp_min(1)
-        blended = torch.where(self.estimate.isnan(), mean, (1 - NEW_WEIGHT) * self.estimate + NEW_WEIGHT * mean)
-        self.estimate = torch.where(seen, blended, self.estimate)
-        self._table = self.estimate.tolist()
+    def _fold(self, sums: list[list[float]], calls: list[list[int]]) -> None:
+        """Blends each measured (layer, bucket) mean into its estimate (host lists)."""
+        for estimate, layer_sums, layer_calls in zip(self.estimate, sums, calls):
+            for b, n in enumerate(layer_calls):
+                if n:
+                    mean = layer_sums[b] / n
+                    old = estimate[b]
+                    estimate[b] = mean if math.isnan(old) else (1 - NEW_WEIGHT) * old + NEW_WEIGHT * mean
 
     def density(self, layer: int, bucket: int) -> tuple[float, bool]:
         """(estimate, whether it was measured at this bucket): else the nearest shorter
         bucket's estimate; NaN where the layer has none."""
-        row = self._table[layer]
+        row = self.estimate[layer]
         for b in range(bucket, -1, -1):
-            if row[b] == row[b]:  # not NaN
+            if not math.isnan(row[b]):
                 return row[b], b == bucket
-        return float("nan"), False
+        return math.nan, False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Router:
             if density <= even:
                 sparse.add(layer)
                 steps[bucket] = 0
-            elif density != density or (not own and density <= BORROW_MARGIN * even) \
+            elif math.isnan(density) or (not own and density <= BORROW_MARGIN * even) \
                     or steps[bucket] >= REMEASURE_STEPS:
                 measure.add(layer)
                 steps[bucket] = 0

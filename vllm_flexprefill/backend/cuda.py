@@ -104,7 +104,7 @@ class FlexPrefillImpl(FlashAttentionImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
             if plan is not None and plan.measures(name):
-                key_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)[0]
+                key_cache, _ = self.cache_views(kv_cache)
                 for group in plan.groups:
                     choose_and_record(group_queries(query, group), key_cache, group, plan, self.scale, name,
                                       cache_rows(key_cache, group))
@@ -112,20 +112,22 @@ class FlexPrefillImpl(FlashAttentionImpl):
         for t0, t1, md in attn_metadata.runs:
             super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
                             value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
-        # [pages, page_size, H, D] views; the kernels read every key position of a group's
-        # requests in place, at the rows cache_rows gives
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        key_cache, value_cache = self.cache_views(kv_cache)
         for group in plan.groups:
-            k_rows = cache_rows(key_cache, group)
             rows = group.q_rows
-            if isinstance(rows, slice):
-                sparse_prefill(query[rows], key_cache, value_cache, group, plan, self.scale, out=output[rows],
-                               layer_name=name, k_rows=k_rows)
-            else:
-                out = sparse_prefill(query.index_select(0, rows), key_cache, value_cache, group, plan, self.scale,
-                                     layer_name=name, k_rows=k_rows)
+            contiguous = isinstance(rows, slice)
+            out = sparse_prefill(group_queries(query, group), key_cache, value_cache, group, plan, self.scale,
+                                 out=output[rows] if contiguous else None, layer_name=name,
+                                 k_rows=cache_rows(key_cache, group))
+            if not contiguous:
                 output.index_copy_(0, rows, out)
         return output
+
+    def cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pages, page_size, H, D] key and value views of the paged cache; the kernels read a
+        group's key positions in place, at the rows ``cache_rows`` gives."""
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        return key_cache, value_cache
 
 
 def group_queries(query: torch.Tensor, group) -> torch.Tensor:
