@@ -10,12 +10,13 @@ from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varl
 from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+from vllm_flexprefill.kernels.configs import row_alignment
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.estimate import estimate_blocks
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_select_blocks
-from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, planted_inputs, random_block_lists, rel_err
+from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, paged_cache, planted_inputs, random_block_lists, rel_err
 
 DEV = "cuda"
 
@@ -41,6 +42,29 @@ def test_block_sparse_attention_matches_naive(bs, d, density, dtype):
     ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, d ** -0.5)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("bs,d", [(128, 128), (64, 64), (128, 64)])
+def test_kernels_read_a_paged_cache_in_place(bs, d):
+    # compiled with the rows' alignment (vectorised loads): the same results as packed keys
+    torch.manual_seed(bs + d)
+    q_lens, k_lens = [1000, 333, 1], [1000, 1700, 300]
+    layout = BatchLayout.build(q_lens, k_lens, bs, DEV)
+    q = torch.randn(sum(q_lens), 8, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(k_lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(k_lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    key_cache, value_cache, rows = paged_cache(k, v, k_lens)
+    assert row_alignment(key_cache, rows) == 16
+    idx, cnt = random_block_lists(layout, 8, 0.4)
+    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, d ** -0.5)
+    packed = block_sparse_attention(q, k, v, *args)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, key_cache, value_cache, *args, out=out, k_rows=rows)
+    assert torch.equal(out, packed)
+    qs, ks, rs = q[layout.q_range(1)], k[layout.k_range(1)], rows[layout.k_range(1)]
+    for got, want in zip(probe_stats(qs, key_cache, bs, d ** -0.5, True, k_rows=rs),
+                         probe_stats(qs, ks, bs, d ** -0.5, True)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("q_len,k_len,bs,d", [(128, 8192, 128, 128), (77, 5000, 64, 128), (3000, 4097, 128, 64)])

@@ -18,13 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import attention_config, interpreted
+from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment
 
 
 @triton.jit
 def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
             stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D: tl.constexpr, BD: tl.constexpr,
-            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr):
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr,
+            ROW_ALIGN: tl.constexpr):
     """One sub-tile of BLOCK_N keys from position key0: the online-softmax update of the
     running maximum b_m, sum b_l and accumulator b_acc of the tile's queries.
 
@@ -37,6 +38,8 @@ def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, 
             row_k = tl.load(k_rows + k_start + o_key, mask=o_key < k_len, other=0)
         else:
             row_k = tl.load(k_rows + k_start + o_key)
+        # vectorised K/V loads need the rows' alignment, which loaded offsets do not carry
+        row_k = tl.multiple_of(row_k, ROW_ALIGN)
         row_v = row_k
     else:
         row_k = (k_start + o_key) * stride_kt
@@ -84,7 +87,7 @@ def block_sparse_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ih, stride_it, stride_ch, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr,
+    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
     i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
@@ -121,12 +124,12 @@ def block_sparse_attn_fwd_kernel(
         for i_n in tl.static_range(BS // BLOCK_N):
             b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
                                       m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED)
+                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
     if n_blocks > 0:
         for i_n in tl.static_range(BS // BLOCK_N):
             b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
                                       m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED)
+                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
@@ -160,6 +163,8 @@ def block_sparse_attention(
             with ``k_rows``, views of a paged cache [..., H, D] with the same strides.
         k_rows: optional [Tk] int64: where each key position's row starts in k and v, in
             elements (``patterns.layout.paged_rows``); the kernel reads the pages in place.
+            Each offset must be a sum of multiples of k's strides (as paged_rows makes them):
+            the kernel reads rows with the alignment those strides give.
         cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32.
         block_idx: [HQ, NQB, S] int32 sorted key-block ids, each list ending with the tile's
             diagonal block (its row); block_cnt: [HQ, NQB] int32, at least 1.
@@ -189,6 +194,7 @@ def block_sparse_attention(
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0), lse.stride(0) if lse is not None else 0,
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size,
         HAS_LSE=lse is not None, UPCAST=interpreted(q), PAGED=k_rows is not None,
+        ROW_ALIGN=row_alignment(k, k_rows),
         **cfg,
     )
     return out

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import interpreted, probe_config
+from vllm_flexprefill.kernels.configs import interpreted, probe_config, row_alignment
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def probe_kernel(
     q_len, k_len, n_probe, first_row, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_mh, stride_mc,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr,
-    QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr,
+    QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -39,7 +39,7 @@ def probe_kernel(
     # probe row i is query q_len - n_probe + i, at position k_len - n_probe + i
     p_q = q + i_h * stride_qh + (q_len - n_probe + o_i)[:, None] * stride_qt + o_d[None, :]
     if PAGED:  # each key's row in the paged cache
-        row = tl.load(k_rows + o_j, mask=m_j, other=0)
+        row = tl.multiple_of(tl.load(k_rows + o_j, mask=m_j, other=0), ROW_ALIGN)
     else:
         row = o_j * stride_kt
     p_k = k + (i_h // GROUP) * stride_kh + row[:, None] + o_d[None, :]
@@ -87,7 +87,7 @@ def probe_stats(
             of a paged cache [..., H, D].
         query_means: also return the mean query of each of the chunk's query tiles.
         k_rows: optional [k_len] int64: where each key's row starts in k, in elements
-            (``patterns.layout.paged_rows``).
+            (``patterns.layout.paged_rows``: sums of multiples of k's strides).
     Returns:
         m, l: [HQ, NB, BS] float32 per (key block, probe row) maximum score (natural log
             units) and sum of exponentials; rows past NP are padding (m = -inf, l = 0).
@@ -114,6 +114,7 @@ def probe_stats(
         q_len, k_len, n_probe, first_row, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size, UPCAST=interpreted(k),
-        QUERY_MEANS=query_means, PAGED=k_rows is not None, **probe_config(d, block_size),
+        QUERY_MEANS=query_means, PAGED=k_rows is not None,
+        ROW_ALIGN=row_alignment(k, k_rows), **probe_config(d, block_size),
     )
     return m, l, k_bar, q_probe_bar, q_bar
