@@ -40,7 +40,9 @@ def block_lists_kernel(
     for c0 in range(0, row + 1, BC):
         o_c = c0 + tl.arange(0, BC)
         m_c = o_c <= row
-        if DENSE or all_causal:
+        if DENSE:
+            sel = m_c
+        elif all_causal:
             sel = m_c
         else:
             b_v = tl.load(keep_v + i_h * stride_vh + o_c, mask=m_c, other=0) != 0
