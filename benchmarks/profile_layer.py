@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=32768)
     parser.add_argument("--settings", default="{}", help="FlexPrefill settings as JSON")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--host-top", type=int, default=14,
+                        help="functions of the host-side (cProfile) breakdown of the whole call to print")
     args = parser.parse_args()
 
     import json
@@ -110,6 +112,26 @@ def main() -> None:
             sync()
             device_ms = start.elapsed_time(end) / args.reps
         print(f"{label:<32} {device_ms:>10.3f} {host:>10.3f}")
+
+    # where the whole call's host time goes, by Python function (Triton's launcher included);
+    # the kernels run asynchronously, so this is the host's share only
+    import cProfile
+    import pstats
+
+    host_profile = cProfile.Profile()
+    host_profile.enable()
+    for _ in range(args.reps):
+        whole()
+    host_profile.disable()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(f"host time of the whole call by function, ms per call ({args.reps} calls):")
+    host_stats = pstats.Stats(host_profile)
+    top = sorted(host_stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:args.host_top]
+    for (file, line, func), (_calls, ncalls, tottime, cumtime, _callers) in top:
+        where = f"{file.rsplit('/', 2)[-2]}/{file.rsplit('/', 1)[-1]}:{line}" if "/" in file else file
+        print(f"  {cumtime * 1000 / args.reps:8.3f} cum {tottime * 1000 / args.reps:8.3f} self "
+              f"{ncalls / args.reps:5.1f}x  {func} ({where})")
 
     from torch.profiler import ProfilerActivity, profile
 
