@@ -63,9 +63,10 @@ for stage in "$@"; do
                     --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran" | tail -8 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
-    profile) timeout 200 python benchmarks/profile_layer.py --shape 9 3 64 --new 16384 --keys 32768 2>&1 | tail -34
-             timeout 200 python benchmarks/profile_layer.py --shape 32 8 128 --new 8192 --keys 131072 2>&1 \
-               | grep -A7 "^step" ;;
+    profile) for args in "9 3 64 --new 16384 --keys 32768" "32 8 128 --new 8192 --keys 131072"; do
+               timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
+                 | grep -A22 "^step"
+             done ;;
     *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
        echo "ttft-default, shapes)"
        exit 2 ;;
