@@ -236,8 +236,9 @@ def select_heads(
     hq, nb, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
     scratch = torch.empty(hq, 4 * nb, dtype=torch.float32, device=m.device)
-    keep_v = torch.zeros(hq, nb, dtype=torch.int8, device=m.device)
-    keep_s = torch.zeros(hq, nb, dtype=torch.int8, device=m.device)
+    # every entry is written (the cover stores each of the nb flags): no fill launch
+    keep_v = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
+    keep_s = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
     query_aware = torch.empty(hq, dtype=torch.int8, device=m.device)
     head_select_kernel[(hq,)](
         m, l, k_bar, q_probe_bar, scratch, keep_v, keep_s, query_aware,

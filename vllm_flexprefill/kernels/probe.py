@@ -1,6 +1,6 @@
 """Probe statistics and block means of one sequence, in one launch.
 
-One program per (key block, query head). It scores the probe (the chunk's last
+One program per (query head, key block). It scores the probe (the chunk's last
 ``NP = min(BS, q_len)`` queries) against its key block and writes, per probe row, the row
 maximum and the sum of exponentials, from which ``patterns/estimate.py`` recovers the
 exact vertical and slash masses without materialising the probe's attention matrix
@@ -27,9 +27,11 @@ def probe_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr,
     QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    hq = tl.num_programs(1)
+    # heads vary fastest: the query heads of a KV head run side by side and read its key
+    # block from L2 once (at 128k keys the K of 8 KV heads is 268 MB, beyond L2)
+    i_h = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    hq = tl.num_programs(0)
     o_i = tl.arange(0, BS)
     o_j = i_c * BS + tl.arange(0, BS)
     o_d = tl.arange(0, BD)
@@ -109,7 +111,7 @@ def probe_stats(
     k_bar = torch.empty(nb, h_kv, d, **f32)
     q_probe_bar = torch.empty(hq, d, **f32)
     q_bar = torch.empty(nb - first_row, hq, d, **f32) if query_means else None
-    probe_kernel[(nb, hq)](
+    probe_kernel[(hq, nb)](
         q, k, k_rows if k_rows is not None else m, m, l, k_bar, q_probe_bar, q_bar if query_means else m,
         q_len, k_len, n_probe, first_row, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
