@@ -27,12 +27,24 @@ def row_alignment(k: torch.Tensor, k_rows: torch.Tensor | None) -> int:
     return 16
 
 
-def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
-    """Tile and pipeline settings of the block-sparse attention kernel.
+# (head_dim, block_size) -> launch settings of the block-sparse kernel. The block-128 rows are
+# what benchmarks/tune.py --paged measured best (H200, 32k keys, full density, commit a2dbc65:
+# every setting within 1 % of the best has BLOCK_N 128; at head_dim 128, 4 warps / 2 stages
+# and 8 warps / 3 stages tie); the block-64 rows are not measured yet. Each query tile of
+# block_size rows walks a key block in sub-tiles of BLOCK_N keys.
+ATTENTION_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
+    (64, 128): {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    (128, 128): {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    (64, 64): {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    (128, 64): {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+}
 
-    A key block is walked in sub-tiles of BLOCK_N keys; 128-row query tiles with
-    head_dim 128 want 8 warps (two warpgroups) on Hopper.
-    """
+
+def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
+    """Tile and pipeline settings of the block-sparse attention kernel: the measured table
+    above, else a rule for the shapes it lacks."""
+    if (head_dim, block_size) in ATTENTION_CONFIGS:
+        return dict(ATTENTION_CONFIGS[head_dim, block_size])
     if head_dim > 128:
         # a 128 x 256 query tile already takes 64 KB of shared memory
         return {"BLOCK_N": min(block_size, 32), "num_warps": 8, "num_stages": 1}
