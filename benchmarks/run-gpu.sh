@@ -13,13 +13,13 @@
 #   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model 4k-32k: FLASH_ATTN, FLEX_PREFILL default, every
 #                                         # chunk sparse; a profile of one 32k prompt per engine; vLLM's
 #                                         # default compilation (COMPILATION=eager: without torch.compile);
-#                                         # ROUNDS engine processes each, alternating (ENGINES to choose)
+#                                         # ROUNDS engine processes each, alternating (ENGINES, LENGTHS to choose)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
-#   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_10 -> $OUT/ttft.json
+#   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_10 -> $OUT/ttft.json (LENGTHS)
 #   bash benchmarks/run-gpu.sh ttft-default  # the same, FLASH_ATTN vs FLEX_PREFILL default settings
 #   bash benchmarks/run-gpu.sh shapes     # the same at 32k for Qwen2-7B, GLM-4-9B, Yi-9B-200K shapes
 set -uo pipefail
@@ -43,7 +43,7 @@ for stage in "$@"; do
            | tee "$OUT/e2e.log" | grep -E "passed|failed|Error" | tail -5 ;;
     tp2) timeout 500 python -m pytest -q -rs tests/e2e/test_generate.py -k "tp2" 2>&1 \
            | tee "$OUT/tp2.log" | grep -E "passed|failed|SKIP|Error" | tail -5 ;;
-    ttft) timeout 560 python benchmarks/ttft.py --lengths 8192 32768 65536 131072 --engines FLASH_ATTN FLEX_10 \
+    ttft) timeout 560 python benchmarks/ttft.py --lengths ${LENGTHS:-8192 32768 65536 131072} --engines FLASH_ATTN FLEX_10 \
             --reps 1 --out "$OUT" 2>&1 | grep -E "^\{|^chunked|^ +on|failed" | tail -14 ;;
     shapes) for shape in qwen2-7b glm-4-9b yi-9b-200k; do
               echo "$shape"
@@ -54,7 +54,7 @@ for stage in "$@"; do
            timeout 590 python benchmarks/ruler.py --out "$OUT" --name sweep --lengths 16384 32768 --engines \
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
-    ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths 4096 8192 16384 32768 \
+    ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths ${LENGTHS:-4096 8192 16384 32768} \
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
