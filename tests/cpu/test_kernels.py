@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+from vllm_flexprefill.kernels.configs import row_alignment
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.patterns.layout import BatchLayout, rows_of
@@ -100,6 +101,19 @@ def test_kernels_read_a_paged_cache_in_place():
     for got, want in zip(naive_probe_stats(qs, key_cache, bs, 0.125, True, k_rows=rs),
                          naive_probe_stats(qs, ks, bs, 0.125, True)):
         assert torch.equal(got, want)
+
+
+def test_paged_rows_are_declared_aligned_only_when_every_stride_is():
+    # the kernels tell the compiler that K/V rows start at multiples of ROW_ALIGN elements
+    # (vectorised loads); a wrong claim would read misaligned rows on the GPU
+    k = torch.randn(300, 2, 64, dtype=torch.bfloat16)
+    key_cache, _, rows = paged_cache(k, k, [300])
+    assert row_alignment(key_cache, rows) == 16
+    assert bool((rows % 16 == 0).all())
+    assert row_alignment(key_cache, None) == 1  # packed keys: the kernel computes the offsets
+    # rows 72 elements apart (a padded head_dim): offsets are multiples of 8 only
+    padded = torch.zeros(20, 16, 2, 72, dtype=torch.bfloat16)[..., :64]
+    assert row_alignment(padded, rows) == 1
 
 
 @pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [
