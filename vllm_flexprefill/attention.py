@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks
+from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks, probe_row
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, rows_of
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -133,11 +133,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     """Attends to the selected blocks; see kernels/. k, v as in ``select_blocks``."""
     if q.is_cuda:
         from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+        from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
 
         with torch.cuda.device(q.device):
             return block_sparse_attention(
                 q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
-                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows)
+                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows,
+                split=layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS))
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
     result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale,
@@ -146,6 +148,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         return result
     out.copy_(result)
     return out
+
+
+def dense_rows(layout: BatchLayout) -> list[int | None]:
+    """Per sequence, the block row from which the estimation keeps every causal block (the
+    probe's rows); None for a sequence that does not run it (its lists are the estimator's
+    to make: ``estimate_blocks``)."""
+    return [probe_row(layout.q_lens[s], layout.k_lens[s], layout.block_size) if layout.sparse[s] else None
+            for s in range(layout.num_seqs)]
 
 
 def plan_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,

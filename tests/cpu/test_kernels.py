@@ -59,6 +59,43 @@ def test_block_sparse_attention_lse_is_row_logsumexp():
     torch.testing.assert_close(lse, torch.cat(expect, 1), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
+def test_dense_tiles_in_segments_match_naive(paged):
+    # the probe rows keep every causal block; they run as segments of key blocks, merged by
+    # their log-sum-exps: the same output and lse as one program per tile
+    torch.manual_seed(7)
+    q_lens, k_lens, bs, hq, h, d = [70, 41, 150], [300, 41, 150], 16, 4, 2, 64
+    layout = BatchLayout.build(q_lens, k_lens, bs, "cpu", sparse=[True, True, False])
+    q = torch.randn(sum(q_lens), hq, d, dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
+    v = torch.randn(sum(k_lens), h, d, dtype=torch.bfloat16)
+    idx, cnt = random_block_lists(layout, hq, 0.3)
+    # sequence 0 has tiles 0-4 at block rows 14-18: rows 16-18 (tiles 2-4, 17-19 blocks) are
+    # cut; sequence 1's rows 1-2 are too short to cut; sequence 2 has none
+    dense_from = [16, 1, None]
+    split = layout.tail_split(dense_from, seg_blocks=4, max_segments=3)
+    assert split.split_tiles.tolist() == [2, 3, 4] and split.segments.shape[1] == 9
+    assert split.segments[0].tolist() == [2] * 3 + [3] * 3 + [4] * 3
+    assert split.segments[2, 2::3].tolist() == [17, 18, 19]  # each tile's last segment ends at its diagonal
+    for t in (2, 3, 4):  # the cut tiles' lists: every causal block
+        idx[:, t] = -1
+        idx[:, t, :t + 15] = torch.arange(t + 15)
+        cnt[:, t] = t + 15
+    keys, values, rows = (k, v, None) if not paged else paged_cache(k, v, k_lens)
+    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, 0.11)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, q.shape[0]), float("nan"))
+    block_sparse_attention(q, keys, values, *args, out=out, lse=lse, k_rows=rows, split=split)
+    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 0.11)
+    assert not out.isnan().any(), "every output row must be written"
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+    whole_lse = torch.full_like(lse, float("nan"))
+    block_sparse_attention(q, k, v, *args, lse=whole_lse)
+    torch.testing.assert_close(lse, whole_lse, atol=1e-4, rtol=0)
+    assert layout.tail_split(dense_from, seg_blocks=4, max_segments=3) is split  # made once per layout
+    assert layout.tail_split([None, None, None], seg_blocks=4) is None
+
+
 @pytest.mark.parametrize("q_len,k_len,bs,hq,h", [(16, 16, 16, 2, 2), (20, 200, 32, 4, 2), (131, 131, 64, 2, 1),
                                                   (300, 1000, 64, 4, 2)])
 def test_probe_stats_and_means_match_naive(q_len, k_len, bs, hq, h):

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from vllm_flexprefill.attention import torch_ops, triton_ops
+from vllm_flexprefill.attention import dense_rows, torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.naive import naive_probe_stats
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.estimate import estimate_blocks, probe_masses
 from vllm_flexprefill.patterns.layout import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_lines, naive_select_blocks
-from vllm_flexprefill.testing import paged_cache, planted_inputs
+from vllm_flexprefill.testing import ATOL, paged_cache, planted_inputs
 
 BS = 32
 
@@ -167,6 +167,31 @@ def test_batched_estimator_reads_a_paged_cache(ops):
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
+
+
+def test_estimated_probe_rows_run_in_segments():
+    # the CUDA path of attention.sparse_attention: the estimator keeps every causal block of
+    # the probe's rows (dense_rows), so those tiles may run in segments with the same result
+    from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+
+    q, k, layout = batch()
+    v = torch.randn_like(k)
+    cfg = next(c.values[0] for c in CONFIGS if c.id == "vertical-slash")
+    sel = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
+    rows = dense_rows(layout)
+    assert rows == [20, 27, 1]
+    for s, row0 in enumerate(rows):
+        for t in range(layout.first_tile[s], layout.first_tile[s + 1]):
+            row = layout.tile_row[t].item()
+            if row >= row0:
+                assert (sel.block_cnt[:, t] == row + 1).all()
+    split = layout.tail_split(rows, seg_blocks=4)
+    assert split.split_tiles.tolist() == [20, 21, 31, 32]  # the short third sequence stays whole
+    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, sel.block_idx,
+            sel.block_cnt, BS, 0.125)
+    whole = block_sparse_attention(q, k, v, *args)
+    cut = block_sparse_attention(q, k, v, *args, out=torch.full_like(q, float("nan")), split=split)
+    torch.testing.assert_close(cut.float(), whole.float(), atol=ATOL[torch.bfloat16], rtol=0)
 
 
 def test_dense_sequences_keep_every_causal_block():

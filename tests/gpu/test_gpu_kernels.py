@@ -67,6 +67,25 @@ def test_kernels_read_a_paged_cache_in_place(bs, d):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("bs,d", [(128, 128), (128, 64), (64, 64)])
+def test_dense_tiles_in_segments_equal_one_program_per_tile(bs, d):
+    # compiled: the probe rows (every causal block) cut into segments and merged
+    torch.manual_seed(d)
+    q_lens, k_lens = [2000, 777], [20000, 777]
+    layout = BatchLayout.build(q_lens, k_lens, bs, DEV)
+    q = torch.randn(sum(q_lens), 8, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(k_lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(k_lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    idx, cnt = random_block_lists(layout, 8, 1.0)  # every causal block
+    split = layout.tail_split([(20000 - 128) // bs, None], seg_blocks=8)
+    assert split is not None and split.segments.shape[1] >= 8
+    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, d ** -0.5)
+    whole = block_sparse_attention(q, k, v, *args)
+    cut = block_sparse_attention(q, k, v, *args, out=torch.full_like(q, float("nan")), split=split)
+    assert not cut.isnan().any()
+    torch.testing.assert_close(cut.float(), whole.float(), atol=ATOL[torch.bfloat16], rtol=0)
+
+
 @pytest.mark.parametrize("q_len,k_len,bs,d", [(128, 8192, 128, 128), (77, 5000, 64, 128), (3000, 4097, 128, 64)])
 def test_probe_stats_matches_naive(q_len, k_len, bs, d):
     torch.manual_seed(k_len)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment
+from vllm_flexprefill.patterns.layout import TailSplit
 
 
 @triton.jit
@@ -85,12 +86,16 @@ def block_sparse_attn_fwd_kernel(
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
     num_tiles, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ih, stride_it, stride_ch, stride_lh,
+    stride_ih, stride_it, stride_ch, stride_lh, tile_ids,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
-    i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
+    if INDIRECT:  # the tiles to run, in launch order (the others run in segments)
+        i_t = tl.load(tile_ids + tl.program_id(1)).to(tl.int64)
+    else:
+        i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
     i_kh = i_h // GROUP
     i_s = tl.load(tile_seq + i_t)
     i_r = tl.load(tile_row + i_t).to(tl.int64)
@@ -139,6 +144,105 @@ def block_sparse_attn_fwd_kernel(
         tl.store(lse + i_h * stride_lh + o_q, b_lse, mask=m_row)
 
 
+@triton.jit
+def dense_segment_kernel(
+    q, k, v, k_rows, o_part, lse_part,
+    cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments, num_segments, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):
+    """One segment (key blocks b0 .. b1 - 1) of a tile that keeps every causal block: the
+    tile's attention over those keys alone, normalised, with its log-sum-exp.
+
+    o_part: [NS, BS, HQ, D] float32; lse_part: [NS, HQ, BS] float32 (natural log)."""
+    i_h = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(1).to(tl.int64)
+    i_t = tl.load(segments + i_g).to(tl.int64)
+    b0 = tl.load(segments + num_segments + i_g)
+    b1 = tl.load(segments + 2 * num_segments + i_g)
+    i_kh = i_h // GROUP
+    i_s = tl.load(tile_seq + i_t)
+    i_r = tl.load(tile_row + i_t).to(tl.int64)
+    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
+    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
+    k_start = tl.load(cu_seqlens_k + i_s).to(tl.int64)
+    k_len = tl.load(cu_seqlens_k + i_s + 1) - k_start
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BS)
+    o_pos = i_r * BS + o_row
+    m_row = (o_pos >= k_len - q_len) & (o_pos < k_len)
+    o_q = q_start + o_pos - (k_len - q_len)
+    b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_row[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BS], dtype=tl.float32)
+    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    # blocks before the diagonal are wholly visible; the diagonal (block i_r) ends the last segment
+    for i_c in range(b0, tl.minimum(b1, i_r)):
+        for i_n in tl.static_range(BS // BLOCK_N):
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
+                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
+    if b1 > i_r:
+        for i_n in tl.static_range(BS // BLOCK_N):
+            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
+                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
+    hq = tl.num_programs(0)
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    tl.store(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], b_o, mask=m_d[None, :])
+    b_lse = tl.where(b_l > 0.0, (b_m + tl.log2(tl.where(b_l > 0.0, b_l, 1.0))) * 0.6931471805599453,
+                     float("-inf"))
+    tl.store(lse_part + (i_g * hq + i_h) * BS + o_row, b_lse)
+
+
+@triton.jit
+def merge_segments_kernel(
+    o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split_tiles, seg_first,
+    stride_ot, stride_oh, stride_lh,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, HAS_LSE: tl.constexpr,
+):
+    """The segments of one cut tile, combined by their log-sum-exps into its output rows."""
+    i_h = tl.program_id(0).to(tl.int64)
+    i_j = tl.program_id(1).to(tl.int64)
+    hq = tl.num_programs(0)
+    i_t = tl.load(split_tiles + i_j).to(tl.int64)
+    g0 = tl.load(seg_first + i_j)
+    g1 = tl.load(seg_first + i_j + 1)
+    i_s = tl.load(tile_seq + i_t)
+    i_r = tl.load(tile_row + i_t).to(tl.int64)
+    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
+    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
+    k_len = tl.load(cu_seqlens_k + i_s + 1) - tl.load(cu_seqlens_k + i_s)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BS)
+    o_pos = i_r * BS + o_row
+    m_row = (o_pos >= k_len - q_len) & (o_pos < k_len)
+    o_q = q_start + o_pos - (k_len - q_len)
+    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
+    for i_g in range(g0, g1):
+        b_m = tl.maximum(b_m, tl.load(lse_part + (i_g * hq + i_h) * BS + o_row))
+    b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_w = tl.zeros([BS], dtype=tl.float32)
+    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    for i_g in range(g0, g1):
+        w = tl.exp(tl.load(lse_part + (i_g * hq + i_h) * BS + o_row) - b_safe)
+        part = tl.load(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], mask=m_d[None, :],
+                       other=0.0)
+        b_w += w
+        b_acc += w[:, None] * part
+    b_o = b_acc / tl.where(b_w == 0.0, 1.0, b_w)[:, None]
+    tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_row[:, None] & m_d[None, :])
+    if HAS_LSE:
+        tl.store(lse + i_h * stride_lh + o_q, b_safe + tl.log(tl.where(b_w == 0.0, 1.0, b_w)), mask=m_row)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,6 +259,7 @@ def block_sparse_attention(
     lse: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
     k_rows: torch.Tensor | None = None,
+    split: TailSplit | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``kernels.naive.naive_block_sparse_attention``.
 
@@ -171,6 +276,8 @@ def block_sparse_attention(
         out: optional [Tq, HQ, D] buffer written in place.
         lse: optional [HQ, Tq] float32 buffer that receives each row's log-sum-exp.
         config: launch settings (BLOCK_N, num_warps, num_stages); default from kernels/configs.py.
+        split: ``BatchLayout.tail_split``: tiles whose lists hold every causal block, run in
+            segments of key blocks (programs of their own) and merged; their lists are not read.
     Returns:
         out, [Tq, HQ, D] in q's dtype.
     """
@@ -185,16 +292,34 @@ def block_sparse_attention(
     if num_tiles == 0:
         return out
     cfg = config or attention_config(d, block_size)
+    common = dict(GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size, UPCAST=interpreted(q),
+                  PAGED=k_rows is not None, ROW_ALIGN=row_alignment(k, k_rows))
+    rows = k_rows if k_rows is not None else cu_seqlens_k
+    main_tiles = num_tiles if split is None else split.main_tiles.shape[0]
     # (grid dimension 1 allows 65535 tiles: 8M keys of one group at BS 128)
-    block_sparse_attn_fwd_kernel[(hq, num_tiles)](
-        q, k, v, k_rows if k_rows is not None else cu_seqlens_k, out, lse if lse is not None else out,
-        cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
-        num_tiles, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0), out.stride(1),
-        block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0), lse.stride(0) if lse is not None else 0,
-        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size,
-        HAS_LSE=lse is not None, UPCAST=interpreted(q), PAGED=k_rows is not None,
-        ROW_ALIGN=row_alignment(k, k_rows),
-        **cfg,
+    if main_tiles:
+        block_sparse_attn_fwd_kernel[(hq, main_tiles)](
+            q, k, v, rows, out, lse if lse is not None else out,
+            cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+            num_tiles, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0),
+            out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
+            lse.stride(0) if lse is not None else 0, split.main_tiles if split is not None else tile_seq,
+            HAS_LSE=lse is not None, INDIRECT=split is not None, **common, **cfg,
+        )
+    if split is None:
+        return out
+    n_seg = split.segments.shape[1]
+    o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
+    dense_segment_kernel[(hq, n_seg)](
+        q, k, v, rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split.segments, n_seg,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), **common, **cfg,
+    )
+    merge_segments_kernel[(hq, split.split_tiles.shape[0])](
+        o_part, lse_part, out, lse if lse is not None else out, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
+        split.split_tiles, split.seg_first, out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
+        D=d, BD=triton.next_power_of_2(d), BS=block_size, HAS_LSE=lse is not None, num_warps=4,
     )
     return out

@@ -56,6 +56,12 @@ def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
     return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
 
 
+# a tile that attends to every causal block (a probe row) runs in segments of at least this
+# many key blocks when it has more than twice as many (``BatchLayout.tail_split``): whole, a
+# 128k row of 1024 blocks is one program of about 2.5 ms, longer than the rest of the grid
+SEGMENT_BLOCKS = 32
+
+
 def probe_config(head_dim: int, block_size: int) -> dict[str, int]:
     """Settings of the probe-statistics kernel (one key block per program)."""
     return {"num_warps": 8 if block_size * head_dim >= 128 * 128 else 4, "num_stages": 2}

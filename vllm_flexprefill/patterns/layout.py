@@ -47,6 +47,8 @@ class BatchLayout:
     """Host copy of cu_seqlens_q."""
     k_starts: tuple[int, ...]
     """Host copy of cu_seqlens_k."""
+    memo: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+    """Plans derived from the layout (``tail_split``), made once per layout, not per layer."""
 
     def q_range(self, seq: int) -> slice:
         """Rows of a sequence's queries in the packed queries."""
@@ -83,6 +85,23 @@ class BatchLayout:
     def causal_blocks(self) -> int:
         """Key blocks a dense causal pass over every tile visits (per head)."""
         return sum(self.causal_blocks_of(s) for s in range(self.num_seqs))
+
+    def tail_split(self, dense_from: Sequence[int | None], seg_blocks: int, max_segments: int = 8
+                   ) -> TailSplit | None:
+        """Which tiles attend to every causal key block in segments rather than in one program.
+
+        The tiles from block row ``dense_from[s]`` on (a sparse sequence's probe rows; None:
+        none) keep every causal block: with r + 1 blocks, one program per tile would be the
+        longest of the grid and set the kernel's time. Such a tile longer than ``2 *
+        seg_blocks`` blocks is cut into segments of at least ``seg_blocks`` blocks (at most
+        ``max_segments``, which bounds the float32 partial outputs), each a program of its
+        own, merged afterwards (``kernels.block_sparse_attn``). None when no tile is that
+        long. Made once per layout and arguments.
+        """
+        key = ("tail_split", tuple(dense_from), seg_blocks, max_segments)
+        if key not in self.memo:
+            self.memo[key] = TailSplit.plan(self, dense_from, seg_blocks, max_segments)
+        return self.memo[key]
 
     @staticmethod
     def build(
@@ -126,6 +145,50 @@ class BatchLayout:
             first_tile=tuple(first_tile),
             q_starts=q_starts,
             k_starts=k_starts,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TailSplit:
+    """The dense tiles cut into segments, and the other tiles (``BatchLayout.tail_split``).
+
+    main_tiles: [NT'] int32 tiles run whole by the block-sparse kernel, last tile first.
+    segments: [3, NS] int32 tile, first key block and end key block of each segment; the
+        segments of one tile are adjacent and the last one holds its diagonal block.
+    split_tiles: [ND] int32 the cut tiles; seg_first: [ND + 1] int32 where each one's
+        segments start in ``segments``.
+    """
+
+    main_tiles: torch.Tensor
+    segments: torch.Tensor
+    split_tiles: torch.Tensor
+    seg_first: torch.Tensor
+
+    @staticmethod
+    def plan(layout: BatchLayout, dense_from: Sequence[int | None], seg_blocks: int, max_segments: int
+             ) -> TailSplit | None:
+        main, segments, split, seg_first = [], [], [], [0]
+        for s in range(layout.num_seqs):
+            row0 = layout.first_row(s)
+            for t in range(layout.first_tile[s], layout.first_tile[s + 1]):
+                row = row0 + t - layout.first_tile[s]
+                blocks = row + 1
+                if dense_from[s] is None or row < dense_from[s] or blocks <= 2 * seg_blocks:
+                    main.append(t)
+                    continue
+                n = min(max_segments, blocks // seg_blocks)
+                bounds = [blocks * i // n for i in range(n + 1)]
+                segments += [(t, a, b) for a, b in zip(bounds, bounds[1:])]
+                split.append(t)
+                seg_first.append(len(segments))
+        if not split:
+            return None
+        device = layout.tile_seq.device
+        return TailSplit(
+            main_tiles=torch.tensor(main[::-1], dtype=torch.int32, device=device),
+            segments=torch.tensor(segments, dtype=torch.int32, device=device).T.contiguous(),
+            split_tiles=torch.tensor(split, dtype=torch.int32, device=device),
+            seg_first=torch.tensor(seg_first, dtype=torch.int32, device=device),
         )
 
 
