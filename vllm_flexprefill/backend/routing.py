@@ -11,9 +11,11 @@ import dataclasses
 import torch
 
 from vllm_flexprefill import stats
+from vllm_flexprefill.attention import dense_rows
 from vllm_flexprefill.backend.compat import slice_metadata
 from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_bucket
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 # key positions of one FlexPrefill call: bounds the CPU path's transient copy of the cached
@@ -181,6 +183,10 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
         positions = [torch.arange(n, device=device) for n in sk]
         kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
         kv_offsets = torch.cat([pos % page_size for pos in positions])
+    if layout.tile_seq.is_cuda:
+        # made here, once per step: in a layer's forward its host-to-device copy would wait for
+        # the layers queued before it
+        layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS)
     return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests), layout.causal_blocks(),
                        length_bucket(max(sk)))
 
