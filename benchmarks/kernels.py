@@ -4,7 +4,8 @@ For each shape and length N, in one process on one GPU:
   - vLLM's FlashAttention-3 varlen kernel and cuDNN SDPA (K/V expanded to the query heads);
   - our block-sparse kernel at 100 / 50 / 25 / 10 % block density (random lists with sink
     and diagonal), its rate relative to FA3, and per computed block relative to its own
-    dense rate (eta);
+    dense rate (eta); at 100 and 50 % also on a paged cache read in place (the backend's
+    path, whose rate the cost model takes);
   - the estimation alone, per layer call, for a fresh prompt of N tokens and for an 8k
     chunk at the end of N keys (default settings, inputs with planted structure);
   - the whole FlexPrefill call at default settings and at a forced ~10 % density.
@@ -33,7 +34,7 @@ from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import Rates, causal_flops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.testing import planted_inputs, random_block_lists
+from vllm_flexprefill.testing import paged_cache, planted_inputs, random_block_lists
 
 # name: (query heads, kv heads, head_dim, default lengths)
 SHAPES = {
@@ -99,6 +100,15 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
         key = f"sparse{round(density * 100)}"
         row[f"{key}_ms"], row[f"{key}_density"] = ms, actual
         del idx, cnt
+    # the same lists on a paged cache (shuffled 16-token pages), read in place as the backend does
+    keys, values, rows = paged_cache(k, v, [n])
+    for density in DENSITIES[:2]:
+        idx, cnt = random_block_lists(layout, hq, density, torch.Generator().manual_seed(1))
+        row[f"paged{round(density * 100)}_ms"] = bench(
+            lambda: block_sparse_attention(q, keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
+                                           layout.tile_row, idx, cnt, BS, scale, out=out, k_rows=rows), reps_ms)
+        del idx, cnt
+    del keys, values, rows
     dense_ms = row["sparse100_ms"]
     row["ours_vs_fa3"] = ref_ms / dense_ms
     for density in DENSITIES[1:]:
@@ -137,8 +147,9 @@ def fit(rows: list[dict]) -> dict[int, Rates]:
         dense_rate = statistics.median(r["flops"] / r[ref] / 1e9 for r in big)
         small = min(rs, key=lambda r: r["N"])
         dense_fixed = max(0.005, small[ref] - small["flops"] / dense_rate / 1e9)
-        # the kernel's rate on the blocks it computes at half density (near the usual break-even)
-        sparse_rate = statistics.median(r["sparse50_density"] * r["flops"] / r["sparse50_ms"] / 1e9 for r in big)
+        # the kernel's rate on the blocks it computes at half density (near the usual break-even),
+        # reading a paged cache in place as in vLLM
+        sparse_rate = statistics.median(r["sparse50_density"] * r["flops"] / r["paged50_ms"] / 1e9 for r in big)
         # estimation: fixed + per (query head, key block); least squares over the rows
         xs = [r["HQ"] * -(-r["N"] // BS) for r in rs]
         ys = [r["estimate_ms"] for r in rs]
@@ -153,6 +164,7 @@ def fit(rows: list[dict]) -> dict[int, Rates]:
 
 COLUMNS = [("shape", "shape", "{}"), ("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:.3f}"), ("fa3_ms", "FA3", "{:.3f}"),
            ("sparse100_ms", "ours100%", "{:.3f}"), ("ours_vs_fa3", "ours/FA3", "{:.2f}"),
+           ("paged100_ms", "paged100%", "{:.3f}"), ("paged50_ms", "paged50%", "{:.3f}"),
            ("sparse50_ms", "50%", "{:.3f}"), ("sparse25_ms", "25%", "{:.3f}"), ("sparse10_ms", "10%", "{:.3f}"),
            ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
            ("estimate_share", "est/FA3", "{:.3f}"), ("default_density", "dens", "{:.3f}"),
