@@ -20,7 +20,10 @@ import triton.language as tl
 from vllm_flexprefill.kernels.configs import interpreted
 
 
-@triton.jit
+# lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
+# serves every prompt (a new variant would compile in the middle of serving)
+@triton.jit(do_not_specialize=["first_row", "first_tile", "nb", "dense_from", "stride_vh", "stride_ph", "stride_pr",
+                               "stride_ih", "stride_it", "stride_ch"])
 def block_lists_kernel(
     keep_v, keep_s, pooled, threshold, query_aware, block_idx, block_cnt,
     first_row, first_tile, nb, dense_from,
@@ -98,7 +101,7 @@ def write_block_lists(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_row", "nb", "stride_ph"])
 def pooled_map_kernel(
     q_bar, k_bar, query_aware, pooled, first_row, nb, scale, stride_ph,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
@@ -153,7 +156,7 @@ def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tens
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "stride_ph"])
 def coverage_threshold_kernel(
     pooled, query_aware, threshold, goal, n, stride_ph,
     ITERS: tl.constexpr, BLOCK: tl.constexpr,

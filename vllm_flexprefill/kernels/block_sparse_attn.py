@@ -80,7 +80,9 @@ def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, 
     return b_m_new, b_l, b_acc
 
 
-@triton.jit
+# lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
+# serves every prompt (a new variant would compile in the middle of serving)
+@triton.jit(do_not_specialize=["num_tiles", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
 def block_sparse_attn_fwd_kernel(
     q, k, v, k_rows, o, lse,
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
@@ -144,7 +146,7 @@ def block_sparse_attn_fwd_kernel(
         tl.store(lse + i_h * stride_lh + o_q, b_lse, mask=m_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])
 def dense_segment_kernel(
     q, k, v, k_rows, o_part, lse_part,
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments, num_segments, scale_log2,
@@ -200,7 +202,7 @@ def dense_segment_kernel(
     tl.store(lse_part + (i_g * hq + i_h) * BS + o_row, b_lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh"])
 def merge_segments_kernel(
     o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split_tiles, seg_first,
     stride_ot, stride_oh, stride_lh,

@@ -120,8 +120,9 @@ def _cover_bisect(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_coun
         tl.store(keep_ptr + o_c, keep.to(tl.int8), mask=m_c)
 
 
-# lengths and budgets vary per call: no divisibility specialisation, one compilation
-@triton.jit(do_not_specialize=["nb", "n_probe", "k_len", "min_blocks", "max_blocks", "qa_blocks"])
+# lengths, budgets and the strides that follow them vary per call: not specialised on, one compilation
+@triton.jit(do_not_specialize=["nb", "n_probe", "k_len", "min_blocks", "max_blocks", "qa_blocks", "stride_mh",
+                               "stride_sh", "stride_vh"])
 def head_select_kernel(
     m, l, k_bar, q_bar, scratch, keep_v, keep_s, query_aware,
     nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
