@@ -158,6 +158,26 @@ def dense_rows(layout: BatchLayout) -> list[int | None]:
             for s in range(layout.num_seqs)]
 
 
+def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexPrefillConfig, dtype: torch.dtype,
+                    device: torch.device | str) -> None:
+    """Runs the CUDA path's Triton kernels once on small inputs laid out like vLLM's paged
+    cache, so that they compile at start-up rather than in the first long prompt. The kernels
+    are not specialised on lengths: these compilations serve every prompt. Two calls: one long
+    enough for the probe's rows to run in segments (``BatchLayout.tail_split``), one not."""
+    from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
+    from vllm_flexprefill.patterns.layout import paged_rows
+
+    page, bs, scale = 16, cfg.sparse_block_size, head_dim ** -0.5
+    for n in ((2 * SEGMENT_BLOCKS + 2) * bs, 3 * bs):
+        q = torch.randn(n, num_heads, head_dim, dtype=dtype, device=device)
+        cache = torch.randn(2, -(-n // page), page, num_kv_heads, head_dim, dtype=dtype, device=device)
+        positions = torch.arange(n, device=device)
+        rows = paged_rows(cache[0], positions // page, positions % page)
+        layout = BatchLayout.build([n], [n], bs, device)
+        selection = select_blocks(q, cache[0], layout, cfg, scale, rows)
+        sparse_attention(q, cache[0], cache[1], layout, selection, scale, k_rows=rows)
+
+
 def plan_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                 cfg: FlexPrefillConfig) -> BatchLayout:
     q_lens = lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0])

@@ -224,3 +224,23 @@ def test_coverage_threshold_matches_sorted_prefix():
         assert torch.equal(pooled >= got[:, None], pooled >= ref[:, None]), "same blocks kept"
         kept = torch.where(pooled >= got[:, None], pooled, 0.0).sum(-1)
         assert (kept[qa] >= gamma * 5 - 1e-4).all()
+
+
+def test_compile_kernels_runs_a_long_and_a_short_paged_call(monkeypatch):
+    # on the CPU it takes the PyTorch path: what it checks here is the calls it makes
+    from vllm_flexprefill import attention
+    from vllm_flexprefill.config import FlexPrefillConfig
+    from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
+
+    calls = []
+    real = attention.sparse_attention
+
+    def spy(q, k, v, layout, selection, scale, out=None, k_rows=None):
+        calls.append((layout.q_lens, layout.k_lens, k_rows is not None, tuple(k.shape)))
+        return real(q, k, v, layout, selection, scale, out=out, k_rows=k_rows)
+
+    monkeypatch.setattr(attention, "sparse_attention", spy)
+    attention.compile_kernels(4, 2, 64, FlexPrefillConfig(sparse_block_size=16, min_sparse_tokens=0),
+                              torch.float32, "cpu")
+    n = (2 * SEGMENT_BLOCKS + 2) * 16
+    assert calls == [((n,), (n,), True, (-(-n // 16), 16, 2, 64)), ((48,), (48,), True, (3, 16, 2, 64))]

@@ -151,3 +151,32 @@ def test_planted_structure_long(n):
     density = stats.density.mean().item()
     assert rel_err(out, ref) < PLANTED_REL_ERR, f"n={n} density={density:.3f}"
     assert density < 0.5, f"n={n} rel_err={rel_err(out, ref):.4f}"
+
+
+def test_kernels_compiled_at_start_up_serve_other_lengths():
+    # start-up compiles the sparse path once (attention.compile_kernels); a later chunk of other
+    # lengths on a paged cache compiles nothing new (no specialisation on lengths)
+    from vllm_flexprefill.attention import compile_kernels, select_blocks, sparse_attention
+    from vllm_flexprefill.kernels import block_lists, block_sparse_attn, head_select, probe
+    from vllm_flexprefill.patterns.layout import paged_rows
+
+    cfg = FlexPrefillConfig(min_sparse_tokens=0)
+    compile_kernels(8, 2, 128, cfg, torch.bfloat16, DEV)
+    kernels = [probe.probe_kernel, head_select.head_select_kernel, block_lists.pooled_map_kernel,
+               block_lists.coverage_threshold_kernel, block_lists.block_lists_kernel,
+               block_sparse_attn.block_sparse_attn_fwd_kernel, block_sparse_attn.dense_segment_kernel,
+               block_sparse_attn.merge_segments_kernel]
+
+    def compiled():
+        return [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels]
+
+    before = compiled()
+    q_len, k_len = 3001, 20011
+    q = torch.randn(q_len, 8, 128, dtype=torch.bfloat16, device=DEV)
+    cache = torch.randn(2, -(-k_len // 16) + 3, 16, 2, 128, dtype=torch.bfloat16, device=DEV)
+    positions = torch.arange(k_len, device=DEV)
+    rows = paged_rows(cache[0], positions // 16 + 3, positions % 16)
+    layout = BatchLayout.build([q_len], [k_len], 128, DEV)
+    selection = select_blocks(q, cache[0], layout, cfg, 128 ** -0.5, rows)
+    sparse_attention(q, cache[0], cache[1], layout, selection, 128 ** -0.5, k_rows=rows)
+    assert compiled() == before

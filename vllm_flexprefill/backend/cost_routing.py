@@ -136,6 +136,8 @@ class Router:
 
     def __init__(self, config: FlexPrefillConfig, cost: CostModel, memory: DensityMemory):
         self.config, self.cost, self.memory = config, cost, memory
+        # the prompt length from which sparse attention may pay (None: not below max_model_len)
+        self.sparse_from: int | None = None
 
     def floor_density(self, q_len: int, k_len: int) -> float:
         """The least density the budget floor allows: min_blocks verticals and offsets per

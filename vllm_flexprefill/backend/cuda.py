@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -28,6 +29,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from vllm_flexprefill.attention import compile_kernels
 from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
@@ -62,6 +64,8 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         else:
             compat.say_once(logging.INFO, "FlexPrefill active: %s", self.flex_config)
             self.router = make_router(self.flex_config, vllm_config, layer_names, device)
+            if layers and (self.router is None or self.router.sparse_from is not None):
+                compile_ahead(self.flex_config, next(iter(layers.values())).impl, kv_cache_spec.dtype, device)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -128,6 +132,28 @@ class FlexPrefillImpl(FlashAttentionImpl):
         group's key positions in place, at the rows ``cache_rows`` gives."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         return key_cache, value_cache
+
+
+_compiled: set = set()
+
+
+def compile_ahead(cfg, impl, dtype: torch.dtype, device) -> None:
+    """Compiles the sparse path's Triton kernels for this layer shape, once per process, so
+    that start-up pays for it instead of the first long prompt (``attention.compile_kernels``)."""
+    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, cfg)
+    if key in _compiled:
+        return
+    _compiled.add(key)
+    start = time.perf_counter()
+    try:
+        with torch.cuda.device(device):
+            compile_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, cfg, dtype, device)
+            torch.cuda.synchronize()
+    except Exception as e:  # the engine still starts; the first sparse prompt compiles (and reports) them
+        compat.say_once(logging.WARNING, "FlexPrefill could not compile its kernels at start-up (%s: %s); they "
+                        "compile at the first long prompt", type(e).__name__, e)
+        return
+    compat.say_once(logging.INFO, "FlexPrefill: compiled its sparse kernels in %.1f s", time.perf_counter() - start)
 
 
 def group_queries(query: torch.Tensor, group) -> torch.Tensor:

@@ -75,6 +75,7 @@ def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Rou
             "run sparse from N tokens anyway.", where, model.max_model_len,
             " (its PyTorch path is slower than vLLM's CPU kernel)" if name is None else "")
     else:
+        router.sparse_from = int(first)
         compat.say_once(logging.INFO, "FlexPrefill routing: cost model for %s; sparse attention may pay from "
                         "about %d tokens, per layer where it measured a low density", where, int(first))
     return router
