@@ -133,15 +133,16 @@ class BatchLayout:
 
         q_starts = (0, *itertools.accumulate(q_lens))
         k_starts = (0, *itertools.accumulate(k_lens))
+        cu_q, cu_k, seq, row = int32_on(device, q_starts, k_starts, tile_seq, tile_row)
         return BatchLayout(
             block_size=block_size,
             q_lens=q_lens,
             k_lens=k_lens,
             sparse=sparse,
-            cu_seqlens_q=torch.tensor(q_starts, dtype=torch.int32, device=device),
-            cu_seqlens_k=torch.tensor(k_starts, dtype=torch.int32, device=device),
-            tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
-            tile_row=torch.tensor(tile_row, dtype=torch.int32, device=device),
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            tile_seq=seq,
+            tile_row=row,
             first_tile=tuple(first_tile),
             q_starts=q_starts,
             k_starts=k_starts,
@@ -183,13 +184,27 @@ class TailSplit:
                 seg_first.append(len(segments))
         if not split:
             return None
-        device = layout.tile_seq.device
-        return TailSplit(
-            main_tiles=torch.tensor(main[::-1], dtype=torch.int32, device=device),
-            segments=torch.tensor(segments, dtype=torch.int32, device=device).T.contiguous(),
-            split_tiles=torch.tensor(split, dtype=torch.int32, device=device),
-            seg_first=torch.tensor(seg_first, dtype=torch.int32, device=device),
-        )
+        columns = [x for column in zip(*segments) for x in column]  # [3, NS] row-major
+        main_tiles, flat, split_tiles, first = int32_on(layout.tile_seq.device, main[::-1], columns, split, seg_first)
+        return TailSplit(main_tiles=main_tiles, segments=flat.view(3, len(segments)), split_tiles=split_tiles,
+                         seg_first=first)
+
+
+def int32_on(device: torch.device | str, *arrays: Sequence[int]) -> list[torch.Tensor]:
+    """int32 tensors of host integer lists on ``device``, made by one copy: on CUDA from pinned
+    memory without waiting (the builder does not stall on the GPU's queue). Each starts on a
+    16-byte boundary, as fresh tensors do (the kernels are compiled for aligned pointers)."""
+    flat: list[int] = []
+    bounds = []
+    for values in arrays:
+        bounds.append((len(flat), len(values)))
+        flat += list(values) + [0] * (-len(values) % 4)
+    host = torch.tensor(flat, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    else:
+        host = host.to(device)
+    return [host[start:start + n] for start, n in bounds]
 
 
 @dataclasses.dataclass(frozen=True)
