@@ -10,6 +10,11 @@ Launch order: every head of the last tile, then every head of the tile before, a
 The last tiles have the longest rows (and the probe's tiles attend to every key), so the
 heaviest programs start first instead of trailing the grid; heads that share a KV head run
 side by side and read the same K/V tiles from L2.
+
+Tiles that keep every causal block (the probe's rows) can be longer than the rest of the
+grid together: with ``split`` (``BatchLayout.tail_split``) they run as segments of key
+blocks, one program each (``dense_segment_kernel``: normalised partial output and
+log-sum-exp), which ``merge_segments_kernel`` combines into the tile's rows.
 """
 
 from __future__ import annotations
