@@ -22,7 +22,7 @@ settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
 user gets. Prefill chunks longer than the captured sizes run outside CUDA graphs either way.
 
-For the FlexPrefill engines one more prompt of the longest length runs with FlexPrefill's
+For the FlexPrefill engines one more prompt of each length runs with FlexPrefill's
 statistics on: the density of its sparse layer calls and the share of prompt tokens
 planned sparse are printed ("what ran") and kept in the JSON.
 
@@ -130,7 +130,7 @@ def engine_measure(spec: dict) -> dict:
     if spec.get("profile_dir") and spec["lengths"][-1] == max(spec["all_lengths"]):
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
     if spec["backend"] != "FLASH_ATTN":
-        out["what_ran"] = what_ran(llm, prompt(spec["lengths"][-1]), one)
+        out["what_ran"] = [what_ran(llm, prompt(n), one) for n in spec["lengths"]]
     # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
     n = spec["decode_length"]
     many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
@@ -277,8 +277,7 @@ def main() -> None:
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
-                if "what_ran" in result:
-                    ran = result["what_ran"]
+                for ran in result.get("what_ran", []):
                     density = "-" if ran["density"] is None else f"{ran['density']:.3f}"
                     share = "-" if ran["sparse_share"] is None else f"{100 * ran['sparse_share']:.0f} %"
                     print(f"what ran: {engine} N={ran['N']} density {density} over sparse layer calls, "
