@@ -21,7 +21,8 @@ from vllm_flexprefill.kernels.configs import interpreted, probe_config, row_alig
 
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
 # serves every prompt (a new variant would compile in the middle of serving)
-@triton.jit(do_not_specialize=["q_len", "k_len", "n_probe", "first_row", "stride_mh"])
+# (k_rows too: a later sequence's rows start anywhere in the step's array, 8-byte aligned)
+@triton.jit(do_not_specialize=["k_rows", "q_len", "k_len", "n_probe", "first_row", "stride_mh"])
 def probe_kernel(
     q, k, k_rows, m_out, l_out, k_bar, q_probe_bar, q_bar,
     q_len, k_len, n_probe, first_row, scale_log2,
