@@ -133,13 +133,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     """Attends to the selected blocks; see kernels/. k, v as in ``select_blocks``."""
     if q.is_cuda:
         from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
-        from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
 
         with torch.cuda.device(q.device):
             return block_sparse_attention(
                 q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
                 selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows,
-                split=layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS))
+                split=segment_plan(layout))
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
     result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale,
@@ -156,6 +155,14 @@ def dense_rows(layout: BatchLayout) -> list[int | None]:
     to make: ``estimate_blocks``)."""
     return [probe_row(layout.q_lens[s], layout.k_lens[s], layout.block_size) if layout.sparse[s] else None
             for s in range(layout.num_seqs)]
+
+
+def segment_plan(layout: BatchLayout):
+    """The probe rows that run in segments on CUDA (``BatchLayout.tail_split``; made once per
+    layout: the builder makes it with the step's plan, the layers find it made)."""
+    from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
+
+    return layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS)
 
 
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexPrefillConfig, dtype: torch.dtype,

@@ -11,11 +11,10 @@ import dataclasses
 import torch
 
 from vllm_flexprefill import stats
-from vllm_flexprefill.attention import dense_rows
+from vllm_flexprefill.attention import segment_plan
 from vllm_flexprefill.backend.compat import slice_metadata
 from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_bucket
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 # key positions of one FlexPrefill call: bounds the CPU path's transient copy of the cached
@@ -186,7 +185,7 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
     if layout.tile_seq.is_cuda:
         # made here, once per step: in a layer's forward its host-to-device copy would wait for
         # the layers queued before it
-        layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS)
+        segment_plan(layout)
     return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests), layout.causal_blocks(),
                        length_bucket(max(sk)))
 

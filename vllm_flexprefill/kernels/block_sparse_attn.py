@@ -85,6 +85,34 @@ def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, 
     return b_m_new, b_l, b_acc
 
 
+@triton.jit
+def _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS: tl.constexpr):
+    """Where query tile i_t sits: its block row, the absolute positions of its rows, which of
+    them are the chunk's queries (rows before the chunk or past the end are idle), their rows
+    in the packed queries, and the sequence's first key and key count."""
+    i_s = tl.load(tile_seq + i_t)
+    i_r = tl.load(tile_row + i_t).to(tl.int64)
+    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
+    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
+    k_start = tl.load(cu_seqlens_k + i_s).to(tl.int64)
+    k_len = tl.load(cu_seqlens_k + i_s + 1) - k_start
+    ctx = k_len - q_len
+    o_pos = i_r * BS + tl.arange(0, BS)
+    m_row = (o_pos >= ctx) & (o_pos < k_len)
+    o_q = q_start + o_pos - ctx
+    return i_r, o_pos, m_row, o_q, k_start, k_len
+
+
+@triton.jit
+def _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST: tl.constexpr):
+    """[BS, BD] the tile's queries of head i_h (zeros on idle rows)."""
+    b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_row[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+    return b_q
+
+
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
 # serves every prompt (a new variant would compile in the middle of serving)
 @triton.jit(do_not_specialize=["num_tiles", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
@@ -104,25 +132,10 @@ def block_sparse_attn_fwd_kernel(
     else:
         i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
     i_kh = i_h // GROUP
-    i_s = tl.load(tile_seq + i_t)
-    i_r = tl.load(tile_row + i_t).to(tl.int64)
-    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
-    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
-    k_start = tl.load(cu_seqlens_k + i_s).to(tl.int64)
-    k_len = tl.load(cu_seqlens_k + i_s + 1) - k_start
-    ctx = k_len - q_len
-
+    i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    # absolute positions of the tile's rows; rows before the chunk or past the end are idle
-    o_pos = i_r * BS + tl.arange(0, BS)
-    m_row = (o_pos >= ctx) & (o_pos < k_len)
-    o_q = q_start + o_pos - ctx
-    # [BS, BD]
-    b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
-                  mask=m_row[:, None] & m_d[None, :], other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
+    b_q = _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST)
 
     b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BS], dtype=tl.float32)
@@ -169,22 +182,11 @@ def dense_segment_kernel(
     b0 = tl.load(segments + num_segments + i_g)
     b1 = tl.load(segments + 2 * num_segments + i_g)
     i_kh = i_h // GROUP
-    i_s = tl.load(tile_seq + i_t)
-    i_r = tl.load(tile_row + i_t).to(tl.int64)
-    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
-    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
-    k_start = tl.load(cu_seqlens_k + i_s).to(tl.int64)
-    k_len = tl.load(cu_seqlens_k + i_s + 1) - k_start
+    i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
+    o_row = tl.arange(0, BS)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = tl.arange(0, BS)
-    o_pos = i_r * BS + o_row
-    m_row = (o_pos >= k_len - q_len) & (o_pos < k_len)
-    o_q = q_start + o_pos - (k_len - q_len)
-    b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
-                  mask=m_row[:, None] & m_d[None, :], other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
+    b_q = _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST)
     b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BS], dtype=tl.float32)
     b_acc = tl.zeros([BS, BD], dtype=tl.float32)
@@ -220,17 +222,10 @@ def merge_segments_kernel(
     i_t = tl.load(split_tiles + i_j).to(tl.int64)
     g0 = tl.load(seg_first + i_j)
     g1 = tl.load(seg_first + i_j + 1)
-    i_s = tl.load(tile_seq + i_t)
-    i_r = tl.load(tile_row + i_t).to(tl.int64)
-    q_start = tl.load(cu_seqlens_q + i_s).to(tl.int64)
-    q_len = tl.load(cu_seqlens_q + i_s + 1) - q_start
-    k_len = tl.load(cu_seqlens_k + i_s + 1) - tl.load(cu_seqlens_k + i_s)
+    _i_r, _o_pos, m_row, o_q, _k_start, _k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_row = tl.arange(0, BS)
-    o_pos = i_r * BS + o_row
-    m_row = (o_pos >= k_len - q_len) & (o_pos < k_len)
-    o_q = q_start + o_pos - (k_len - q_len)
     b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
     for i_g in range(g0, g1):
         b_m = tl.maximum(b_m, tl.load(lse_part + (i_g * hq + i_h) * BS + o_row))
