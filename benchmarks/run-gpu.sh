@@ -13,7 +13,8 @@
 #   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model 4k-32k: FLASH_ATTN, FLEX_PREFILL default, every
 #                                         # chunk sparse; a profile of one 32k prompt per engine; vLLM's
 #                                         # default compilation (COMPILATION=eager: without torch.compile);
-#                                         # ROUNDS engine processes each, alternating (ENGINES, LENGTHS to choose)
+#                                         # ROUNDS engine processes each, alternating (ENGINES, LENGTHS to choose;
+#                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
@@ -55,7 +56,8 @@ for stage in "$@"; do
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
     ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths ${LENGTHS:-4096 8192 16384 32768} \
-                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-2} --profile \
+                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} \
+                 --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran" | tail -24 ;;

@@ -17,6 +17,9 @@ random-weight attention; one engine per length); "FLEX_FLOOR" (tau = 0, max_budg
 min_budget = 1024: every head keeps exactly the default floor, which is what the default
 settings cost on attention concentrated enough to need no more); "FLEX_SPARSE" (default
 settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query_tokens = 0``).
+``--rates NAME='{"estimate_fixed": 0.5}'`` adds an engine NAME: default settings with the
+cost model's rates replaced as the JSON says (``VLLM_FLEXPREFILL_RATES``, costs.py), to try
+a calibration side by side with the current one.
 
 ``--compilation eager`` (the default) runs without torch.compile and captures CUDA graphs
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
@@ -87,6 +90,8 @@ def engine_measure(spec: dict) -> dict:
     """One engine: TTFT per length (median of reps), decode ms/token at decode_length."""
     # the engine core runs in this (pool worker) process, which may not start children
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if spec.get("rates"):
+        os.environ["VLLM_FLEXPREFILL_RATES"] = json.dumps(spec["rates"])
     import torch
     from vllm import LLM, SamplingParams
 
@@ -226,9 +231,16 @@ def main() -> None:
                         help="model shape (all layers, random weights), or smollm2: the real model")
     parser.add_argument("--min-sparse-tokens", type=int, default=None,
                         help="min_sparse_tokens for the FLEX engines (default: the config's)")
+    parser.add_argument("--rates", nargs="+", default=[], metavar="NAME=JSON",
+                        help="one more engine per NAME: default settings with these cost-model rates")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
+    rates = {}
+    for item in args.rates:
+        name, _, text = item.partition("=")
+        rates[name] = json.loads(text)
+    args.engines += [name for name in rates if name not in args.engines]
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +264,8 @@ def main() -> None:
                 if engine == "FLEX_10":
                     specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40,
                                                          **routing}, lengths=[n]) for n in lengths]
-                elif engine == "FLEX_PREFILL":
-                    specs.append(dict(variant, flexprefill=routing or None))
+                elif engine == "FLEX_PREFILL" or engine in rates:
+                    specs.append(dict(variant, flexprefill=routing or None, rates=rates.get(engine)))
                 elif engine == "FLEX_SPARSE":
                     specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}))
                 elif engine == "FLEX_FLOOR":

@@ -11,12 +11,16 @@ floating-point operations. The model predicts, in milliseconds:
 the backend, ``backend/cost_routing.py``). Sparse runs where it is predicted faster than
 dense by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/kernels.py``
 measures them, and ``CALIBRATED`` below holds what it printed. An unknown device gets
-``CONSERVATIVE``: sparse only where it wins with room to spare.
+``CONSERVATIVE``: sparse only where it wins with room to spare. The environment variable
+``VLLM_FLEXPREFILL_RATES`` (a JSON object of ``Rates`` fields, e.g. what kernels.py printed
+for a GPU not listed here) replaces those fields of the chosen rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +64,16 @@ CALIBRATED: dict[str, dict[int, Rates]] = {
 CPU = Rates(dense_rate=0.2, sparse_rate=0.01, dense_fixed=0.0, estimate_fixed=50.0, estimate_per_block=1e-3)
 
 
+RATES_ENV = "VLLM_FLEXPREFILL_RATES"
+
+
 def rates_for(device_name: str | None, head_dim: int) -> Rates:
-    """The calibrated rates of a device (by name prefix, e.g. "NVIDIA H100"), or conservative ones."""
+    """The calibrated rates of a device (by name prefix, e.g. "NVIDIA H100"), or conservative
+    ones; fields given in ``VLLM_FLEXPREFILL_RATES`` replace them."""
+    return with_overrides(calibrated(device_name, head_dim), os.environ.get(RATES_ENV))
+
+
+def calibrated(device_name: str | None, head_dim: int) -> Rates:
     if device_name is None:
         return CPU
     for prefix, by_dim in CALIBRATED.items():
@@ -70,6 +82,24 @@ def rates_for(device_name: str | None, head_dim: int) -> Rates:
                 return by_dim[head_dim]
             return by_dim[min(by_dim, key=lambda d: abs(d - head_dim))]
     return CONSERVATIVE
+
+
+def with_overrides(rates: Rates, text: str | None) -> Rates:
+    """``rates`` with the fields of the JSON object ``text`` (None or empty: unchanged)."""
+    if not text:
+        return rates
+    fields = [f.name for f in dataclasses.fields(Rates)]
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{RATES_ENV} must be a JSON object of {fields}, got {text!r} ({e})") from None
+    if not isinstance(given, dict) or set(given) - set(fields):
+        raise ValueError(f"{RATES_ENV} must be a JSON object with keys among {fields}, got {text!r}")
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                name.endswith("_rate") and value == 0):
+            raise ValueError(f"{RATES_ENV}: {name} must be a non-negative number (rates positive), got {value!r}")
+    return dataclasses.replace(rates, **{k: float(v) for k, v in given.items()})
 
 
 def causal_flops(q_len: int, k_len: int, num_heads: int, head_dim: int) -> float:

@@ -8,7 +8,7 @@ import torch
 from vllm_flexprefill.backend.cost_routing import REMEASURE_STEPS, DensityMemory, Router, length_bucket
 from vllm_flexprefill.backend.routing import plan_batch
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.costs import CONSERVATIVE, CPU, CostModel, Rates, rates_for
+from vllm_flexprefill.costs import CONSERVATIVE, CPU, RATES_ENV, CostModel, Rates, rates_for
 
 # a GPU-like device: dense at 500 TFLOP/s, sparse at 350, estimation 0.1 ms + per block
 FAST = Rates(dense_rate=500.0, sparse_rate=350.0, dense_fixed=0.01, estimate_fixed=0.1, estimate_per_block=1e-5)
@@ -35,6 +35,17 @@ def test_rates_by_device_name():
     assert rates_for("Some Unknown GPU", 128) is CONSERVATIVE
     long = [1 << 20]
     assert not CostModel(CPU, 9, 64, 128).pays(long, long, 0.05), "the CPU path never pays by default"
+
+
+def test_rates_from_the_environment_replace_the_fields_given(monkeypatch):
+    monkeypatch.setenv(RATES_ENV, '{"estimate_fixed": 0.3, "sparse_rate": 400}')
+    rates = rates_for("Some Unknown GPU", 128)
+    assert (rates.estimate_fixed, rates.sparse_rate) == (0.3, 400.0)
+    assert rates.dense_rate == CONSERVATIVE.dense_rate
+    for bad in ('{"estimate_fixd": 0.3}', "0.3", '{"sparse_rate": 0}', '{"dense_fixed": -1}', "{oops"):
+        monkeypatch.setenv(RATES_ENV, bad)
+        with pytest.raises(ValueError, match=RATES_ENV):
+            rates_for("Some Unknown GPU", 128)
 
 
 def test_router_candidates_by_length():

@@ -180,3 +180,35 @@ def test_kernels_compiled_at_start_up_serve_other_lengths():
     selection = select_blocks(q, cache[0], layout, cfg, 128 ** -0.5, rows)
     sparse_attention(q, cache[0], cache[1], layout, selection, 128 ** -0.5, k_rows=rows)
     assert compiled() == before
+
+
+def test_memoised_launches_skip_tritons_binding_and_give_its_results(monkeypatch):
+    # kernels/launch.py: once a variant is known, launches go to the compiled kernel directly
+    # (no JITFunction.run), with the same results as Triton's own launch
+    from triton.runtime.jit import JITFunction
+
+    from vllm_flexprefill.kernels.launch import launcher
+
+    torch.manual_seed(5)
+    q_lens, k_lens = [1000, 333], [1000, 1700]
+    layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
+    q = torch.randn(sum(q_lens), 8, 64, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16, device=DEV)
+    idx, cnt = random_block_lists(layout, 8, 0.4)
+
+    def attend():
+        out = torch.full_like(q, float("nan"))
+        return block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
+                                      layout.tile_row, idx, cnt, 128, 64 ** -0.5, out=out)
+
+    launcher.cache_clear()
+    through_triton = attend()
+    bound = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: bound.append(self) or run(self, *a, **kw))
+    memoised = attend()
+    assert bound == []
+    assert torch.equal(memoised, through_triton)
+    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 64 ** -0.5)
+    torch.testing.assert_close(memoised.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import interpreted
+from vllm_flexprefill.kernels.launch import launcher
 
 
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
@@ -89,7 +90,7 @@ def write_block_lists(
     dense = keep_v is None
     has_pooled = pooled is not None
     dummy = block_cnt
-    block_lists_kernel[(num_rows, hq)](
+    launcher(block_lists_kernel)[(num_rows, hq)](
         keep_v if not dense else dummy, keep_s if not dense else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
         query_aware if has_pooled else dummy,
@@ -151,7 +152,7 @@ def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tens
     r, hq, d = q_bar.shape
     nb, h_kv = k_bar.shape[0], k_bar.shape[1]
     out = torch.empty(hq, r * nb, dtype=torch.float32, device=q_bar.device)
-    pooled_map_kernel[(r, hq)](q_bar, k_bar, query_aware, out, first_row, nb, scale, out.stride(0),
+    launcher(pooled_map_kernel)[(r, hq)](q_bar, k_bar, query_aware, out, first_row, nb, scale, out.stride(0),
                                GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
     return out
 
@@ -196,6 +197,6 @@ def coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: 
     """
     hq, n = pooled.shape
     out = torch.empty(hq, dtype=torch.float32, device=pooled.device)
-    coverage_threshold_kernel[(hq,)](pooled, query_aware, out, target, n, pooled.stride(0),
+    launcher(coverage_threshold_kernel)[(hq,)](pooled, query_aware, out, target, n, pooled.stride(0),
                                      ITERS=iters, BLOCK=1024 if not interpreted(pooled) else 256, num_warps=8)
     return out

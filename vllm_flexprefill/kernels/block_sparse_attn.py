@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment
+from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.patterns.layout import TailSplit
 
 
@@ -300,7 +301,7 @@ def block_sparse_attention(
     main_tiles = num_tiles if split is None else split.main_tiles.shape[0]
     # (grid dimension 1 allows 65535 tiles: 8M keys of one group at BS 128)
     if main_tiles:
-        block_sparse_attn_fwd_kernel[(hq, main_tiles)](
+        launcher(block_sparse_attn_fwd_kernel)[(hq, main_tiles)](
             q, k, v, rows, out, lse if lse is not None else out,
             cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
             num_tiles, scale * 1.4426950408889634,
@@ -314,12 +315,12 @@ def block_sparse_attention(
     n_seg = split.segments.shape[1]
     o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
-    dense_segment_kernel[(hq, n_seg)](
+    launcher(dense_segment_kernel)[(hq, n_seg)](
         q, k, v, rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split.segments, n_seg,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), **common, **cfg,
     )
-    merge_segments_kernel[(hq, split.split_tiles.shape[0])](
+    launcher(merge_segments_kernel)[(hq, split.split_tiles.shape[0])](
         o_part, lse_part, out, lse if lse is not None else out, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
         split.split_tiles, split.seg_first, out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
         D=d, BD=triton.next_power_of_2(d), BS=block_size, HAS_LSE=lse is not None, num_warps=4,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_flexprefill.kernels.launch import launcher
+
 # larger than every order key (a key is at most 0x7F800000 << 32 | 0x7FFFFFFF)
 NO_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
@@ -241,7 +243,7 @@ def select_heads(
     keep_v = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
     keep_s = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
     query_aware = torch.empty(hq, dtype=torch.int8, device=m.device)
-    head_select_kernel[(hq,)](
+    launcher(head_select_kernel)[(hq,)](
         m, l, k_bar, q_probe_bar, scratch, keep_v, keep_s, query_aware,
         nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
         m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), scratch.stride(0),

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import interpreted, probe_config, row_alignment
+from vllm_flexprefill.kernels.launch import launcher
 
 
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
@@ -114,7 +115,7 @@ def probe_stats(
     k_bar = torch.empty(nb, h_kv, d, **f32)
     q_probe_bar = torch.empty(hq, d, **f32)
     q_bar = torch.empty(nb - first_row, hq, d, **f32) if query_means else None
-    probe_kernel[(hq, nb)](
+    launcher(probe_kernel)[(hq, nb)](
         q, k, k_rows if k_rows is not None else m, m, l, k_bar, q_probe_bar, q_bar if query_means else m,
         q_len, k_len, n_probe, first_row, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
