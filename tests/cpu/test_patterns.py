@@ -5,7 +5,7 @@ import torch
 
 from vllm_flexprefill.attention import dense_rows, torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.kernels.naive import naive_probe_stats
+from vllm_flexprefill.kernels.naive import probe_one
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.estimate import estimate_blocks, probe_masses
 from vllm_flexprefill.patterns.layout import BatchLayout
@@ -72,7 +72,7 @@ def test_probe_masses_match_dense_probe(n_probe, k_len):
     torch.manual_seed(k_len)
     q = torch.randn(n_probe, 2, 64)
     k = torch.randn(k_len, 1, 64)
-    m, l, *_ = naive_probe_stats(q, k, BS, 0.125)
+    m, l, *_ = probe_one(q, k, BS, 0.125)
     vertical, slash = probe_masses(m, l, n_probe, k_len, BS)
     for h in range(2):
         v_ref, s_ref = probe_distribution_from_scores(q[:, h], k[:, 0], 0.125)

@@ -1,14 +1,17 @@
-"""Building the per-(query head, query tile) key-block lists of one sequence in one pass.
+"""Building the per-(query head, query tile) key-block lists of a whole batch in one pass.
 
 A tile at block row ``r`` keeps key block ``c <= r`` when column c is a chosen vertical,
 when offset ``r - c`` is a chosen slash, or (query-aware heads only) when the pooled
 block map ``P[r, c]`` reaches the head's threshold. Dense sequences, and the tiles from
 row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
-One program per (tile, head) compacts the chosen ids with a prefix sum.
+One program per (tile, head), over the tiles of every sequence, compacts the chosen ids
+with a prefix sum.
 
 Also here, for the query-aware heads: their pooled block map (the softmax of mean query
 tile . key block mean over each tile's causal blocks) and the per-head threshold of its
-coverage, found by bisection so that no sort over the whole block map is needed.
+coverage, found by bisection so that no sort over the whole block map is needed. Every
+kernel here serves all sparse sequences of the batch in one launch; each reads its
+sequence's lengths and offsets from ``patterns.layout.SparseSeqs.table``.
 """
 
 from __future__ import annotations
@@ -19,104 +22,114 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import interpreted
 from vllm_flexprefill.kernels.launch import launcher
+from vllm_flexprefill.kernels.probe import _sparse_seq
+from vllm_flexprefill.patterns.layout import BatchLayout
 
 
-# lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
-# serves every prompt (a new variant would compile in the middle of serving)
-@triton.jit(do_not_specialize=["first_row", "first_tile", "nb", "dense_from", "stride_vh", "stride_ph", "stride_pr",
-                               "stride_ih", "stride_it", "stride_ch"])
+# the sequence table and the strides carry every length: one compilation serves every batch
+@triton.jit(do_not_specialize=["stride_vh", "stride_ph", "stride_ih", "stride_it", "stride_ch"])
 def block_lists_kernel(
-    keep_v, keep_s, pooled, threshold, query_aware, block_idx, block_cnt,
-    first_row, first_tile, nb, dense_from,
-    stride_vh, stride_ph, stride_pr, stride_ih, stride_it, stride_ch,
-    DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
+    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt,
+    stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
+    BS: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
 ):
-    i_r = tl.program_id(0).to(tl.int64)
+    i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    row = first_row + i_r
-    p_out = block_idx + i_h * stride_ih + (first_tile + i_r) * stride_it
+    hq = tl.num_programs(1)
+    s = tl.load(tile_seq + i_t)
+    row = tl.load(tile_row + i_t)
+    i_j = tl.load(slot + s)
+    p_out = block_idx + i_h * stride_ih + i_t * stride_it
+    # a dense sequence (slot -1) keeps every causal block; so do a sparse one's probe rows.
+    # A dense sequence reads row 0 of the table (which always has one) and ignores it.
+    _, _, q_len, _, k_len, kb, _, p0 = _sparse_seq(table, tl.maximum(i_j, 0))
+    nb = (k_len + BS - 1) // BS
+    i_r = row - (k_len - q_len) // BS
+    all_causal = (i_j < 0) | (row >= (k_len - tl.minimum(q_len, BS)) // BS)
     if HAS_POOLED:
         # a per-lane copy of the head's flag, so it combines with lane masks
-        qa = (tl.zeros([BC], dtype=tl.int32) + tl.load(query_aware + i_h).to(tl.int32)) != 0
-        thr = tl.load(threshold + i_h)
+        qa = (tl.zeros([BC], dtype=tl.int32) + tl.load(query_aware + s * hq + i_h).to(tl.int32)) != 0
+        thr = tl.load(threshold + s * hq + i_h)
     n = 0
-    all_causal = row >= dense_from
     for c0 in range(0, row + 1, BC):
         o_c = c0 + tl.arange(0, BC)
         m_c = o_c <= row
-        if DENSE:
-            sel = m_c
-        elif all_causal:
+        if all_causal:
             sel = m_c
         else:
-            b_v = tl.load(keep_v + i_h * stride_vh + o_c, mask=m_c, other=0) != 0
-            b_s = tl.load(keep_s + i_h * stride_vh + (row - o_c), mask=m_c, other=0) != 0
+            b_v = tl.load(keep_v + i_h * stride_vh + kb + o_c, mask=m_c, other=0) != 0
+            b_s = tl.load(keep_s + i_h * stride_vh + kb + (row - o_c), mask=m_c, other=0) != 0
             sel = (b_v | b_s) & m_c
             if HAS_POOLED:
-                b_p = tl.load(pooled + i_h * stride_ph + i_r * stride_pr + o_c, mask=m_c & qa, other=0.0)
+                b_p = tl.load(pooled + i_h * stride_ph + p0 + i_r * nb + o_c, mask=m_c & qa, other=0.0)
                 sel = sel | ((b_p >= thr) & m_c & qa)
         b_sel = sel.to(tl.int32)
         pos = n + tl.cumsum(b_sel, axis=0) - 1
         tl.store(p_out + pos, o_c.to(tl.int32), mask=sel)
         n += tl.sum(b_sel, axis=0)
-    tl.store(block_cnt + i_h * stride_ch + first_tile + i_r, n)
+    tl.store(block_cnt + i_h * stride_ch + i_t, n)
 
 
 def write_block_lists(
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
-    first_tile: int,
-    first_row: int,
-    num_rows: int,
-    nb: int,
+    layout: BatchLayout,
     keep_v: torch.Tensor | None = None,
     keep_s: torch.Tensor | None = None,
+    query_aware: torch.Tensor | None = None,
     pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
-    query_aware: torch.Tensor | None = None,
-    dense_from: int | None = None,
 ) -> None:
-    """Writes the lists of one sequence's tiles into the batch arrays.
+    """Writes the lists of every tile of the batch, in one launch.
 
     Args:
         block_idx: [HQ, NQB, NB_max] int32, pre-filled with -1; block_cnt: [HQ, NQB] int32.
-        first_tile, first_row, num_rows: where the sequence's tiles sit (host integers).
-        keep_v, keep_s: [HQ, NB] bool chosen verticals / slash offsets; None for a dense sequence.
-        pooled: [HQ, R * NB] float32 pooled block map (rows of NB), threshold: [HQ] float32,
-            query_aware: [HQ] bool; None when no head may be query-aware.
-        dense_from: block row from which tiles keep every causal block (None: none).
+        keep_v, keep_s: [HQ, NBt] chosen verticals / slash offsets of the sparse sequences
+            (``select_heads``); None when the batch has none. Dense sequences, and a sparse
+            one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
+        query_aware: [N, HQ]; pooled: [HQ, Pt] pooled block maps (``pooled_map``), threshold:
+            [N, HQ] (``coverage_threshold``); pooled None when no head may be query-aware.
     """
-    hq = block_idx.shape[0]
-    dense = keep_v is None
+    hq, num_tiles = block_cnt.shape
+    if num_tiles == 0:
+        return
+    seqs = layout.sparse_seqs()
     has_pooled = pooled is not None
     dummy = block_cnt
-    launcher(block_lists_kernel)[(num_rows, hq)](
-        keep_v if not dense else dummy, keep_s if not dense else dummy,
+    launcher(block_lists_kernel)[(num_tiles, hq)](
+        keep_v if keep_v is not None else dummy, keep_s if keep_s is not None else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
-        query_aware if has_pooled else dummy,
-        block_idx, block_cnt, first_row, first_tile, nb, nb if dense_from is None else dense_from,
-        keep_v.stride(0) if not dense else 0,
-        pooled.stride(0) if has_pooled else 0, nb,
+        query_aware if has_pooled else dummy, seqs.table, seqs.slot,
+        layout.tile_seq, layout.tile_row, block_idx, block_cnt,
+        keep_v.stride(0) if keep_v is not None else 0, pooled.stride(0) if has_pooled else 0,
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
-        DENSE=dense, HAS_POOLED=has_pooled, BC=128, num_warps=4,
+        BS=layout.block_size, HAS_POOLED=has_pooled, BC=128, num_warps=4,
     )
 
 
-@triton.jit(do_not_specialize=["first_row", "nb", "stride_ph"])
+@triton.jit(do_not_specialize=["stride_ph"])
 def pooled_map_kernel(
-    q_bar, k_bar, query_aware, pooled, first_row, nb, scale, stride_ph,
-    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    q_bar, k_bar, query_aware, table, pooled, scale, stride_ph,
+    BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
 ):
     i_r = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
+    i_j = tl.program_id(2)
     hq = tl.num_programs(1)
-    if tl.load(query_aware + i_h) == 0:
+    seq, _, q_len, _, k_len, kb, r0, p0 = _sparse_seq(table, i_j)
+    nb = (k_len + BS - 1) // BS
+    first_row = (k_len - q_len) // BS
+    # the grid covers the longest sequence's tiles; only query-aware heads need a map
+    if i_r >= nb - first_row:
+        return
+    if tl.load(query_aware + seq * hq + i_h) == 0:
         return
     row = first_row + i_r
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    b_q = tl.load(q_bar + (i_r * hq + i_h) * D + o_d, mask=m_d, other=0.0)
-    p_k = k_bar + (i_h // GROUP) * D + o_d[None, :]
+    b_q = tl.load(q_bar + ((r0 + i_r) * hq + i_h) * D + o_d, mask=m_d, other=0.0)
+    p_k = k_bar + kb * ((hq // GROUP) * D) + (i_h // GROUP) * D + o_d[None, :]
+    p_out = pooled + i_h * stride_ph + p0 + i_r * nb
     # pass 1: the row's maximum and sum of exponentials over its causal blocks
     run_m = float("-inf")
     run_s = 0.0
@@ -135,37 +148,48 @@ def pooled_map_kernel(
         b_k = tl.load(p_k + o_c[:, None] * ((hq // GROUP) * D), mask=m_c[:, None] & m_d[None, :], other=0.0)
         x = scale * tl.sum(b_k * b_q[None, :], axis=1)
         p = tl.where(m_c, tl.exp(x - run_m) / run_s, 0.0)
-        tl.store(pooled + i_h * stride_ph + i_r * nb + o_c, p, mask=o_c < nb)
+        tl.store(p_out + o_c, p, mask=o_c < nb)
 
 
-def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, first_row: int,
+def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
                scale: float) -> torch.Tensor:
-    """Triton twin of ``kernels.naive.naive_pooled_map`` (rows of heads that are not
-    query-aware are left unwritten).
+    """Triton twin of ``kernels.naive.naive_pooled_map`` (the maps of heads that are not
+    query-aware are left unwritten), every sparse sequence in one launch.
 
     Args:
-        q_bar: [R, HQ, D] float32 mean query per query tile; k_bar: [NB, H, D] float32;
-        query_aware: [HQ] bool.
+        q_bar: [Rt, HQ, D] float32 mean query per query tile; k_bar: [NBt, H, D] float32
+            (``probe_stats``); query_aware: [N, HQ] (``select_heads``).
     Returns:
-        [HQ, R * NB] float32.
+        [HQ, Pt] float32: each sparse sequence's map, R rows of NB, at its ``p_start``.
     """
-    r, hq, d = q_bar.shape
-    nb, h_kv = k_bar.shape[0], k_bar.shape[1]
-    out = torch.empty(hq, r * nb, dtype=torch.float32, device=q_bar.device)
-    launcher(pooled_map_kernel)[(r, hq)](q_bar, k_bar, query_aware, out, first_row, nb, scale, out.stride(0),
-                               GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
+    hq, d = q_bar.shape[1], q_bar.shape[2]
+    h_kv = k_bar.shape[1]
+    seqs = layout.sparse_seqs()
+    out = torch.empty(hq, seqs.pooled_size, dtype=torch.float32, device=q_bar.device)
+    if seqs.seqs:
+        launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
+            q_bar, k_bar, query_aware, seqs.table, out, scale, out.stride(0),
+            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
     return out
 
 
-@triton.jit(do_not_specialize=["n", "stride_ph"])
+@triton.jit(do_not_specialize=["stride_ph"])
 def coverage_threshold_kernel(
-    pooled, query_aware, threshold, goal, n, stride_ph,
-    ITERS: tl.constexpr, BLOCK: tl.constexpr,
+    pooled, query_aware, table, threshold, gamma, stride_ph,
+    BS: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
-    if tl.load(query_aware + i_h) == 0:
-        tl.store(threshold + i_h, 2.0)
+    i_j = tl.program_id(1)
+    hq = tl.num_programs(0)
+    seq, _, q_len, _, k_len, _, _, p0 = _sparse_seq(table, i_j)
+    if tl.load(query_aware + seq * hq + i_h) == 0:
+        tl.store(threshold + seq * hq + i_h, 2.0)
         return
+    nb = (k_len + BS - 1) // BS
+    rows = nb - (k_len - q_len) // BS
+    n = rows * nb
+    goal = gamma * rows
+    p_map = pooled + i_h * stride_ph + p0
     # bisection in log2 space between 2^-126 (keep all) and 1 (keep the largest)
     lo = -126.0
     hi = 0.0
@@ -175,28 +199,33 @@ def coverage_threshold_kernel(
         mass = 0.0
         for i0 in range(0, n, BLOCK):
             o = i0 + tl.arange(0, BLOCK)
-            b_p = tl.load(pooled + i_h * stride_ph + o, mask=o < n, other=0.0)
+            b_p = tl.load(p_map + o, mask=o < n, other=0.0)
             mass += tl.sum(tl.where(b_p >= t, b_p, 0.0), axis=0)
         if mass >= goal:
             lo = mid
         else:
             hi = mid
-    tl.store(threshold + i_h, tl.exp2(lo))
+    tl.store(threshold + seq * hq + i_h, tl.exp2(lo))
 
 
-def coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: float,
+def coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, gamma: float,
                        iters: int = 24) -> torch.Tensor:
-    """Per head, a threshold t whose blocks ``P >= t`` carry at least ``target`` mass.
+    """Per (sparse sequence, head), a threshold t whose entries ``P >= t`` of the sequence's
+    pooled map carry at least ``gamma`` x its rows of mass (each row sums to 1), in one launch.
 
     ``t`` is within a factor 2^(126 / 2^iters) of the largest such threshold. Heads that
     are not query-aware get t = 2 (keep nothing).
 
     Args:
-        pooled: [HQ, R * NB] float32 contiguous rows, non-negative.
-        query_aware: [HQ] bool. target: the mass to reach.
+        pooled: [HQ, Pt] float32 (``pooled_map``), non-negative; query_aware: [N, HQ].
+    Returns:
+        [N, HQ] float32; the rows of dense sequences are unspecified.
     """
-    hq, n = pooled.shape
-    out = torch.empty(hq, dtype=torch.float32, device=pooled.device)
-    launcher(coverage_threshold_kernel)[(hq,)](pooled, query_aware, out, target, n, pooled.stride(0),
-                                     ITERS=iters, BLOCK=1024 if not interpreted(pooled) else 256, num_warps=8)
+    hq = pooled.shape[0]
+    seqs = layout.sparse_seqs()
+    out = torch.empty(layout.num_seqs, hq, dtype=torch.float32, device=pooled.device)
+    if seqs.seqs:
+        launcher(coverage_threshold_kernel)[(hq, len(seqs.seqs))](
+            pooled, query_aware, seqs.table, out, gamma, pooled.stride(0),
+            BS=layout.block_size, ITERS=iters, BLOCK=1024 if not interpreted(pooled) else 256, num_warps=8)
     return out

@@ -1,4 +1,4 @@
-"""Per-head block selection after the probe, fused into one program per query head.
+"""Per-head block selection after the probe: one program per (query head, sparse sequence).
 
 From the probe statistics (``kernels/probe.py``) one program recovers the head's vertical
 and slash masses, runs the Jensen-Shannon pattern test against the pooled estimate, and
@@ -8,7 +8,7 @@ the budget. It replaces about a hundred small PyTorch launches, whose host cost 
 (128k tokens at block size 128) the coverage choice sorts the masses in registers; beyond,
 it bisects over order keys in fixed chunks. Either way one compilation serves every length.
 
-Twin: ``kernels/naive.py: naive_select_heads`` (same arguments).
+Twin: ``kernels/naive.py: naive_select_heads`` (same arguments and results).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from vllm_flexprefill.kernels.launch import launcher
+from vllm_flexprefill.kernels.probe import _sparse_seq
+from vllm_flexprefill.patterns.layout import BatchLayout
 
 # larger than every order key (a key is at most 0x7F800000 << 32 | 0x7FFFFFFF)
 NO_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -122,23 +124,34 @@ def _cover_bisect(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_coun
         tl.store(keep_ptr + o_c, keep.to(tl.int8), mask=m_c)
 
 
-# lengths, budgets and the strides that follow them vary per call: not specialised on, one compilation
-@triton.jit(do_not_specialize=["nb", "n_probe", "k_len", "min_blocks", "max_blocks", "qa_blocks", "stride_mh",
-                               "stride_sh", "stride_vh"])
+# the sequence table and the strides carry every length: one compilation serves every batch
+@triton.jit(do_not_specialize=["min_blocks", "max_blocks", "stride_mh", "stride_sh", "stride_vh"])
 def head_select_kernel(
-    m, l, k_bar, q_bar, scratch, keep_v, keep_s, query_aware,
-    nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
-    stride_mh, stride_mc, stride_kc, stride_kh, stride_qh, stride_sh, stride_vh,
+    m, l, k_bar, q_bar, table, scratch, keep_v, keep_s, query_aware,
+    scale, gamma, tau, min_blocks, max_blocks,
+    stride_mh, stride_mc, stride_kc, stride_kh, stride_qs, stride_qh, stride_sh, stride_vh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
     BV: tl.constexpr,
 ):
     i_h = tl.program_id(0).to(tl.int64)
+    i_j = tl.program_id(1)
+    hq = tl.num_programs(0)
+    seq, _, q_len, _, k_len, kb, _, _ = _sparse_seq(table, i_j)
+    nb = (k_len + BS - 1) // BS
+    n_probe = tl.minimum(q_len, BS)
+    # the budgets: max_blocks 0 means every block; query-aware heads keep the floor
+    max_blocks = tl.where(max_blocks > 0, max_blocks, nb)
+    qa_blocks = tl.minimum(min_blocks, max_blocks)
     o_i = tl.arange(0, BS)
     m_i = o_i < n_probe
-    p_m = m + i_h * stride_mh
-    p_l = l + i_h * stride_mh
+    p_m = m + i_h * stride_mh + kb * stride_mc
+    p_l = l + i_h * stride_mh + kb * stride_mc
+    k_bar += kb * stride_kc
+    q_bar += i_j * stride_qs
+    keep_v += kb
+    keep_s += kb
     # scratch rows: vertical, slash part of the last probe block row, part of the row before, estimate
-    p_v = scratch + i_h * stride_sh
+    p_v = scratch + i_h * stride_sh + 4 * kb
     p_p0 = p_v + nb
     p_p1 = p_v + 2 * nb
     p_e = p_v + 3 * nb
@@ -203,7 +216,7 @@ def head_select_kernel(
                        axis=0)
     js = tl.sqrt(tl.maximum(0.5 * (kl_e + kl_v), 0.0))
     qa = js < tau
-    tl.store(query_aware + i_h, qa.to(tl.int8))
+    tl.store(query_aware + seq * hq + i_h, qa.to(tl.int8))
     tl.debug_barrier()
     # slash offset s: the last row's blocks at column last_row - s, the previous row's at
     # last_row - 1 - s; stored over the logits row, which the test above has consumed
@@ -222,32 +235,37 @@ def head_select_kernel(
 
 
 def select_heads(
-    m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int, k_len: int,
-    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int, chunk: int = 1024,
+    m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, layout: BatchLayout,
+    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int | None, chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vertical/slash choice and pattern test of every head of one sequence.
+    """Vertical/slash choice and pattern test of every head of every sparse sequence, in one launch.
 
     Args:
-        m, l: [HQ, NB, BS] probe statistics; k_bar: [NB, H, D] float32 key block means;
-        q_probe_bar: [HQ, D] float32 mean of the probe queries.
-        min_blocks, max_blocks: budget of vertical-slash heads; qa_blocks: of query-aware heads.
+        m, l, k_bar, q_probe_bar: ``probe_stats`` of the batch ([HQ, NBt, BS], [NBt, H, D],
+            [S, HQ, D]; ``patterns.layout.SparseSeqs`` says where each sequence's part is).
+        min_blocks, max_blocks: budget of vertical-slash heads (max None: every block); a
+            query-aware head keeps the floor, min(min_blocks, max_blocks).
         chunk: blocks handled per step of the loops (a power of two).
     Returns:
-        keep_v [HQ, NB], keep_s [HQ, NB] (chosen block offsets), query_aware [HQ]: int8 flags
-        (0/1), which the next kernels read as they are (no conversion launches).
+        keep_v [HQ, NBt], keep_s [HQ, NBt] (chosen blocks / block offsets of each sequence
+        at its offsets), query_aware [N, HQ] (0 for dense sequences): int8 flags (0/1),
+        which the next kernels read as they are (no conversion launches).
     """
-    hq, nb, bs = m.shape
+    hq, nbt, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
-    scratch = torch.empty(hq, 4 * nb, dtype=torch.float32, device=m.device)
-    # every entry is written (the cover stores each of the nb flags): no fill launch
-    keep_v = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
-    keep_s = torch.empty(hq, nb, dtype=torch.int8, device=m.device)
-    query_aware = torch.empty(hq, dtype=torch.int8, device=m.device)
-    launcher(head_select_kernel)[(hq,)](
-        m, l, k_bar, q_probe_bar, scratch, keep_v, keep_s, query_aware,
-        nb, n_probe, k_len, scale, gamma, tau, min_blocks, max_blocks, qa_blocks,
-        m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), scratch.stride(0),
-        keep_v.stride(0),
+    seqs = layout.sparse_seqs()
+    scratch = torch.empty(hq, 4 * nbt, dtype=torch.float32, device=m.device)
+    # every entry of a sparse sequence is written (the cover stores each of its flags): no fill
+    keep_v = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
+    keep_s = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
+    query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.int8, device=m.device)
+    if not seqs.seqs:
+        return keep_v, keep_s, query_aware
+    launcher(head_select_kernel)[(hq, len(seqs.seqs))](
+        m, l, k_bar, q_probe_bar, seqs.table, scratch, keep_v, keep_s, query_aware,
+        scale, gamma, tau, min_blocks, max_blocks or 0,
+        m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), q_probe_bar.stride(1),
+        scratch.stride(0), keep_v.stride(0),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BC=max(1, min(64, 4096 // bs)),
         BV=chunk,
         num_warps=8,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.estimate import probe_masses
+from vllm_flexprefill.patterns.estimate import probe_masses, probe_row
 from vllm_flexprefill.patterns.layout import BatchLayout, block_means, mask_to_lists, rows_of
 
 
@@ -57,6 +57,32 @@ def naive_block_sparse_attention(
 
 
 def naive_probe_stats(
+    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, query_means: bool = False,
+    k_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Twin of ``kernels.probe.probe_stats``: ``probe_one`` of each sparse sequence, laid end
+    to end (``patterns.layout.SparseSeqs``).
+
+    Args:
+        q: [Tq, HQ, D], k: [Tk, H, D] packed as ``layout`` says (or a paged cache view, with
+            ``k_rows`` [Tk]).
+    Returns:
+        m, l [HQ, NBt, BS], k_bar [NBt, H, D], q_probe_bar [S, HQ, D], q_bar [Rt, HQ, D] or None.
+    """
+    parts = [probe_one(q[layout.q_range(s)], k[layout.k_range(s)] if k_rows is None else k, layout.block_size, scale,
+                       query_means, None if k_rows is None else k_rows[layout.k_range(s)])
+             for s in layout.sparse_seqs().seqs]
+    hq, d = q.shape[1], q.shape[2]
+    if not parts:
+        empty = torch.empty(hq, 0, layout.block_size, device=q.device)
+        return (empty, empty, torch.empty(0, k.shape[-2], d, device=q.device), torch.empty(0, hq, d, device=q.device),
+                torch.empty(0, hq, d, device=q.device) if query_means else None)
+    m, l, k_bar, q_probe_bar, q_bar = zip(*parts)
+    return (torch.cat(m, 1), torch.cat(l, 1), torch.cat(k_bar), torch.stack(q_probe_bar),
+            torch.cat(q_bar) if query_means else None)
+
+
+def probe_one(
     q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False,
     k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -100,11 +126,31 @@ def naive_probe_stats(
 
 
 def naive_select_heads(
+    m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, layout: BatchLayout,
+    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of ``kernels.head_select.select_heads``: ``select_one`` of each sparse sequence,
+    laid end to end; returns keep_v, keep_s [HQ, NBt] bool and query_aware [N, HQ] bool."""
+    hq, nbt, bs = m.shape
+    seqs = layout.sparse_seqs()
+    keep_v = torch.zeros(hq, nbt, dtype=torch.bool, device=m.device)
+    keep_s = torch.zeros_like(keep_v)
+    query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=m.device)
+    for j, s in enumerate(seqs.seqs):
+        nb = layout.num_key_blocks(s)
+        blocks = slice(seqs.kb_start[j], seqs.kb_start[j] + nb)
+        most = max_blocks or nb
+        keep_v[:, blocks], keep_s[:, blocks], query_aware[s] = select_one(
+            m[:, blocks], l[:, blocks], k_bar[blocks], q_probe_bar[j], min(bs, layout.q_lens[s]), layout.k_lens[s],
+            scale, gamma, tau, min_blocks, most, min(min_blocks, most))
+    return keep_v, keep_s, query_aware
+
+
+def select_one(
     m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, n_probe: int,
     k_len: int, scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int, qa_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Twin of ``kernels.head_select.select_heads``: vertical/slash choice and pattern test of
-    every head of one sequence.
+    """Vertical/slash choice and pattern test of every head of one sequence.
 
     Args:
         m, l: [HQ, NB, BS] probe statistics; k_bar: [NB, H, D] float32 key block means;
@@ -128,9 +174,21 @@ def naive_select_heads(
 
 
 def naive_pooled_map(
+    q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float
+) -> torch.Tensor:
+    """Twin of ``kernels.block_lists.pooled_map``: ``pooled_one`` of each sparse sequence,
+    laid end to end ([HQ, Pt])."""
+    seqs = layout.sparse_seqs()
+    parts = [pooled_one(q_bar[seqs.r_start[j]:seqs.r_start[j] + layout.first_tile[s + 1] - layout.first_tile[s]],
+                        k_bar[seqs.kb_start[j]:seqs.kb_start[j] + layout.num_key_blocks(s)], query_aware[s],
+                        layout.first_row(s), scale) for j, s in enumerate(seqs.seqs)]
+    return torch.cat(parts, 1) if parts else torch.empty(q_bar.shape[1], 0, device=q_bar.device)
+
+
+def pooled_one(
     q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, first_row: int, scale: float
 ) -> torch.Tensor:
-    """Twin of ``kernels.block_lists.pooled_map``: the query-aware heads' pooled block map.
+    """The query-aware heads' pooled block map of one sequence.
 
     Args:
         q_bar: [R, HQ, D] float32 mean query per query tile (tile rows first_row ..);
@@ -150,12 +208,43 @@ def naive_pooled_map(
 
 
 def naive_write_block_lists(
+    block_idx: torch.Tensor, block_cnt: torch.Tensor, layout: BatchLayout, keep_v: torch.Tensor | None = None,
+    keep_s: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+) -> None:
+    """Twin of ``kernels.block_lists.write_block_lists`` (same arguments): ``lists_one`` of
+    each sequence, dense ones keeping every causal block."""
+    seqs = layout.sparse_seqs()
+    for s in range(layout.num_seqs):
+        where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
+                     num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
+        if not layout.sparse[s] or keep_v is None:
+            lists_one(block_idx, block_cnt, **where)
+            continue
+        j = seqs.seqs.index(s)
+        blocks = slice(seqs.kb_start[j], seqs.kb_start[j] + where["nb"])
+        own = {}
+        if pooled is not None:
+            size = where["num_rows"] * where["nb"]
+            own = dict(pooled=pooled[:, seqs.p_start[j]:seqs.p_start[j] + size], threshold=threshold[s],
+                       query_aware=query_aware[s])
+        lists_one(block_idx, block_cnt, **where, keep_v=keep_v[:, blocks], keep_s=keep_s[:, blocks], **own,
+                  dense_from=probe_row(layout.q_lens[s], layout.k_lens[s], layout.block_size))
+
+
+def lists_one(
     block_idx: torch.Tensor, block_cnt: torch.Tensor, first_tile: int, first_row: int, num_rows: int, nb: int,
     keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, dense_from: int | None = None,
 ) -> None:
-    """Twin of ``kernels.block_lists.write_block_lists`` (same arguments): builds each tile's
-    block mask, then compacts it into the lists. keep_v None means a dense sequence."""
+    """Builds the block mask of one sequence's tiles and compacts it into its lists.
+
+    Args:
+        first_tile, first_row, num_rows, nb: where the sequence's tiles sit.
+        keep_v, keep_s: [HQ, NB] chosen verticals / slash offsets; None for a dense sequence.
+        pooled: [HQ, R * NB] pooled block map, threshold: [HQ], query_aware: [HQ]; or None.
+        dense_from: block row from which tiles keep every causal block (None: none).
+    """
     hq = block_idx.shape[0]
     device = block_idx.device
     rows = torch.arange(first_row, first_row + num_rows, device=device)
@@ -178,10 +267,22 @@ def naive_write_block_lists(
     block_cnt[:, tiles] = cnt
 
 
-def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, target: float) -> torch.Tensor:
-    """Twin of ``kernels.block_lists.coverage_threshold``: the smallest value of the
-    shortest descending prefix whose mass reaches ``target`` (2 for heads that are not
-    query-aware)."""
+def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
+                             gamma: float) -> torch.Tensor:
+    """Twin of ``kernels.block_lists.coverage_threshold``: ``threshold_one`` of each sparse
+    sequence's map with target gamma x its rows; [N, HQ], 2 for dense sequences."""
+    seqs = layout.sparse_seqs()
+    out = torch.full((layout.num_seqs, pooled.shape[0]), 2.0, device=pooled.device)
+    for j, s in enumerate(seqs.seqs):
+        rows = layout.first_tile[s + 1] - layout.first_tile[s]
+        size = rows * layout.num_key_blocks(s)
+        out[s] = threshold_one(pooled[:, seqs.p_start[j]:seqs.p_start[j] + size], query_aware[s], gamma * rows)
+    return out
+
+
+def threshold_one(pooled: torch.Tensor, query_aware: torch.Tensor, target: float) -> torch.Tensor:
+    """Per head, the smallest value of the shortest descending prefix of its map whose mass
+    reaches ``target`` (2 for heads that are not query-aware)."""
     values = torch.sort(pooled.float(), dim=-1, descending=True).values
     before = torch.cumsum(values, -1) - values
     count = (before < target).sum(-1).clamp_min(1)

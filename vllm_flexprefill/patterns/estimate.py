@@ -1,12 +1,14 @@
-"""FlexPrefill pattern estimation batched over heads: the GPU's path, composed of operations.
+"""FlexPrefill pattern estimation batched over heads and requests: the GPU's path, composed of operations.
 
-The same selection as ``patterns/naive.py`` (the spec), computed for all query heads of a
-sequence at once from five operations (``EstimationOps``): probe statistics and block
-means, the per-head vertical/slash choice and pattern test, the query-aware heads' pooled
-map and its threshold, and the block lists. ``attention.py`` passes either the Triton
-kernels or their PyTorch twins (``kernels/``); this module imports neither. No host
-synchronisation and no Python loop over heads. Sequences are visited in a host loop; only
-sparse-eligible (long) sequences get here, so a batch holds few of them.
+The same selection as ``patterns/naive.py`` (the spec), computed for all query heads of
+all sparse sequences of a batch at once from five operations (``EstimationOps``), each one
+launch however many requests the batch holds: probe statistics and block means, the
+per-head vertical/slash choice and pattern test, the query-aware heads' pooled map and its
+threshold (only when tau > 0), and the block lists of every tile. ``attention.py`` passes
+either the Triton kernels or their PyTorch twins (``kernels/``); this module imports
+neither. No host synchronisation and no Python loop over heads or requests: each kernel
+reads its sequence's lengths and offsets from ``BatchLayout.sparse_seqs()``, made once per
+step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class EstimationOps:
     """The operations of the estimation; each Triton kernel and its twin share a signature.
 
     probe: ``kernels.probe.probe_stats``; select_heads: ``kernels.head_select.select_heads``;
-    pooled_map, coverage_threshold, write_block_lists: ``kernels.block_lists``.
+    pooled_map, coverage_threshold, write_block_lists: ``kernels.block_lists``. Each takes
+    the batch's ``BatchLayout`` and serves all its sequences.
     """
 
     probe: Callable
@@ -82,30 +85,20 @@ def estimate_blocks(
             with ``k_rows`` [Tk] (element offset of each key position's row in k).
     """
     hq = q.shape[1]
-    bs = cfg.sparse_block_size
     block_idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32, device=q.device)
     block_cnt = torch.empty(hq, layout.num_tiles, dtype=torch.int32, device=q.device)
-    query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.bool, device=q.device)
-    for s in range(layout.num_seqs):
-        q_len, k_len = layout.q_lens[s], layout.k_lens[s]
-        where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
-                     num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
-        if not layout.sparse[s]:
-            ops.write_block_lists(block_idx, block_cnt, **where)
-            continue
-        nb = where["nb"]
-        keys, rows = (k[layout.k_range(s)], None) if k_rows is None else (k, k_rows[layout.k_range(s)])
-        m, l, k_bar, q_probe_bar, q_bar = ops.probe(q[layout.q_range(s)], keys, bs, scale, cfg.tau > 0, k_rows=rows)
-        max_blocks = cfg.max_blocks or nb
-        keep_v, keep_s, qa = ops.select_heads(m, l, k_bar, q_probe_bar, min(bs, q_len), k_len, scale, cfg.gamma,
-                                              cfg.tau, cfg.min_blocks, max_blocks, min(cfg.min_blocks, max_blocks))
-        query_aware[s] = qa
-        pooled = threshold = None
-        if cfg.tau > 0:
-            # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
-            pooled = ops.pooled_map(q_bar, k_bar, qa, where["first_row"], scale)
-            threshold = ops.coverage_threshold(pooled, qa, cfg.gamma * where["num_rows"])
-        ops.write_block_lists(block_idx, block_cnt, **where, keep_v=keep_v, keep_s=keep_s, pooled=pooled,
-                              threshold=threshold, query_aware=qa if pooled is not None else None,
-                              dense_from=probe_row(q_len, k_len, bs))
-    return BlockSelection(block_idx, block_cnt, query_aware)
+    if not any(layout.sparse):
+        ops.write_block_lists(block_idx, block_cnt, layout)
+        return BlockSelection(block_idx, block_cnt, torch.zeros(layout.num_seqs, hq, dtype=torch.bool,
+                                                                device=q.device))
+    m, l, k_bar, q_probe_bar, q_bar = ops.probe(q, k, layout, scale, cfg.tau > 0, k_rows=k_rows)
+    keep_v, keep_s, query_aware = ops.select_heads(m, l, k_bar, q_probe_bar, layout, scale, cfg.gamma, cfg.tau,
+                                                   cfg.min_blocks, cfg.max_blocks)
+    pooled = threshold = None
+    if cfg.tau > 0:
+        # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
+        pooled = ops.pooled_map(q_bar, k_bar, query_aware, layout, scale)
+        threshold = ops.coverage_threshold(pooled, query_aware, layout, cfg.gamma)
+    ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold)
+    # the kernels' 0/1 int8 flags read as bool without a conversion launch
+    return BlockSelection(block_idx, block_cnt, query_aware.view(torch.bool))
