@@ -96,22 +96,31 @@ def test_dense_tiles_in_segments_match_naive(paged):
     assert layout.tail_split([None, None, None], seg_blocks=4) is None
 
 
-@pytest.mark.parametrize("q_len,k_len,bs,hq,h", [(16, 16, 16, 2, 2), (20, 200, 32, 4, 2), (131, 131, 64, 2, 1),
-                                                  (300, 1000, 64, 4, 2)])
-def test_probe_stats_and_means_match_naive(q_len, k_len, bs, hq, h):
-    torch.manual_seed(k_len)
-    q = torch.randn(q_len, hq, 64, dtype=torch.bfloat16)
-    k = torch.randn(k_len, h, 64, dtype=torch.bfloat16)
-    got = probe_stats(q, k, bs, 0.125, query_means=True)
-    want = naive_probe_stats(q, k, bs, 0.125, query_means=True)
+# batches: q_lens, k_lens, block size, HQ, H, which sequences are sparse (the others are skipped)
+PROBE_BATCHES = [
+    pytest.param([16], [16], 16, 2, 2, None, id="one-block"),
+    pytest.param([20, 131], [200, 131], 32, 4, 2, None, id="chunk-and-prompt"),
+    pytest.param([300, 50, 7], [1000, 50, 90], 64, 4, 2, [True, False, True], id="dense-between-odd"),
+]
+
+
+@pytest.mark.parametrize("q_lens,k_lens,bs,hq,h,sparse", PROBE_BATCHES)
+def test_probe_stats_and_means_match_naive(q_lens, k_lens, bs, hq, h, sparse):
+    torch.manual_seed(sum(k_lens))
+    layout = BatchLayout.build(q_lens, k_lens, bs, "cpu", sparse)
+    q = torch.randn(sum(q_lens), hq, 64, dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lens), h, 64, dtype=torch.bfloat16)
+    got = probe_stats(q, k, layout, 0.125, query_means=True)
+    want = naive_probe_stats(q, k, layout, 0.125, query_means=True)
     m, l, m_ref, l_ref = got[0], got[1], want[0], want[1]
+    assert m.shape == m_ref.shape == (hq, layout.sparse_seqs().num_blocks, bs)
     assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(l, l_ref, atol=1e-4, rtol=1e-4)
     for name, a, b in zip(("k_bar", "q_probe_bar", "q_bar"), got[2:], want[2:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-    assert probe_stats(q, k, bs, 0.125)[4] is None
+    assert probe_stats(q, k, layout, 0.125)[4] is None
 
 
 def test_kernels_read_a_paged_cache_in_place():
@@ -131,13 +140,10 @@ def test_kernels_read_a_paged_cache_in_place():
     assert torch.equal(paged, packed)
     twin = naive_block_sparse_attention(q, key_cache, value_cache, layout, idx, cnt, 0.11, k_rows=rows)
     torch.testing.assert_close(paged.float(), twin.float(), atol=ATOL[torch.bfloat16], rtol=0)
-    # the probe of the second sequence
-    qs, ks, rs = q[layout.q_range(1)], k[layout.k_range(1)], rows[layout.k_range(1)]
-    for got, want in zip(probe_stats(qs, key_cache, bs, 0.125, True, k_rows=rs), probe_stats(qs, ks, bs, 0.125, True)):
-        assert torch.equal(got, want)
-    for got, want in zip(naive_probe_stats(qs, key_cache, bs, 0.125, True, k_rows=rs),
-                         naive_probe_stats(qs, ks, bs, 0.125, True)):
-        assert torch.equal(got, want)
+    # the probe of both sequences
+    for probe in (probe_stats, naive_probe_stats):
+        for got, want in zip(probe(q, key_cache, layout, 0.125, True, k_rows=rows), probe(q, k, layout, 0.125, True)):
+            assert torch.equal(got, want)
 
 
 def test_paged_rows_are_declared_aligned_only_when_every_stride_is():
@@ -153,61 +159,75 @@ def test_paged_rows_are_declared_aligned_only_when_every_stride_is():
     assert row_alignment(padded, rows) == 1
 
 
-@pytest.mark.parametrize("n_probe,k_len,tau,budgets,chunk", [
-    (32, 700, 0.1, (2, 9, 2), 1024), (5, 300, 0.9, (1, 4, 1), 1024), (32, 1000, 0.0, (3, 32, 3), 1024),
-    (32, 1000, 0.1, (2, 32, 2), 8),  # bisection over several chunks (more blocks than one sort holds)
-    (17, 2000, 0.9, (40, 40, 40), 32),  # budget beyond the block count
+@pytest.mark.parametrize("q_lens,k_lens,tau,budgets,chunk", [
+    ([700, 5], [700, 300], 0.1, (2, 9), 1024), ([5, 90], [300, 90], 0.9, (1, 4), 1024),
+    ([1000, 33], [1000, 1000], 0.0, (3, None), 1024),
+    ([1000], [1000], 0.1, (2, 32), 8),  # bisection over several chunks (more blocks than one sort holds)
+    ([17, 60], [2000, 60], 0.9, (40, 40), 32),  # budget beyond the block count
 ])
-def test_head_select_matches_naive(n_probe, k_len, tau, budgets, chunk):
+def test_head_select_matches_naive(q_lens, k_lens, tau, budgets, chunk):
     from vllm_flexprefill.kernels.head_select import select_heads
     from vllm_flexprefill.kernels.naive import naive_select_heads
 
-    bs = 32
-    q, k, _ = planted_inputs([k_len], [k_len], 4, 2, 64, dtype=torch.bfloat16, seed=k_len)
-    m, l, k_bar, q_probe_bar, _ = naive_probe_stats(q[-n_probe:], k, bs, 0.125)
-    min_b, max_b, qa_b = budgets
-    args = (m, l, k_bar, q_probe_bar, n_probe, k_len, 0.125, 0.9, tau, min_b, max_b, qa_b)
+    q, k, _ = planted_inputs(q_lens, k_lens, 4, 2, 64, dtype=torch.bfloat16, seed=sum(k_lens))
+    # a dense sequence between the sparse ones: no selection, query_aware 0
+    layout = BatchLayout.build([*q_lens, 40], [*k_lens, 40], 32, "cpu", [True] * len(q_lens) + [False])
+    q, k = torch.cat([q, torch.randn(40, 4, 64).bfloat16()]), torch.cat([k, torch.randn(40, 2, 64).bfloat16()])
+    m, l, k_bar, q_probe_bar, _ = naive_probe_stats(q, k, layout, 0.125)
+    args = (m, l, k_bar, q_probe_bar, layout, 0.125, 0.9, tau, *budgets)
     got = select_heads(*args, chunk=chunk)
     want = naive_select_heads(*args)
     for g, w in zip(got, want):
         assert torch.equal(g.bool(), w)
+    assert not got[2][-1].any()
 
 
-@pytest.mark.parametrize("first_row,rows,nb", [(0, 5, 5), (3, 4, 7), (0, 3, 130)])
-def test_pooled_map_matches_naive_on_query_aware_heads(first_row, rows, nb):
+def pooled_layout():
+    # two sparse sequences (a chunk of a longer prompt, a short prompt) around a dense one
+    return BatchLayout.build([40, 100, 140], [130, 100, 4200], 32, "cpu", [True, False, True])
+
+
+def test_pooled_map_matches_naive_on_query_aware_heads():
     from vllm_flexprefill.kernels.block_lists import pooled_map
     from vllm_flexprefill.kernels.naive import naive_pooled_map
 
-    torch.manual_seed(nb)
-    q_bar, k_bar = torch.randn(rows, 4, 64), torch.randn(nb, 2, 64)
-    qa = torch.tensor([True, False, True, True])
-    got = pooled_map(q_bar, k_bar, qa, first_row, 0.125)
-    want = naive_pooled_map(q_bar, k_bar, qa, first_row, 0.125)
-    torch.testing.assert_close(got[qa], want[qa], atol=1e-6, rtol=1e-5)
-    assert torch.allclose(want.view(4, rows, nb).sum(-1), torch.ones(4, rows))
+    torch.manual_seed(3)
+    layout = pooled_layout()
+    seqs = layout.sparse_seqs()
+    q_bar, k_bar = torch.randn(seqs.num_rows, 4, 64), torch.randn(seqs.num_blocks, 2, 64)
+    qa = torch.tensor([[True, False, True, True], [True] * 4, [False, True, True, False]])
+    got = pooled_map(q_bar, k_bar, qa, layout, 0.125)
+    want = naive_pooled_map(q_bar, k_bar, qa, layout, 0.125)
+    assert got.shape == want.shape == (4, seqs.pooled_size)
+    for j, s in enumerate(seqs.seqs):
+        size = (layout.first_tile[s + 1] - layout.first_tile[s]) * layout.num_key_blocks(s)
+        part = slice(seqs.p_start[j], seqs.p_start[j] + size)
+        torch.testing.assert_close(got[qa[s], part], want[qa[s], part], atol=1e-6, rtol=1e-5)
+        rows = layout.first_tile[s + 1] - layout.first_tile[s]
+        assert torch.allclose(want[:, part].view(4, rows, -1).sum(-1), torch.ones(4, rows))
 
 
-@pytest.mark.parametrize("first_row,num_rows,nb,pooled,dense_from", [
-    (0, 7, 7, True, 5), (3, 4, 7, True, None), (2, 9, 11, False, 9)])
-def test_block_lists_match_naive(first_row, num_rows, nb, pooled, dense_from):
+@pytest.mark.parametrize("pooled", [True, False])
+def test_block_lists_match_naive(pooled):
     from vllm_flexprefill.kernels.block_lists import write_block_lists
     from vllm_flexprefill.kernels.naive import naive_write_block_lists
 
-    torch.manual_seed(nb)
-    hq, first_tile, tiles = 4, 2, num_rows + 3
-    args = dict(keep_v=torch.rand(hq, nb) < 0.3, keep_s=torch.rand(hq, nb) < 0.3, dense_from=dense_from)
+    torch.manual_seed(7)
+    layout = pooled_layout()
+    seqs, hq = layout.sparse_seqs(), 4
+    args = dict(keep_v=torch.rand(hq, seqs.num_blocks) < 0.3, keep_s=torch.rand(hq, seqs.num_blocks) < 0.3)
     if pooled:
-        args.update(pooled=torch.rand(hq, num_rows * nb), threshold=torch.rand(hq),
-                    query_aware=torch.tensor([True, False, True, False]))
-    for dense in (False, True):
-        kw = {} if dense else args
-        idx = torch.full((hq, tiles, nb + 2), -1, dtype=torch.int32)
-        cnt = torch.full((hq, tiles), 77, dtype=torch.int32)
+        args.update(query_aware=torch.rand(layout.num_seqs, hq) < 0.5, pooled=torch.rand(hq, seqs.pooled_size),
+                    threshold=torch.rand(layout.num_seqs, hq))
+    for kw in (args, {}):  # the estimation's lists; every sequence dense
+        idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32)
+        cnt = torch.full((hq, layout.num_tiles), 77, dtype=torch.int32)
         ref_idx, ref_cnt = idx.clone(), cnt.clone()
-        write_block_lists(idx, cnt, first_tile, first_row, num_rows, nb, **kw)
-        naive_write_block_lists(ref_idx, ref_cnt, first_tile, first_row, num_rows, nb, **kw)
+        write_block_lists(idx, cnt, layout, **kw)
+        naive_write_block_lists(ref_idx, ref_cnt, layout, **kw)
         assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
-        assert (idx[:, first_tile:, nb:] == -1).all() and (cnt[:, :first_tile] == 77).all(), "other tiles untouched"
+        assert (cnt[:, layout.first_tile[1]:layout.first_tile[2]] == layout.tile_row[
+            layout.first_tile[1]:layout.first_tile[2]] + 1).all(), "the dense sequence keeps every causal block"
 
 
 def test_coverage_threshold_matches_sorted_prefix():
@@ -215,15 +235,24 @@ def test_coverage_threshold_matches_sorted_prefix():
     from vllm_flexprefill.kernels.naive import naive_coverage_threshold
 
     torch.manual_seed(0)
-    pooled = torch.softmax(torch.randn(6, 5, 40) * 3, -1).reshape(6, 200)
-    qa = torch.tensor([True, True, False, True, True, True])
+    layout = pooled_layout()
+    seqs = layout.sparse_seqs()
+    parts = []
+    for s in seqs.seqs:  # each row of a map sums to 1, as pooled_map makes them
+        rows = layout.first_tile[s + 1] - layout.first_tile[s]
+        parts.append(torch.softmax(torch.randn(6, rows, layout.num_key_blocks(s)) * 3, -1).reshape(6, -1))
+    pooled = torch.cat(parts, 1)
+    qa = torch.tensor([[True, True, False, True, True, True], [False] * 6, [True, False, True, True, False, True]])
     for gamma in (0.5, 0.9, 0.99):
-        got = coverage_threshold(pooled, qa, gamma * 5)
-        ref = naive_coverage_threshold(pooled, qa, gamma * 5)
-        assert torch.equal(got >= 2, ref >= 2)
-        assert torch.equal(pooled >= got[:, None], pooled >= ref[:, None]), "same blocks kept"
-        kept = torch.where(pooled >= got[:, None], pooled, 0.0).sum(-1)
-        assert (kept[qa] >= gamma * 5 - 1e-4).all()
+        got = coverage_threshold(pooled, qa, layout, gamma)
+        ref = naive_coverage_threshold(pooled, qa, layout, gamma)
+        for j, s in enumerate(seqs.seqs):
+            part = pooled[:, seqs.p_start[j]:seqs.p_start[j] + parts[j].shape[1]]
+            rows = layout.first_tile[s + 1] - layout.first_tile[s]
+            assert torch.equal(got[s] >= 2, ref[s] >= 2)
+            assert torch.equal(part >= got[s][:, None], part >= ref[s][:, None]), "same blocks kept"
+            kept = torch.where(part >= got[s][:, None], part, 0.0).sum(-1)
+            assert (kept[qa[s]] >= gamma * rows - 1e-4).all()
 
 
 def test_compile_kernels_runs_a_long_and_a_short_paged_call(monkeypatch):

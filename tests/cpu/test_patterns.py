@@ -220,3 +220,22 @@ def test_selection_grows_with_gamma(tau):
     for smaller, larger in zip(chosen, chosen[1:]):
         assert (larger | ~smaller).all(), "a block kept at a lower gamma was dropped at a higher one"
     assert chosen[-1].sum() > chosen[0].sum()
+
+
+def test_estimation_is_one_call_per_operation_for_a_whole_batch():
+    # no loop over requests: each operation (one kernel launch on the GPU) serves every sequence
+    import dataclasses
+
+    q, k, layout = batch()
+    assert layout.num_seqs == 3 and all(layout.sparse)
+    cfg = next(c.values[0] for c in CONFIGS if c.id == "query-aware")
+    calls = []
+    twins = torch_ops()
+
+    def counted(name):
+        op = getattr(twins, name)
+        return lambda *a, **kw: calls.append(name) or op(*a, **kw)
+
+    ops = dataclasses.replace(twins, **{f.name: counted(f.name) for f in dataclasses.fields(twins)})
+    estimate_blocks(q, k, layout, cfg, 0.125, ops)
+    assert sorted(calls) == sorted(f.name for f in dataclasses.fields(twins))

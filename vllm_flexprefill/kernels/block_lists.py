@@ -31,7 +31,7 @@ from vllm_flexprefill.patterns.layout import BatchLayout
 def block_lists_kernel(
     keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt,
     stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
-    BS: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
+    BS: tl.constexpr, DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -45,7 +45,7 @@ def block_lists_kernel(
     _, _, q_len, _, k_len, kb, _, p0 = _sparse_seq(table, tl.maximum(i_j, 0))
     nb = (k_len + BS - 1) // BS
     i_r = row - (k_len - q_len) // BS
-    all_causal = (i_j < 0) | (row >= (k_len - tl.minimum(q_len, BS)) // BS)
+    all_causal = (i_j < 0) | (row >= (k_len - tl.minimum(q_len, BS)) // BS) | DENSE
     if HAS_POOLED:
         # a per-lane copy of the head's flag, so it combines with lane masks
         qa = (tl.zeros([BC], dtype=tl.int32) + tl.load(query_aware + s * hq + i_h).to(tl.int32)) != 0
@@ -85,7 +85,7 @@ def write_block_lists(
     Args:
         block_idx: [HQ, NQB, NB_max] int32, pre-filled with -1; block_cnt: [HQ, NQB] int32.
         keep_v, keep_s: [HQ, NBt] chosen verticals / slash offsets of the sparse sequences
-            (``select_heads``); None when the batch has none. Dense sequences, and a sparse
+            (``select_heads``); None: every sequence dense. Dense sequences, and a sparse
             one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
         query_aware: [N, HQ]; pooled: [HQ, Pt] pooled block maps (``pooled_map``), threshold:
             [N, HQ] (``coverage_threshold``); pooled None when no head may be query-aware.
@@ -103,7 +103,7 @@ def write_block_lists(
         layout.tile_seq, layout.tile_row, block_idx, block_cnt,
         keep_v.stride(0) if keep_v is not None else 0, pooled.stride(0) if has_pooled else 0,
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
-        BS=layout.block_size, HAS_POOLED=has_pooled, BC=128, num_warps=4,
+        BS=layout.block_size, DENSE=keep_v is None, HAS_POOLED=has_pooled, BC=128, num_warps=4,
     )
 
 
