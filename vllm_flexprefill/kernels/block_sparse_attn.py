@@ -13,8 +13,9 @@ side by side and read the same K/V tiles from L2.
 
 Tiles that keep every causal block (the probe's rows) can be longer than the rest of the
 grid together: with ``split`` (``BatchLayout.tail_split``) they run as segments of key
-blocks, one program each (``dense_segment_kernel``: normalised partial output and
-log-sum-exp), which ``merge_segments_kernel`` combines into the tile's rows.
+blocks, one program each in the same launch (normalised partial output and log-sum-exp;
+the segments start first, beside the other tiles), which ``merge_segments_kernel``
+combines into the tile's rows.
 """
 
 from __future__ import annotations
@@ -114,24 +115,13 @@ def _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST: tl
     return b_q
 
 
-# lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
-# serves every prompt (a new variant would compile in the middle of serving)
-@triton.jit(do_not_specialize=["num_tiles", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
-def block_sparse_attn_fwd_kernel(
-    q, k, v, k_rows, o, lse,
-    cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
-    num_tiles, scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ih, stride_it, stride_ch, stride_lh, tile_ids,
-    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    INDIRECT: tl.constexpr,
-):
-    i_h = tl.program_id(0).to(tl.int64)
-    if INDIRECT:  # the tiles to run, in launch order (the others run in segments)
-        i_t = tl.load(tile_ids + tl.program_id(1)).to(tl.int64)
-    else:
-        i_t = (num_tiles - 1 - tl.program_id(1)).to(tl.int64)
+@triton.jit
+def _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+               i_h, i_t, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+               stride_oh, stride_ih, stride_it, stride_ch, stride_lh,
+               GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Query tile i_t of head i_h over the key blocks of its list, into its output rows."""
     i_kh = i_h // GROUP
     i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_d = tl.arange(0, BD)
@@ -165,20 +155,15 @@ def block_sparse_attn_fwd_kernel(
         tl.store(lse + i_h * stride_lh + o_q, b_lse, mask=m_row)
 
 
-@triton.jit(do_not_specialize=["num_segments"])
-def dense_segment_kernel(
-    q, k, v, k_rows, o_part, lse_part,
-    cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments, num_segments, scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
-):
-    """One segment (key blocks b0 .. b1 - 1) of a tile that keeps every causal block: the
+@triton.jit
+def _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments,
+             num_segments, i_h, i_g, hq, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+             GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+             UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Segment i_g (key blocks b0 .. b1 - 1) of a tile that keeps every causal block: the
     tile's attention over those keys alone, normalised, with its log-sum-exp.
 
     o_part: [NS, BS, HQ, D] float32; lse_part: [NS, HQ, BS] float32 (natural log)."""
-    i_h = tl.program_id(0).to(tl.int64)
-    i_g = tl.program_id(1).to(tl.int64)
     i_t = tl.load(segments + i_g).to(tl.int64)
     b0 = tl.load(segments + num_segments + i_g)
     b1 = tl.load(segments + 2 * num_segments + i_g)
@@ -202,12 +187,46 @@ def dense_segment_kernel(
             b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
                                       m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
                                       i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
-    hq = tl.num_programs(0)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], b_o, mask=m_d[None, :])
     b_lse = tl.where(b_l > 0.0, (b_m + tl.log2(tl.where(b_l > 0.0, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))
     tl.store(lse_part + (i_g * hq + i_h) * BS + o_row, b_lse)
+
+
+# lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
+# serves every prompt (a new variant would compile in the middle of serving)
+@triton.jit(do_not_specialize=["num_tiles", "num_segments", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
+def block_sparse_attn_fwd_kernel(
+    q, k, v, k_rows, o, lse, o_part, lse_part,
+    cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt, tile_ids, segments,
+    num_tiles, num_segments, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_ih, stride_it, stride_ch, stride_lh,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INDIRECT: tl.constexpr,
+):
+    """Programs [0, num_segments) run the segments of the tiles cut into segments (about
+    equally long, and the longest work of the grid: first); the others run one tile each
+    over its list, the last tile first (the longest lists), or the tiles ``tile_ids`` in
+    that order (INDIRECT: the tiles that are not cut)."""
+    i_h = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1)
+    if i_p < num_segments:
+        _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments,
+                 num_segments, i_h, i_p.to(tl.int64), tl.num_programs(0), scale_log2, stride_qt, stride_qh,
+                 stride_kt, stride_kh, stride_vt, stride_vh, GROUP, D, BD, BS, BLOCK_N, UPCAST, PAGED, ROW_ALIGN)
+    else:
+        i_p -= num_segments
+        if INDIRECT:
+            i_t = tl.load(tile_ids + i_p).to(tl.int64)
+        else:
+            i_t = (num_tiles - 1 - i_p).to(tl.int64)
+        _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+                   i_h, i_t, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+                   stride_oh, stride_ih, stride_it, stride_ch, stride_lh, GROUP, D, BD, BS, BLOCK_N, HAS_LSE,
+                   UPCAST, PAGED, ROW_ALIGN)
 
 
 @triton.jit(do_not_specialize=["stride_lh"])
@@ -299,27 +318,25 @@ def block_sparse_attention(
                   PAGED=k_rows is not None, ROW_ALIGN=row_alignment(k, k_rows))
     rows = k_rows if k_rows is not None else cu_seqlens_k
     main_tiles = num_tiles if split is None else split.main_tiles.shape[0]
-    # (grid dimension 1 allows 65535 tiles: 8M keys of one group at BS 128)
-    if main_tiles:
-        launcher(block_sparse_attn_fwd_kernel)[(hq, main_tiles)](
-            q, k, v, rows, out, lse if lse is not None else out,
-            cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
-            num_tiles, scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0),
-            out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
-            lse.stride(0) if lse is not None else 0, split.main_tiles if split is not None else tile_seq,
-            HAS_LSE=lse is not None, INDIRECT=split is not None, **common, **cfg,
-        )
+    n_seg = 0 if split is None else split.segments.shape[1]
+    o_part = lse_part = out  # unused without segments
+    if n_seg:
+        o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
+    # one launch: the segments and the other tiles side by side
+    # (grid dimension 1 allows 65535 programs: 8M keys of one group at BS 128)
+    launcher(block_sparse_attn_fwd_kernel)[(hq, n_seg + main_tiles)](
+        q, k, v, rows, out, lse if lse is not None else out, o_part, lse_part,
+        cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
+        split.main_tiles if split is not None else tile_seq, split.segments if split is not None else tile_seq,
+        num_tiles, n_seg, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0),
+        out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
+        lse.stride(0) if lse is not None else 0,
+        HAS_LSE=lse is not None, INDIRECT=split is not None, **common, **cfg,
+    )
     if split is None:
         return out
-    n_seg = split.segments.shape[1]
-    o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
-    launcher(dense_segment_kernel)[(hq, n_seg)](
-        q, k, v, rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split.segments, n_seg,
-        scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), **common, **cfg,
-    )
     launcher(merge_segments_kernel)[(hq, split.split_tiles.shape[0])](
         o_part, lse_part, out, lse if lse is not None else out, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
         split.split_tiles, split.seg_first, out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
