@@ -163,6 +163,7 @@ def test_paged_rows_are_declared_aligned_only_when_every_stride_is():
     ([700, 5], [700, 300], 0.1, (2, 9), 1024), ([5, 90], [300, 90], 0.9, (1, 4), 1024),
     ([1000, 33], [1000, 1000], 0.0, (3, None), 1024),
     ([1000], [1000], 0.1, (2, 32), 8),  # bisection over several chunks (more blocks than one sort holds)
+    ([200, 700], [9000, 700], 0.1, (2, 90), 1024),  # 282 blocks: the full-width sort; 22: the quarter-width one
     ([17, 60], [2000, 60], 0.9, (40, 40), 32),  # budget beyond the block count
 ])
 def test_head_select_matches_naive(q_lens, k_lens, tau, budgets, chunk):
