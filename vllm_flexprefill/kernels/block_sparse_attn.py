@@ -67,16 +67,18 @@ def _attend(b_q, k, v, k_rows, k_start, key0, k_len, o_pos, o_d, m_d, b_m, b_l, 
         b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
-    # [BS, BLOCK_N] scores in log2 units
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    # [BS, BLOCK_N] raw scores; the scale (log2 units) is applied inside the exponent's
+    # argument, one fused multiply-add per score instead of a multiply and a subtraction
+    # (the scale is positive: the row maximum of the scaled scores is the scaled maximum)
+    b_s = tl.dot(b_q, tl.trans(b_k))
     if CAUSAL:
         b_s = tl.where(o_key[None, :] <= o_pos[:, None], b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * scale_log2)
     if CAUSAL:
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
     else:
         b_m_safe = b_m_new
-    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_p = tl.exp2(b_s * scale_log2 - b_m_safe[:, None])
     b_alpha = tl.exp2(b_m - b_m_safe)
     b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
     b_p = b_p.to(v.dtype.element_ty)
