@@ -106,9 +106,10 @@ def test_probe_stats_matches_naive(bs, d):
 @pytest.mark.parametrize("ops", [torch_ops, triton_ops], ids=["torch-twins", "triton-kernels"])
 @pytest.mark.parametrize("tau", [0.1, 0.8])
 def test_gpu_estimator_matches_spec(tau, ops):
-    q_lens, k_lens = [4096, 1500], [4096, 6000]
+    # one batch: a prompt, a chunk of a longer one, a dense short prompt, an odd-length chunk
+    q_lens, k_lens = [4096, 1500, 300, 777], [4096, 6000, 300, 9001]
     q, k, _ = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=7)
-    layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
+    layout = BatchLayout.build(q_lens, k_lens, 128, DEV, [True, True, False, True])
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=512, sparse_block_size=128, min_sparse_tokens=0)
     spec = naive_select_blocks(q, k, layout, cfg, 128 ** -0.5)
     got = estimate_blocks(q, k, layout, cfg, 128 ** -0.5, ops())
@@ -213,3 +214,31 @@ def test_memoised_launches_skip_tritons_binding_and_give_its_results(monkeypatch
     assert torch.equal(memoised, through_triton)
     ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 64 ** -0.5)
     torch.testing.assert_close(memoised.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+
+
+def test_sparse_path_replays_in_a_cuda_graph():
+    # no host synchronisation and no host-side shapes read from the GPU: the estimation and the
+    # attention of a batch capture into a CUDA graph, and its replay gives the eager result
+    from vllm_flexprefill.attention import segment_plan, select_blocks, sparse_attention
+
+    q_lens, k_lens = [3000, 500], [20000, 500]
+    q, k, v = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=3)
+    layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
+    cfg = FlexPrefillConfig(min_sparse_tokens=0)
+    split, _ = segment_plan(layout), layout.sparse_seqs()  # made before capture, as the builder does
+
+    def call():
+        selection = select_blocks(q, k, layout, cfg, 128 ** -0.5)
+        return selection, sparse_attention(q, k, v, layout, selection, 128 ** -0.5)
+
+    eager_sel, eager_out = call()  # compiles and memoises the launches
+    assert split is not None, "the long sequence's probe rows run in segments"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_sel, graph_out = call()
+    graph_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_sel.block_cnt, eager_sel.block_cnt)
+    assert torch.equal(graph_sel.query_aware, eager_sel.query_aware)
+    assert torch.equal(graph_out, eager_out)
