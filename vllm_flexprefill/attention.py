@@ -114,7 +114,7 @@ def torch_ops() -> EstimationOps:
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
                   scale: float, k_rows: torch.Tensor | None = None) -> BlockSelection:
     """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
-    estimation's Triton kernels (a few launches per sequence), elsewhere with the readable
+    estimation's Triton kernels (five launches for the whole batch), elsewhere with the readable
     per-head specification (``patterns/naive.py``).
 
     k: [Tk, H, D] packed as ``layout`` says, or a paged cache view [..., H, D] read at
