@@ -86,3 +86,12 @@ def test_cpu_tensors_always_take_tritons_launch():
     launch[(1,)](x, 40, 0.5, BLOCK=64)
     launch[(1,)](x, 40, 0.5, BLOCK=64)
     assert [c[0] for c in kernel.calls] == ["triton", "triton"]
+
+
+def test_inlined_key_equals_the_per_argument_key():
+    from vllm_flexprefill.kernels.launch import arg_key, args_key
+
+    base = torch.zeros(64)
+    args = (base, base[1:], base.bfloat16(), 1, 16, 17, 0, -16, 2 ** 31, -(2 ** 31) - 1, 2.5, True, False, None,
+            torch.nn.Parameter(torch.zeros(4)))
+    assert args_key(args) == tuple(map(arg_key, args))
