@@ -1,9 +1,9 @@
-"""Per-head block selection after the probe: one program per (query head, sparse sequence).
+"""Per-head block selection after the probe: two programs per (query head, sparse sequence).
 
-From the probe statistics (``kernels/probe.py``) one program recovers the head's vertical
-and slash masses, runs the Jensen-Shannon pattern test against the pooled estimate, and
-chooses the vertical blocks and slash offsets that cover ``gamma`` of their masses within
-the budget. It replaces about a hundred small PyTorch launches, whose host cost (about
+From the probe statistics (``kernels/probe.py``) each program recovers the head's vertical
+and slash masses and runs the Jensen-Shannon pattern test against the pooled estimate;
+one then chooses the vertical blocks, the other the slash offsets that cover ``gamma`` of
+their masses within the budget. It replaces about a hundred small PyTorch launches, whose host cost (about
 2 ms per sequence and layer) dominated the estimation below 64k tokens. Up to 1024 blocks
 (128k tokens at block size 128) the coverage choice sorts the masses in registers; beyond,
 it bisects over order keys in fixed chunks. Either way one compilation serves every length.
@@ -128,16 +128,20 @@ def _cover_bisect(mass_ptr, keep_ptr, nb, forced_idx, gamma, min_count, max_coun
 
 
 # the sequence table and the strides carry every length: one compilation serves every batch
-@triton.jit(do_not_specialize=["min_blocks", "max_blocks", "stride_mh", "stride_sh", "stride_vh"])
+@triton.jit(do_not_specialize=["min_blocks", "max_blocks", "stride_mh", "stride_sw", "stride_sh", "stride_vh"])
 def head_select_kernel(
     m, l, k_bar, q_bar, table, scratch, keep_v, keep_s, query_aware,
     scale, gamma, tau, min_blocks, max_blocks,
-    stride_mh, stride_mc, stride_kc, stride_kh, stride_qs, stride_qh, stride_sh, stride_vh,
+    stride_mh, stride_mc, stride_kc, stride_kh, stride_qs, stride_qh, stride_sw, stride_sh, stride_vh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
     BV: tl.constexpr,
 ):
+    # two programs per (head, sequence): both recover the masses and run the pattern test
+    # (cheap passes), then one chooses the verticals and the other the slash offsets, so the
+    # two coverage sorts, the longest steps, run side by side
     i_h = tl.program_id(0).to(tl.int64)
     i_j = tl.program_id(1)
+    i_w = tl.program_id(2)
     hq = tl.num_programs(0)
     seq, _, q_len, _, k_len, kb, _, _ = _sparse_seq(table, i_j)
     nb = (k_len + BS - 1) // BS
@@ -154,7 +158,7 @@ def head_select_kernel(
     keep_v += kb
     keep_s += kb
     # scratch rows: vertical, slash part of the last probe block row, part of the row before, estimate
-    p_v = scratch + i_h * stride_sh + 4 * kb
+    p_v = scratch + i_w * stride_sw + i_h * stride_sh + 4 * kb
     p_p0 = p_v + nb
     p_p1 = p_v + 2 * nb
     p_e = p_v + 3 * nb
@@ -219,22 +223,23 @@ def head_select_kernel(
                        axis=0)
     js = tl.sqrt(tl.maximum(0.5 * (kl_e + kl_v), 0.0))
     qa = js < tau
-    tl.store(query_aware + seq * hq + i_h, qa.to(tl.int8))
-    tl.debug_barrier()
-    # slash offset s: the last row's blocks at column last_row - s, the previous row's at
-    # last_row - 1 - s; stored over the logits row, which the test above has consumed
-    for c0 in range(0, nb, BV):
-        o_c = c0 + tl.arange(0, BV)
-        m_c = o_c < nb
-        slash = tl.load(p_p0 + last_row - o_c, mask=m_c & (o_c <= last_row), other=0.0) \
-            + tl.load(p_p1 + last_row - 1 - o_c, mask=m_c & (o_c <= last_row - 1), other=0.0)
-        tl.store(p_e + o_c, slash, mask=m_c)
-    tl.debug_barrier()
-
     lo = tl.where(qa, qa_blocks, min_blocks)
     hi = tl.where(qa, qa_blocks, max_blocks)
-    _cover(p_v, keep_v + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
-    _cover(p_e, keep_s + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
+    if i_w == 0:
+        tl.store(query_aware + seq * hq + i_h, qa.to(tl.int8))
+        _cover(p_v, keep_v + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
+    else:
+        tl.debug_barrier()
+        # slash offset s: the last row's blocks at column last_row - s, the previous row's at
+        # last_row - 1 - s; stored over the logits row, which the test above has consumed
+        for c0 in range(0, nb, BV):
+            o_c = c0 + tl.arange(0, BV)
+            m_c = o_c < nb
+            slash = tl.load(p_p0 + last_row - o_c, mask=m_c & (o_c <= last_row), other=0.0) \
+                + tl.load(p_p1 + last_row - 1 - o_c, mask=m_c & (o_c <= last_row - 1), other=0.0)
+            tl.store(p_e + o_c, slash, mask=m_c)
+        tl.debug_barrier()
+        _cover(p_e, keep_s + i_h * stride_vh, nb, 0, gamma, lo, hi, BV)
 
 
 def select_heads(
@@ -257,18 +262,18 @@ def select_heads(
     hq, nbt, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
     seqs = layout.sparse_seqs()
-    scratch = torch.empty(hq, 4 * nbt, dtype=torch.float32, device=m.device)
+    scratch = torch.empty(2, hq, 4 * nbt, dtype=torch.float32, device=m.device)  # one per program of a head
     # every entry of a sparse sequence is written (the cover stores each of its flags): no fill
     keep_v = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
     keep_s = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
     query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.int8, device=m.device)
     if not seqs.seqs:
         return keep_v, keep_s, query_aware
-    launcher(head_select_kernel)[(hq, len(seqs.seqs))](
+    launcher(head_select_kernel)[(hq, len(seqs.seqs), 2)](
         m, l, k_bar, q_probe_bar, seqs.table, scratch, keep_v, keep_s, query_aware,
         scale, gamma, tau, min_blocks, max_blocks or 0,
         m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), q_probe_bar.stride(1),
-        scratch.stride(0), keep_v.stride(0),
+        scratch.stride(0), scratch.stride(1), keep_v.stride(0),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BC=max(1, min(64, 4096 // bs)),
         BV=chunk,
         num_warps=8,
