@@ -5,9 +5,9 @@ and slash masses and runs the Jensen-Shannon pattern test against the pooled est
 one then chooses the vertical blocks, the other the slash offsets that cover ``gamma`` of
 their masses within the budget. It replaces about a hundred small PyTorch launches, whose
 host cost (about 2 ms per sequence and layer) dominated the estimation below 64k tokens.
-Up to 1024 blocks
-(128k tokens at block size 128) the coverage choice sorts the masses in registers; beyond,
-it bisects over order keys in fixed chunks. Either way one compilation serves every length.
+Up to 1024 blocks (128k tokens at block size 128) the coverage choice sorts the masses in
+registers; beyond, it bisects over order keys in fixed chunks. Either way one compilation
+serves every length.
 
 Twin: ``kernels/naive.py: naive_select_heads`` (same arguments and results).
 """
