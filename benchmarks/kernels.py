@@ -6,8 +6,9 @@ For each shape and length N, in one process on one GPU:
     and diagonal), its rate relative to FA3, and per computed block relative to its own
     dense rate (eta); at 100 and 50 % also on a paged cache read in place (the backend's
     path, whose rate the cost model takes);
-  - the estimation alone, per layer call, for a fresh prompt of N tokens and for an 8k
-    chunk at the end of N keys (default settings, inputs with planted structure);
+  - the estimation alone, per layer call, for a fresh prompt of N tokens, for an 8k chunk
+    at the end of N keys, and for four prompts of N / 4 tokens in one call (default
+    settings, inputs with planted structure);
   - the whole FlexPrefill call at default settings and at a forced ~10 % density.
 Then it fits the cost model's rates (``vllm_flexprefill/costs.py``) per head_dim and prints
 them in the form CALIBRATED takes. Prints tables, writes JSON and a plot.
@@ -124,6 +125,12 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     chunk = min(CHUNK, n)
     chunk_layout = BatchLayout.build([chunk], [n], BS, dev)
     row["estimate_chunk_ms"] = bench(lambda: select_blocks(q[n - chunk:], k, chunk_layout, default, scale), reps_ms)
+    # the same tokens as four requests of n / 4 in one call: the estimation's launches do not
+    # grow with the requests of a step
+    quarter = n // 4
+    four = BatchLayout.build([quarter] * 4, [quarter] * 4, BS, dev)
+    row["estimate_4req_ms"] = bench(lambda: select_blocks(q[:4 * quarter], k[:4 * quarter], four, default, scale),
+                                    reps_ms)
     sel = select_blocks(q, k, layout, default, scale)
     row["default_density"] = sel.density(layout).mean().item()
     row["default_query_aware"] = sel.query_aware.float().mean().item()
@@ -167,6 +174,7 @@ COLUMNS = [("shape", "shape", "{}"), ("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:
            ("paged100_ms", "paged100%", "{:.3f}"), ("paged50_ms", "paged50%", "{:.3f}"),
            ("sparse50_ms", "50%", "{:.3f}"), ("sparse25_ms", "25%", "{:.3f}"), ("sparse10_ms", "10%", "{:.3f}"),
            ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
+           ("estimate_4req_ms", "est(4 req)", "{:.3f}"),
            ("estimate_share", "est/FA3", "{:.3f}"), ("default_density", "dens", "{:.3f}"),
            ("whole_default_ms", "whole", "{:.3f}"), ("speedup_default", "x", "{:.2f}"),
            ("forced_density", "dens(f)", "{:.3f}"), ("whole_forced_ms", "whole(f)", "{:.3f}"),
