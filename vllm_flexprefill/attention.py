@@ -165,6 +165,15 @@ def segment_plan(layout: BatchLayout):
     return layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS)
 
 
+def plan_cuda(layout: BatchLayout) -> None:
+    """Makes the per-layout plans the CUDA kernels read: the segment plan (``segment_plan``)
+    and the sparse-sequence table (``BatchLayout.sparse_seqs``). The builder calls this once
+    per step: in a layer's forward their host-to-device copies would wait for the layers
+    queued before it."""
+    segment_plan(layout)
+    layout.sparse_seqs()
+
+
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexPrefillConfig, dtype: torch.dtype,
                     device: torch.device | str) -> None:
     """Runs the CUDA path's Triton kernels once on small inputs laid out like vLLM's paged

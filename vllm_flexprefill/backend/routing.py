@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from vllm_flexprefill import stats
-from vllm_flexprefill.attention import segment_plan
+from vllm_flexprefill.attention import plan_cuda
 from vllm_flexprefill.backend.compat import slice_metadata
 from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_bucket
 from vllm_flexprefill.config import FlexPrefillConfig
@@ -183,10 +183,7 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
         kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
         kv_offsets = torch.cat([pos % page_size for pos in positions])
     if layout.tile_seq.is_cuda:
-        # made here, once per step: in a layer's forward their host-to-device copies would wait
-        # for the layers queued before it
-        segment_plan(layout)
-        layout.sparse_seqs()
+        plan_cuda(layout)
     return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests), layout.causal_blocks(),
                        length_bucket(max(sk)))
 

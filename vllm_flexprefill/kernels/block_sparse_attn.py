@@ -108,13 +108,33 @@ def _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS: tl.constexpr)
 
 
 @triton.jit
-def _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST: tl.constexpr):
-    """[BS, BD] the tile's queries of head i_h (zeros on idle rows)."""
+def _tile_start(q, o_q, m_row, i_h, stride_qt, stride_qh, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The tile's head-dim offsets and mask, its [BS, BD] queries of head i_h (zeros on idle
+    rows), and the empty online-softmax state: running maximum, sum and accumulator."""
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
     b_q = tl.load(q + o_q[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
                   mask=m_row[:, None] & m_d[None, :], other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    return b_q
+    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BS], dtype=tl.float32)
+    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    return o_d, m_d, b_q, b_m, b_l, b_acc
+
+
+@triton.jit
+def _attend_block(b_q, k, v, k_rows, k_start, i_c, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc, scale_log2,
+                  stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D: tl.constexpr, BD: tl.constexpr,
+                  BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                  PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Key block i_c in sub-tiles of BLOCK_N keys (``_attend``); CAUSAL for the diagonal block."""
+    for i_n in tl.static_range(BS // BLOCK_N):
+        b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d, m_d,
+                                  b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, i_kh,
+                                  D, BD, BLOCK_N, CAUSAL, UPCAST, PAGED, ROW_ALIGN)
+    return b_m, b_l, b_acc
 
 
 @triton.jit
@@ -126,28 +146,20 @@ def _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, ti
     """Query tile i_t of head i_h over the key blocks of its list, into its output rows."""
     i_kh = i_h // GROUP
     i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_q = _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST)
-
-    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BS], dtype=tl.float32)
-    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    o_d, m_d, b_q, b_m, b_l, b_acc = _tile_start(q, o_q, m_row, i_h, stride_qt, stride_qh, D, BD, BS, UPCAST)
     p_idx = block_idx + i_h * stride_ih + i_t * stride_it
     n_blocks = tl.load(block_cnt + i_h * stride_ch + i_t)
     # the list is sorted and always ends with the diagonal block (key block == tile row):
     # every block before it is wholly visible, so the loop needs no causal mask
     for i_b in range(n_blocks - 1):
         i_c = tl.load(p_idx + i_b).to(tl.int64)
-        for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
-                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
+        b_m, b_l, b_acc = _attend_block(b_q, k, v, k_rows, k_start, i_c, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc,
+                                        scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D, BD, BS,
+                                        BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
     if n_blocks > 0:
-        for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
-                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
+        b_m, b_l, b_acc = _attend_block(b_q, k, v, k_rows, k_start, i_r, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc,
+                                        scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D, BD, BS,
+                                        BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
@@ -172,23 +184,16 @@ def _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile
     i_kh = i_h // GROUP
     i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_row = tl.arange(0, BS)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_q = _tile_queries(q, o_q, m_row, i_h, stride_qt, stride_qh, o_d, m_d, UPCAST)
-    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BS], dtype=tl.float32)
-    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    o_d, m_d, b_q, b_m, b_l, b_acc = _tile_start(q, o_q, m_row, i_h, stride_qt, stride_qh, D, BD, BS, UPCAST)
     # blocks before the diagonal are wholly visible; the diagonal (block i_r) ends the last segment
     for i_c in range(b0, tl.minimum(b1, i_r)):
-        for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_c * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
-                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
+        b_m, b_l, b_acc = _attend_block(b_q, k, v, k_rows, k_start, i_c, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc,
+                                        scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D, BD, BS,
+                                        BLOCK_N, False, UPCAST, PAGED, ROW_ALIGN)
     if b1 > i_r:
-        for i_n in tl.static_range(BS // BLOCK_N):
-            b_m, b_l, b_acc = _attend(b_q, k, v, k_rows, k_start, i_r * BS + i_n * BLOCK_N, k_len, o_pos, o_d,
-                                      m_d, b_m, b_l, b_acc, scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      i_kh, D, BD, BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
+        b_m, b_l, b_acc = _attend_block(b_q, k, v, k_rows, k_start, i_r, k_len, o_pos, o_d, m_d, b_m, b_l, b_acc,
+                                        scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, i_kh, D, BD, BS,
+                                        BLOCK_N, True, UPCAST, PAGED, ROW_ALIGN)
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     tl.store(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], b_o, mask=m_d[None, :])
     b_lse = tl.where(b_l > 0.0, (b_m + tl.log2(tl.where(b_l > 0.0, b_l, 1.0))) * 0.6931471805599453,

@@ -215,13 +215,14 @@ def naive_write_block_lists(
     """Twin of ``kernels.block_lists.write_block_lists`` (same arguments): ``lists_one`` of
     each sequence, dense ones keeping every causal block."""
     seqs = layout.sparse_seqs()
+    slot = {s: j for j, s in enumerate(seqs.seqs)}
     for s in range(layout.num_seqs):
         where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
                      num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
         if not layout.sparse[s] or keep_v is None:
             lists_one(block_idx, block_cnt, **where)
             continue
-        j = seqs.seqs.index(s)
+        j = slot[s]
         blocks = slice(seqs.kb_start[j], seqs.kb_start[j] + where["nb"])
         own = {}
         if pooled is not None:
