@@ -7,6 +7,8 @@
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
 #                                         # launch settings of the block-sparse kernel (paged, as in vLLM)
 #                                         # at head_dim 64 and 128
+#   bash benchmarks/run-gpu.sh ceiling    # Triton causal loops by how they read K/V (pointers, block ids,
+#                                         # TMA) against cuDNN -> $OUT/loop_ceiling.json
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
@@ -38,6 +40,8 @@ for stage in "$@"; do
                timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \
                  | grep -A4 "^N=" | head -12
              done ;;
+    ceiling) timeout 400 python benchmarks/loop_ceiling.py --out "$OUT" 2>&1 | tee "$OUT/loop_ceiling.log" \
+               | grep -E "^HQ|ms|Error" | tail -70 ;;
     ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
              | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
@@ -69,7 +73,7 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    *) echo "unknown stage $stage (model, tests, kernels, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
+    *) echo "unknown stage $stage (model, tests, kernels, ceiling, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
        echo "ttft-default, shapes)"
        exit 2 ;;
   esac
