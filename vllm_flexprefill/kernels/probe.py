@@ -1,13 +1,13 @@
 """Probe statistics and block means of every sparse sequence of a batch, in one launch.
 
-One program per (query head, key block, sparse sequence). It scores the probe (the chunk's last
-``NP = min(BS, q_len)`` queries) against its key block and writes, per probe row, the row
-maximum and the sum of exponentials, from which ``patterns/estimate.py`` recovers the
-exact vertical and slash masses without materialising the probe's attention matrix
-([HQ, BS, N] float32 would be 2 GiB at 128k). The same programs write the means the
-pattern test and the query-aware map need, from the tiles they load anyway: the key
-block's mean (first head of each group), the probe's mean query (key block 0), and the
-mean query of each query tile of the chunk (when asked).
+One program per (query head, run of key blocks, sparse sequence). It scores the probe (the
+chunk's last ``NP = min(BS, q_len)`` queries) against each of its key blocks and writes, per
+probe row and block, the row maximum and the sum of exponentials, from which
+``patterns/estimate.py`` recovers the exact vertical and slash masses without materialising
+the probe's attention matrix ([HQ, BS, N] float32 would be 2 GiB at 128k). The same programs
+write the means the pattern test and the query-aware map need, from the tiles they load
+anyway: the key blocks' means (first head of each group), the probe's mean query (first
+run), and the mean query of each query tile of the chunk (when asked).
 """
 
 from __future__ import annotations
@@ -37,64 +37,72 @@ def _sparse_seq(table, i_j):
 def probe_kernel(
     q, k, k_rows, table, m_out, l_out, k_bar, q_probe_bar, q_bar, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_mh, stride_mc,
-    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr,
-    QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCKS: tl.constexpr,
+    UPCAST: tl.constexpr, QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    """Program (head, j, sequence): key blocks j * BLOCKS .. j * BLOCKS + BLOCKS - 1 of the
+    sequence, in a loop that keeps the probe's queries (one program per key block was a
+    short program each: 32 x 1024 of them for 32 heads at 128k keys)."""
     # heads vary fastest: the query heads of a KV head run side by side and read its key
-    # block from L2 once (at 128k keys the K of 8 KV heads is 268 MB, beyond L2)
+    # blocks from L2 once (at 128k keys the K of 8 KV heads is 268 MB, beyond L2)
     i_h = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
+    c0 = tl.program_id(1).to(tl.int64) * BLOCKS
     i_j = tl.program_id(2)
     hq = tl.num_programs(0)
     _, q_start, q_len, k_start, k_len, kb, r0, _ = _sparse_seq(table, i_j)
-    if i_c * BS >= k_len:  # the grid covers the longest sequence's blocks
+    if c0 * BS >= k_len:  # the grid covers the longest sequence's blocks
         return
+    c1 = tl.minimum(c0 + BLOCKS, tl.cdiv(k_len, BS))
     n_probe = tl.minimum(q_len, BS)
     first_row = (k_len - q_len) // BS
     o_i = tl.arange(0, BS)
-    o_j = i_c * BS + tl.arange(0, BS)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m_i = o_i < n_probe
-    m_j = o_j < k_len
     # probe row i is query q_len - n_probe + i, at position k_len - n_probe + i
     p_q = q + i_h * stride_qh + (q_start + q_len - n_probe + o_i)[:, None] * stride_qt + o_d[None, :]
-    if PAGED:  # each key's row in the paged cache
-        row = tl.multiple_of(tl.load(k_rows + k_start + o_j, mask=m_j, other=0), ROW_ALIGN)
-    else:
-        row = (k_start + o_j) * stride_kt
-    p_k = k + (i_h // GROUP) * stride_kh + row[:, None] + o_d[None, :]
     # [BS, BD]
-    b_q = tl.load(p_q, mask=m_i[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_k = tl.load(p_k, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    i_b = kb + i_c  # this key block among all sparse sequences' blocks
-    if i_h % GROUP == 0:
-        n_keys = tl.minimum(k_len - i_c * BS, BS)
-        tl.store(k_bar + (i_b * (hq // GROUP) + i_h // GROUP) * D + o_d, tl.sum(b_k, axis=0) / n_keys, mask=m_d)
-    if i_c == 0:
-        tl.store(q_probe_bar + (i_j * hq + i_h) * D + o_d, tl.sum(b_q, axis=0) / n_probe, mask=m_d)
+    b_q = tl.load(p_q, mask=m_i[:, None] & m_d[None, :], other=0.0)
+    if c0 == 0:
+        tl.store(q_probe_bar + (i_j * hq + i_h) * D + o_d, tl.sum(b_q.to(tl.float32), axis=0) / n_probe, mask=m_d)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+    for i_c in range(c0, c1):
+        o_j = i_c * BS + tl.arange(0, BS)
+        m_j = o_j < k_len
+        if PAGED:  # each key's row in the paged cache
+            row = tl.multiple_of(tl.load(k_rows + k_start + o_j, mask=m_j, other=0), ROW_ALIGN)
+        else:
+            row = (k_start + o_j) * stride_kt
+        b_k = tl.load(k + (i_h // GROUP) * stride_kh + row[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :],
+                      other=0.0)
+        i_b = kb + i_c  # this key block among all sparse sequences' blocks
+        if i_h % GROUP == 0:
+            n_keys = tl.minimum(k_len - i_c * BS, BS)
+            tl.store(k_bar + (i_b * (hq // GROUP) + i_h // GROUP) * D + o_d,
+                     tl.sum(b_k.to(tl.float32), axis=0) / n_keys, mask=m_d)
+        if UPCAST:
+            b_k = b_k.to(tl.float32)
+        # [BS(rows), BS(keys)] scores in log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        visible = (o_j[None, :] <= (k_len - n_probe + o_i)[:, None]) & m_i[:, None]
+        b_s = tl.where(visible, b_s, float("-inf"))
+        b_m = tl.max(b_s, axis=1)
+        b_m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+        b_l = tl.sum(tl.exp2(b_s - b_m_safe[:, None]), axis=1)
+        # natural-log maximum, so the statistics match the PyTorch twin
+        tl.store(m_out + i_h * stride_mh + i_b * stride_mc + o_i, b_m * 0.6931471805599453)
+        tl.store(l_out + i_h * stride_mh + i_b * stride_mc + o_i, b_l)
     if QUERY_MEANS:
-        if i_c >= first_row:
-            # the chunk's queries in this tile: positions max(c * BS, k_len - q_len) .. min((c + 1) * BS, k_len)
+        # the mean query of each of the chunk's query tiles among these blocks: positions
+        # max(c * BS, k_len - q_len) .. min((c + 1) * BS, k_len)
+        for i_c in range(tl.maximum(c0, first_row), c1):
             pos = i_c * BS + o_i
             m_t = (pos >= k_len - q_len) & (pos < k_len)
             b_t = tl.load(q + i_h * stride_qh + (q_start + pos - (k_len - q_len))[:, None] * stride_qt + o_d[None, :],
                           mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             n_t = tl.sum(m_t.to(tl.float32), axis=0)
             tl.store(q_bar + ((r0 + i_c - first_row) * hq + i_h) * D + o_d, tl.sum(b_t, axis=0) / n_t, mask=m_d)
-    if not UPCAST:
-        b_q = b_q.to(q.dtype.element_ty)
-        b_k = b_k.to(k.dtype.element_ty)
-    # [BS(rows), BS(keys)] scores in log2 units
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-    visible = (o_j[None, :] <= (k_len - n_probe + o_i)[:, None]) & m_i[:, None]
-    b_s = tl.where(visible, b_s, float("-inf"))
-    b_m = tl.max(b_s, axis=1)
-    b_m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_l = tl.sum(tl.exp2(b_s - b_m_safe[:, None]), axis=1)
-    # natural-log maximum, so the statistics match the PyTorch twin
-    tl.store(m_out + i_h * stride_mh + i_b * stride_mc + o_i, b_m * 0.6931471805599453)
-    tl.store(l_out + i_h * stride_mh + i_b * stride_mc + o_i, b_l)
 
 
 def probe_stats(
@@ -131,12 +139,13 @@ def probe_stats(
     q_bar = torch.empty(seqs.num_rows, hq, d, **f32) if query_means else None
     if not seqs.seqs:
         return m, l, k_bar, q_probe_bar, q_bar
-    launcher(probe_kernel)[(hq, seqs.max_blocks, len(seqs.seqs))](
+    cfg = probe_config(d, bs)
+    launcher(probe_kernel)[(hq, triton.cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
         q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar,
         q_bar if query_means else m, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, UPCAST=interpreted(k),
         QUERY_MEANS=query_means, PAGED=k_rows is not None,
-        ROW_ALIGN=row_alignment(k, k_rows), **probe_config(d, bs),
+        ROW_ALIGN=row_alignment(k, k_rows), **cfg,
     )
     return m, l, k_bar, q_probe_bar, q_bar
