@@ -7,6 +7,8 @@
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
 #                                         # launch settings of the block-sparse kernel (paged, as in vLLM)
 #                                         # at head_dim 64 and 128
+#   bash benchmarks/run-gpu.sh tune-est   # launch settings of the probe and head-selection kernels (SmolLM2 at
+#                                         # 32k, Llama at 32k and 128k), best first
 #   bash benchmarks/run-gpu.sh ceiling    # Triton causal loops by how they read K/V (pointers, block ids,
 #                                         # TMA) against cuDNN -> $OUT/loop_ceiling.json
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
@@ -40,6 +42,10 @@ for stage in "$@"; do
                timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \
                  | grep -A4 "^N=" | head -12
              done ;;
+    tune-est) for args in "9 3 64 --lengths 32768" "32 8 128 --lengths 32768 131072"; do
+                timeout 200 python benchmarks/tune.py --estimation --shape $args 2>&1 | tee -a "$OUT/tune-est.log" \
+                  | grep -A4 -E "^(probe|head)"
+              done ;;
     ceiling) timeout 400 python benchmarks/loop_ceiling.py --out "$OUT" 2>&1 | tee "$OUT/loop_ceiling.log" \
                | grep -E "^HQ|ms|Error" | tail -70 ;;
     ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
@@ -73,7 +79,7 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    *) echo "unknown stage $stage (model, tests, kernels, ceiling, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
+    *) echo "unknown stage $stage (model, tests, kernels, tune-est, ceiling, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
        echo "ttft-default, shapes)"
        exit 2 ;;
   esac

@@ -68,3 +68,9 @@ def probe_config(head_dim: int, block_size: int) -> dict[str, int]:
     call's 1.11 ms estimation at 32 heads (H200, 71815a0): 32 x 1024 programs, each loading
     its queries for one 128 x 128 product. Four per program is not measured yet."""
     return {"BLOCKS": 4, "num_warps": 8 if block_size * head_dim >= 128 * 128 else 4, "num_stages": 2}
+
+
+def select_config(block_size: int) -> dict[str, int]:
+    """Settings of the head-selection kernel: BC key blocks per step of its passes over the
+    probe statistics (BC x block_size values of each array per step)."""
+    return {"BC": max(1, min(64, 4096 // block_size)), "num_warps": 8}

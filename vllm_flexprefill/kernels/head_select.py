@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_flexprefill.kernels.configs import select_config
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.kernels.probe import _sparse_seq
 from vllm_flexprefill.patterns.layout import BatchLayout
@@ -246,6 +247,7 @@ def head_select_kernel(
 def select_heads(
     m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, layout: BatchLayout,
     scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int | None, chunk: int = 1024,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vertical/slash choice and pattern test of every head of every sparse sequence, in one launch.
 
@@ -254,7 +256,8 @@ def select_heads(
             [S, HQ, D]; ``patterns.layout.SparseSeqs`` says where each sequence's part is).
         min_blocks, max_blocks: budget of vertical-slash heads (max None: every block); a
             query-aware head keeps the floor, min(min_blocks, max_blocks).
-        chunk: blocks handled per step of the loops (a power of two).
+        chunk: blocks per step of the coverage choice (a power of two; in-register sort up to it).
+        config: launch settings (BC, num_warps); default from kernels/configs.py.
     Returns:
         keep_v [HQ, NBt], keep_s [HQ, NBt] (chosen blocks / block offsets of each sequence
         at its offsets), query_aware [N, HQ] (0 for dense sequences): int8 flags (0/1),
@@ -275,8 +278,6 @@ def select_heads(
         scale, gamma, tau, min_blocks, max_blocks or 0,
         m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), q_probe_bar.stride(1),
         scratch.stride(0), scratch.stride(1), keep_v.stride(0),
-        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BC=max(1, min(64, 4096 // bs)),
-        BV=chunk,
-        num_warps=8,
+        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BV=chunk, **(config or select_config(bs)),
     )
     return keep_v, keep_s, query_aware

@@ -107,7 +107,7 @@ def probe_kernel(
 
 def probe_stats(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, query_means: bool = False,
-    k_rows: torch.Tensor | None = None,
+    k_rows: torch.Tensor | None = None, config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.naive.naive_probe_stats`` (same arguments and results): the
     probe statistics and means of every sparse sequence of the batch, in one launch.
@@ -118,6 +118,7 @@ def probe_stats(
         query_means: also return the mean query of each of the chunks' query tiles.
         k_rows: optional [Tk] int64: where each key's row starts in k, in elements
             (``patterns.layout.paged_rows``: sums of multiples of k's strides).
+        config: launch settings (BLOCKS, num_warps, num_stages); default from kernels/configs.py.
     Returns (sparse sequence j's part at its offsets in ``layout.sparse_seqs()``):
         m, l: [HQ, NBt, BS] float32 per (key block, probe row) maximum score (natural log
             units) and sum of exponentials; rows past the sequence's NP = min(BS, q_len)
@@ -139,7 +140,7 @@ def probe_stats(
     q_bar = torch.empty(seqs.num_rows, hq, d, **f32) if query_means else None
     if not seqs.seqs:
         return m, l, k_bar, q_probe_bar, q_bar
-    cfg = probe_config(d, bs)
+    cfg = config or probe_config(d, bs)
     launcher(probe_kernel)[(hq, triton.cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
         q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar,
         q_bar if query_means else m, scale * 1.4426950408889634,
