@@ -65,15 +65,26 @@ def _tile(q, i_t, i_h, n, stride_qt, stride_qh, D: tl.constexpr):
 
 
 @triton.jit
-def pointer_loop_kernel(q, k, v, o, ids, n, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-                        HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        IDS: tl.constexpr):
-    """IDS 0: contiguous; 1: each BLOCK_N-key block's id read in its iteration; 2: a block ahead."""
+def _read(p_k, p_v, desc_k, desc_v, i_c, col, o_n, stride_kt, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """The [BLOCK_N, D] K and V tiles of key block i_c (by pointers, or TMA descriptors)."""
+    if TMA:
+        return desc_k.load([i_c * BLOCK_N, col]), desc_v.load([i_c * BLOCK_N, col])
+    rows = (i_c * BLOCK_N + o_n).to(tl.int64) * stride_kt
+    return tl.load(p_k + rows[:, None]), tl.load(p_v + rows[:, None])
+
+
+@triton.jit
+def loop_kernel(q, k, v, desc_k, desc_v, o, ids, n, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IDS: tl.constexpr,
+                TMA: tl.constexpr):
+    """One (head, 128-query tile) program. IDS 0: blocks in order; 1: each BLOCK_N-key block's id
+    read in its iteration; 2: read a block ahead. TMA: K/V through descriptors of [T, H * D]."""
     pid = tl.program_id(0)
     i_t = tl.cdiv(n, 128) - 1 - pid // HQ  # the longest rows first
     i_h = pid % HQ
     o_m, o_d, b_q, b_m, b_l, b_acc = _tile(q, i_t, i_h, n, stride_qt, stride_qh, D)
     o_n = tl.arange(0, BLOCK_N)
+    col = (i_h // GROUP) * D
     p_k = k + (i_h // GROUP) * stride_kh + o_d[None, :]
     p_v = v + (i_h // GROUP) * stride_kh + o_d[None, :]
     n_full = i_t * 128 // BLOCK_N  # blocks wholly before the tile's first row
@@ -81,9 +92,8 @@ def pointer_loop_kernel(q, k, v, o, ids, n, scale_log2, stride_qt, stride_qh, st
         i_c = tl.load(ids)
         for i_b in range(n_full):
             i_next = tl.load(ids + i_b + 1)
-            rows = (i_c * BLOCK_N + o_n).to(tl.int64) * stride_kt
-            b_m, b_l, b_acc = _update(b_q, tl.load(p_k + rows[:, None]), tl.load(p_v + rows[:, None]), b_m, b_l,
-                                      b_acc, scale_log2, o_m, o_n, False)
+            b_k, b_v = _read(p_k, p_v, desc_k, desc_v, i_c, col, o_n, stride_kt, BLOCK_N, TMA)
+            b_m, b_l, b_acc = _update(b_q, b_k, b_v, b_m, b_l, b_acc, scale_log2, o_m, o_n, False)
             i_c = i_next
     else:
         for i_b in range(n_full):
@@ -91,49 +101,17 @@ def pointer_loop_kernel(q, k, v, o, ids, n, scale_log2, stride_qt, stride_qh, st
                 i_c = tl.load(ids + i_b)
             else:
                 i_c = i_b
-            rows = (i_c * BLOCK_N + o_n).to(tl.int64) * stride_kt
-            b_m, b_l, b_acc = _update(b_q, tl.load(p_k + rows[:, None]), tl.load(p_v + rows[:, None]), b_m, b_l,
-                                      b_acc, scale_log2, o_m, o_n, False)
+            b_k, b_v = _read(p_k, p_v, desc_k, desc_v, i_c, col, o_n, stride_kt, BLOCK_N, TMA)
+            b_m, b_l, b_acc = _update(b_q, b_k, b_v, b_m, b_l, b_acc, scale_log2, o_m, o_n, False)
     for i_b in range(n_full, n_full + 128 // BLOCK_N):  # the diagonal, masked
         o_j = i_b * BLOCK_N + o_n
-        rows = o_j.to(tl.int64) * stride_kt
-        b_k = tl.load(p_k + rows[:, None], mask=o_j[:, None] < n, other=0.0)
-        b_v = tl.load(p_v + rows[:, None], mask=o_j[:, None] < n, other=0.0)
+        if TMA:  # rows past n read as zeros
+            b_k, b_v = _read(p_k, p_v, desc_k, desc_v, i_b, col, o_n, stride_kt, BLOCK_N, TMA)
+        else:
+            rows = o_j.to(tl.int64) * stride_kt
+            b_k = tl.load(p_k + rows[:, None], mask=o_j[:, None] < n, other=0.0)
+            b_v = tl.load(p_v + rows[:, None], mask=o_j[:, None] < n, other=0.0)
         b_m, b_l, b_acc = _update(b_q, b_k, b_v, b_m, b_l, b_acc, scale_log2, o_m, o_j, True)
-    tl.store(o + o_m[:, None].to(tl.int64) * stride_qt + i_h * stride_qh + o_d[None, :],
-             (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=o_m[:, None] < n)
-
-
-@triton.jit
-def descriptor_loop_kernel(q, desc_k, desc_v, o, ids, n, scale_log2, stride_qt, stride_qh,
-                           HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           IDS: tl.constexpr):
-    """As pointer_loop_kernel, K and V read through TMA descriptors of [T, H * D]."""
-    pid = tl.program_id(0)
-    i_t = tl.cdiv(n, 128) - 1 - pid // HQ
-    i_h = pid % HQ
-    col = (i_h // GROUP) * D
-    o_m, o_d, b_q, b_m, b_l, b_acc = _tile(q, i_t, i_h, n, stride_qt, stride_qh, D)
-    o_n = tl.arange(0, BLOCK_N)
-    n_full = i_t * 128 // BLOCK_N
-    if IDS == 2:
-        i_c = tl.load(ids)
-        for i_b in range(n_full):
-            i_next = tl.load(ids + i_b + 1)
-            b_m, b_l, b_acc = _update(b_q, desc_k.load([i_c * BLOCK_N, col]), desc_v.load([i_c * BLOCK_N, col]),
-                                      b_m, b_l, b_acc, scale_log2, o_m, o_n, False)
-            i_c = i_next
-    else:
-        for i_b in range(n_full):
-            if IDS == 1:
-                i_c = tl.load(ids + i_b)
-            else:
-                i_c = i_b
-            b_m, b_l, b_acc = _update(b_q, desc_k.load([i_c * BLOCK_N, col]), desc_v.load([i_c * BLOCK_N, col]),
-                                      b_m, b_l, b_acc, scale_log2, o_m, o_n, False)
-    for i_b in range(n_full, n_full + 128 // BLOCK_N):  # the diagonal: rows past n read as zeros
-        b_m, b_l, b_acc = _update(b_q, desc_k.load([i_b * BLOCK_N, col]), desc_v.load([i_b * BLOCK_N, col]),
-                                  b_m, b_l, b_acc, scale_log2, o_m, i_b * BLOCK_N + o_n, True)
     tl.store(o + o_m[:, None].to(tl.int64) * stride_qt + i_h * stride_qh + o_d[None, :],
              (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=o_m[:, None] < n)
 
@@ -148,16 +126,14 @@ def loop_attention(q, k, v, variant: str, block_n: int, num_warps: int, num_stag
     mode = 2 if variant.endswith("ids-ahead") else 1 if variant.endswith("ids") else 0
     common = dict(HQ=hq, GROUP=hq // h, D=d, BLOCK_N=block_n, IDS=mode, num_warps=num_warps, num_stages=num_stages)
     grid = (hq * triton.cdiv(n, BM),)
-    scale_log2 = d ** -0.5 * 1.4426950408889634
+    desc_k, desc_v = k, v  # unused without TMA
     if variant.startswith("tma"):
         from triton.tools.tensor_descriptor import TensorDescriptor
         k2, v2 = k.view(n, h * d), v.view(n, h * d)
         desc_k = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d])
         desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d])
-        descriptor_loop_kernel[grid](q, desc_k, desc_v, out, ids, n, scale_log2, q.stride(0), q.stride(1), **common)
-    else:
-        pointer_loop_kernel[grid](q, k, v, out, ids, n, scale_log2, q.stride(0), q.stride(1), k.stride(0),
-                                  k.stride(1), **common)
+    loop_kernel[grid](q, k, v, desc_k, desc_v, out, ids, n, d ** -0.5 * 1.4426950408889634, q.stride(0), q.stride(1),
+                      k.stride(0), k.stride(1), TMA=variant.startswith("tma"), **common)
     return out
 
 
