@@ -25,7 +25,8 @@
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
 #   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_10 -> $OUT/ttft.json (LENGTHS)
-#   bash benchmarks/run-gpu.sh ttft-default  # the same, FLASH_ATTN vs FLEX_PREFILL default settings (LENGTHS, RATES)
+#   bash benchmarks/run-gpu.sh ttft-default  # the same, FLASH_ATTN vs FLEX_PREFILL default settings (LENGTHS, RATES;
+#                                            # SHAPE=qwen2-7b etc. for another shape)
 #   bash benchmarks/run-gpu.sh shapes     # the same at 32k for Qwen2-7B, GLM-4-9B, Yi-9B-200K shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +72,7 @@ for stage in "$@"; do
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran" | tail -24 ;;
-    ttft-default) timeout 560 python benchmarks/ttft.py --lengths ${LENGTHS:-8192 32768 131072} \
+    ttft-default) timeout 560 python benchmarks/ttft.py --shape ${SHAPE:-llama-3.1-8b} --lengths ${LENGTHS:-8192 32768 131072} \
                     --engines FLASH_ATTN FLEX_PREFILL ${RATES:+--rates $RATES} --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran" | tail -8 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
