@@ -42,6 +42,29 @@ def test_block_sparse_attention_matches_naive(q_lens, k_lens, bs, hq, h, d, dens
         torch.testing.assert_close(out.float(), dense, atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("how", ["sub-tiles", "v-strides-differ"])
+def test_packed_keys_by_computed_addresses_match_naive(how):
+    """Packed keys go through row offsets like a paged cache unless a block is several
+    sub-tiles or k and v have different strides: then the kernel computes the addresses."""
+    torch.manual_seed(3)
+    q_lens, k_lens, bs = [37, 100], [37, 181], 32
+    layout = BatchLayout.build(q_lens, k_lens, bs, "cpu")
+    q = torch.randn(sum(q_lens), 4, 64, dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16)
+    v = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16)
+    config = None
+    if how == "sub-tiles":
+        config = {"BLOCK_N": bs // 2, "num_warps": 4, "num_stages": 2}
+    else:
+        v = torch.randn(sum(k_lens), 3, 64, dtype=torch.bfloat16)[:, :2]  # rows of 3 heads: other strides
+    idx, cnt = random_block_lists(layout, 4, 0.5)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+                           idx, cnt, bs, 0.11, out=out, config=config)
+    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 0.11)
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+
+
 def test_block_sparse_attention_lse_is_row_logsumexp():
     torch.manual_seed(1)
     layout = BatchLayout.build([20, 50], [60, 50], 16, "cpu")
