@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment
+from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment, rows_aligned
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.patterns.layout import TailSplit
 
@@ -366,13 +366,13 @@ def block_sparse_attention(
     if num_tiles == 0:
         return out
     cfg = config or attention_config(d, block_size)
-    if (k_rows is None and cfg["BLOCK_N"] == block_size and k.stride() == v.stride() and k.stride(-1) == 1
-            and not any(s % 16 for s in k.stride()[:-1])):
+    one_sub_tile = cfg["BLOCK_N"] == block_size  # where a block's rows can be read a block ahead
+    if k_rows is None and one_sub_tile and k.stride() == v.stride() and k.stride(-1) == 1 and rows_aligned(k):
         # packed keys go through their row offsets too: the paged path reads each block's rows
         # a block ahead, which measured faster than the packed path's addresses computed in the
         # iteration (32k keys, full density, H200: 18.7 against 22.2 ms at head_dim 128, 2.90
         # against 3.31 ms at 64, on shuffled pages). Only with strides the offsets' declared
-        # alignment covers (``row_alignment``): without it the loads go element by element
+        # alignment covers (``rows_aligned``): without it the loads go element by element
         k_rows = torch.arange(0, k.shape[0] * k.stride(0), k.stride(0), dtype=torch.int64, device=k.device)
     common = dict(GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size, UPCAST=interpreted(q),
                   PAGED=k_rows is not None, ROW_ALIGN=row_alignment(k, k_rows))
@@ -394,8 +394,7 @@ def block_sparse_attention(
         out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         lse.stride(0) if lse is not None else 0,
         HAS_LSE=lse is not None, INDIRECT=split is not None,
-        # the paged rows of a block are read a block ahead where a block is one sub-tile
-        ROWS_AHEAD=k_rows is not None and cfg["BLOCK_N"] == block_size, **common, **cfg,
+        ROWS_AHEAD=k_rows is not None and one_sub_tile, **common, **cfg,
     )
     if split is None:
         return out

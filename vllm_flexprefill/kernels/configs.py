@@ -22,9 +22,12 @@ def row_alignment(k: torch.Tensor, k_rows: torch.Tensor | None) -> int:
     reads K and V an element at a time (a paged 128k call ran at half speed). Offsets made
     by ``patterns.layout.paged_rows`` are sums of multiples of the view's strides.
     """
-    if k_rows is None or any(s % 16 for s in k.stride()[:-1]):
-        return 1
-    return 16
+    return 16 if k_rows is not None and rows_aligned(k) else 1
+
+
+def rows_aligned(k: torch.Tensor) -> bool:
+    """Whether every stride of ``k`` but the last is a multiple of 16 elements."""
+    return not any(s % 16 for s in k.stride()[:-1])
 
 
 # (head_dim, block_size) -> launch settings of the block-sparse kernel. The block-128 rows are
