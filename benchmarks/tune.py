@@ -49,12 +49,12 @@ def tune_estimation(n: int, hq: int, h: int, d: int) -> None:
     for blocks, warps, stages in itertools.product((1, 2, 4, 8, 16), (4, 8), (2, 3)):
         launch = {"BLOCKS": blocks, "num_warps": warps, "num_stages": stages}
         try:
-            times.append((bench(lambda: probe_stats(q, keys, layout, scale, cfg.tau > 0, k_rows=rows, config=launch)),
+            times.append((bench(lambda: probe_stats(q, keys, layout, scale, k_rows=rows, config=launch)),
                           launch))
         except Exception as e:  # out of resources and the like
             print(f"  {launch}: {type(e).__name__}", flush=True)
     report(f"probe N={n} HQ={hq} H={h} D={d} paged default={probe_config(d, BS)}", times)
-    m, l, k_bar, q_probe_bar, _ = probe_stats(q, keys, layout, scale, k_rows=rows)
+    m, l, k_bar, q_probe_bar = probe_stats(q, keys, layout, scale, k_rows=rows)
     times = []
     for bc, warps in itertools.product((8, 16, 32, 64), (4, 8)):
         launch = {"BC": bc, "num_warps": warps}

@@ -133,17 +133,16 @@ def test_probe_stats_and_means_match_naive(q_lens, k_lens, bs, hq, h, sparse):
     layout = BatchLayout.build(q_lens, k_lens, bs, "cpu", sparse)
     q = torch.randn(sum(q_lens), hq, 64, dtype=torch.bfloat16)
     k = torch.randn(sum(k_lens), h, 64, dtype=torch.bfloat16)
-    got = probe_stats(q, k, layout, 0.125, query_means=True)
-    want = naive_probe_stats(q, k, layout, 0.125, query_means=True)
+    got = probe_stats(q, k, layout, 0.125)
+    want = naive_probe_stats(q, k, layout, 0.125)
     m, l, m_ref, l_ref = got[0], got[1], want[0], want[1]
     assert m.shape == m_ref.shape == (hq, layout.sparse_seqs().num_blocks, bs)
     assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(l, l_ref, atol=1e-4, rtol=1e-4)
-    for name, a, b in zip(("k_bar", "q_probe_bar", "q_bar"), got[2:], want[2:]):
+    for name, a, b in zip(("k_bar", "q_probe_bar"), got[2:], want[2:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-    assert probe_stats(q, k, layout, 0.125)[4] is None
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
@@ -153,8 +152,8 @@ def test_probe_results_do_not_depend_on_blocks_per_program(blocks):
     layout = BatchLayout.build(q_lens, k_lens, 64, "cpu", [True, False, True])
     q = torch.randn(sum(q_lens), 4, 64, dtype=torch.bfloat16)
     k = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16)
-    want = probe_stats(q, k, layout, 0.125, query_means=True)
-    got = probe_stats(q, k, layout, 0.125, query_means=True, config={"BLOCKS": blocks, "num_warps": 4, "num_stages": 2})
+    want = probe_stats(q, k, layout, 0.125)
+    got = probe_stats(q, k, layout, 0.125, config={"BLOCKS": blocks, "num_warps": 4, "num_stages": 2})
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -178,7 +177,7 @@ def test_kernels_read_a_paged_cache_in_place():
     torch.testing.assert_close(paged.float(), twin.float(), atol=ATOL[torch.bfloat16], rtol=0)
     # the probe of both sequences
     for probe in (probe_stats, naive_probe_stats):
-        for got, want in zip(probe(q, key_cache, layout, 0.125, True, k_rows=rows), probe(q, k, layout, 0.125, True)):
+        for got, want in zip(probe(q, key_cache, layout, 0.125, k_rows=rows), probe(q, k, layout, 0.125)):
             assert torch.equal(got, want)
 
 
@@ -210,7 +209,7 @@ def test_head_select_matches_naive(q_lens, k_lens, tau, budgets, chunk):
     # a dense sequence between the sparse ones: no selection, query_aware 0
     layout = BatchLayout.build([*q_lens, 40], [*k_lens, 40], 32, "cpu", [True] * len(q_lens) + [False])
     q, k = torch.cat([q, torch.randn(40, 4, 64).bfloat16()]), torch.cat([k, torch.randn(40, 2, 64).bfloat16()])
-    m, l, k_bar, q_probe_bar, _ = naive_probe_stats(q, k, layout, 0.125)
+    m, l, k_bar, q_probe_bar = naive_probe_stats(q, k, layout, 0.125)
     args = (m, l, k_bar, q_probe_bar, layout, 0.125, 0.9, tau, *budgets)
     got = select_heads(*args, chunk=chunk)
     want = naive_select_heads(*args)
@@ -231,10 +230,11 @@ def test_pooled_map_matches_naive_on_query_aware_heads():
     torch.manual_seed(3)
     layout = pooled_layout()
     seqs = layout.sparse_seqs()
-    q_bar, k_bar = torch.randn(seqs.num_rows, 4, 64), torch.randn(seqs.num_blocks, 2, 64)
+    # the map's rows take their tiles' mean queries from q (partial first and last tiles too)
+    q, k_bar = torch.randn(sum(layout.q_lens), 4, 64).bfloat16(), torch.randn(seqs.num_blocks, 2, 64)
     qa = torch.tensor([[True, False, True, True], [True] * 4, [False, True, True, False]])
-    got = pooled_map(q_bar, k_bar, qa, layout, 0.125)
-    want = naive_pooled_map(q_bar, k_bar, qa, layout, 0.125)
+    got = pooled_map(q, k_bar, qa, layout, 0.125)
+    want = naive_pooled_map(q, k_bar, qa, layout, 0.125)
     assert got.shape == want.shape == (4, seqs.pooled_size)
     for j, s in enumerate(seqs.seqs):
         size = (layout.first_tile[s + 1] - layout.first_tile[s]) * layout.num_key_blocks(s)

@@ -61,8 +61,8 @@ def test_kernels_read_a_paged_cache_in_place(bs, d):
     out = torch.full_like(q, float("nan"))
     block_sparse_attention(q, key_cache, value_cache, *args, out=out, k_rows=rows)
     assert torch.equal(out, packed)
-    for got, want in zip(probe_stats(q, key_cache, layout, d ** -0.5, True, k_rows=rows),
-                         probe_stats(q, k, layout, d ** -0.5, True)):
+    for got, want in zip(probe_stats(q, key_cache, layout, d ** -0.5, k_rows=rows),
+                         probe_stats(q, k, layout, d ** -0.5)):
         assert torch.equal(got, want)
 
 
@@ -93,8 +93,8 @@ def test_probe_stats_matches_naive(bs, d):
     layout = BatchLayout.build(q_lens, k_lens, bs, DEV, [True, False, True])
     q = torch.randn(sum(q_lens), 9, d, dtype=torch.bfloat16, device=DEV)
     k = torch.randn(sum(k_lens), 3, d, dtype=torch.bfloat16, device=DEV)
-    m, l, *means = probe_stats(q, k, layout, d ** -0.5, query_means=True)
-    m_ref, l_ref, *means_ref = naive_probe_stats(q, k, layout, d ** -0.5, query_means=True)
+    m, l, *means = probe_stats(q, k, layout, d ** -0.5)
+    m_ref, l_ref, *means_ref = naive_probe_stats(q, k, layout, d ** -0.5)
     assert torch.equal(torch.isinf(m), torch.isinf(m_ref))
     finite = torch.isfinite(m_ref)
     torch.testing.assert_close(m[finite], m_ref[finite], atol=2e-3, rtol=1e-4)

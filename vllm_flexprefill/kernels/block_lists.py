@@ -42,7 +42,7 @@ def block_lists_kernel(
     p_out = block_idx + i_h * stride_ih + i_t * stride_it
     # a dense sequence (slot -1) keeps every causal block; so do a sparse one's probe rows.
     # A dense sequence reads row 0 of the table (which always has one) and ignores it.
-    _, _, q_len, _, k_len, kb, _, p0 = _sparse_seq(table, tl.maximum(i_j, 0))
+    _, _, q_len, _, k_len, kb, p0 = _sparse_seq(table, tl.maximum(i_j, 0))
     nb = (k_len + BS - 1) // BS
     i_r = row - (k_len - q_len) // BS
     all_causal = (i_j < 0) | (row >= (k_len - tl.minimum(q_len, BS)) // BS) | DENSE
@@ -109,16 +109,18 @@ def write_block_lists(
 
 @triton.jit(do_not_specialize=["stride_ph"])
 def pooled_map_kernel(
-    q_bar, k_bar, query_aware, table, pooled, scale, stride_ph,
+    q, k_bar, query_aware, table, pooled, scale, stride_qt, stride_qh, stride_ph,
     BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
 ):
+    """Program (tile row, head, sparse sequence): the row of the head's pooled map."""
     i_r = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_j = tl.program_id(2)
     hq = tl.num_programs(1)
-    seq, _, q_len, _, k_len, kb, r0, p0 = _sparse_seq(table, i_j)
+    seq, q_start, q_len, _, k_len, kb, p0 = _sparse_seq(table, i_j)
     nb = (k_len + BS - 1) // BS
-    first_row = (k_len - q_len) // BS
+    ctx = k_len - q_len
+    first_row = ctx // BS
     # the grid covers the longest sequence's tiles; only query-aware heads need a map
     if i_r >= nb - first_row:
         return
@@ -127,7 +129,12 @@ def pooled_map_kernel(
     row = first_row + i_r
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    b_q = tl.load(q_bar + ((r0 + i_r) * hq + i_h) * D + o_d, mask=m_d, other=0.0)
+    # the tile's mean query, over its positions max(row * BS, ctx) .. min((row + 1) * BS, k_len)
+    pos = row * BS + tl.arange(0, BS)
+    m_t = (pos >= ctx) & (pos < k_len)
+    b_t = tl.load(q + (q_start + pos - ctx)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    b_q = tl.sum(b_t, axis=0) / tl.sum(m_t.to(tl.float32), axis=0)
     p_k = k_bar + kb * ((hq // GROUP) * D) + (i_h // GROUP) * D + o_d[None, :]
     p_out = pooled + i_h * stride_ph + p0 + i_r * nb
     # pass 1: the row's maximum and sum of exponentials over its causal blocks
@@ -151,24 +158,27 @@ def pooled_map_kernel(
         tl.store(p_out + o_c, p, mask=o_c < nb)
 
 
-def pooled_map(q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
+def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
                scale: float) -> torch.Tensor:
     """Triton twin of ``kernels.naive.naive_pooled_map`` (the maps of heads that are not
     query-aware are left unwritten), every sparse sequence in one launch.
 
     Args:
-        q_bar: [Rt, HQ, D] float32 mean query per query tile; k_bar: [NBt, H, D] float32
+        q: [Tq, HQ, D] packed as ``layout`` says, head_dim contiguous (each map row's mean
+            query is taken here, for query-aware heads only); k_bar: [NBt, H, D] float32
             (``probe_stats``); query_aware: [N, HQ] (``select_heads``).
     Returns:
         [HQ, Pt] float32: each sparse sequence's map, R rows of NB, at its ``p_start``.
     """
-    hq, d = q_bar.shape[1], q_bar.shape[2]
+    hq, d = q.shape[1], q.shape[2]
+    if q.stride(-1) != 1:
+        raise ValueError(f"q's head_dim must be contiguous, got strides {q.stride()}")
     h_kv = k_bar.shape[1]
     seqs = layout.sparse_seqs()
-    out = torch.empty(hq, seqs.pooled_size, dtype=torch.float32, device=q_bar.device)
+    out = torch.empty(hq, seqs.pooled_size, dtype=torch.float32, device=q.device)
     if seqs.seqs:
         launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
-            q_bar, k_bar, query_aware, seqs.table, out, scale, out.stride(0),
+            q, k_bar, query_aware, seqs.table, out, scale, q.stride(0), q.stride(1), out.stride(0),
             BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
     return out
 
@@ -181,7 +191,7 @@ def coverage_threshold_kernel(
     i_h = tl.program_id(0).to(tl.int64)
     i_j = tl.program_id(1)
     hq = tl.num_programs(0)
-    seq, _, q_len, _, k_len, _, _, p0 = _sparse_seq(table, i_j)
+    seq, _, q_len, _, k_len, _, p0 = _sparse_seq(table, i_j)
     if tl.load(query_aware + seq * hq + i_h) == 0:
         tl.store(threshold + seq * hq + i_h, 2.0)
         return

@@ -145,7 +145,7 @@ def head_select_kernel(
     i_j = tl.program_id(1)
     i_w = tl.program_id(2)
     hq = tl.num_programs(0)
-    seq, _, q_len, _, k_len, kb, _, _ = _sparse_seq(table, i_j)
+    seq, _, q_len, _, k_len, kb, _ = _sparse_seq(table, i_j)
     nb = (k_len + BS - 1) // BS
     n_probe = tl.minimum(q_len, BS)
     # the budgets: max_blocks 0 means every block; query-aware heads keep the floor

@@ -57,9 +57,8 @@ def naive_block_sparse_attention(
 
 
 def naive_probe_stats(
-    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, query_means: bool = False,
-    k_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, k_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of ``kernels.probe.probe_stats``: ``probe_one`` of each sparse sequence, laid end
     to end (``patterns.layout.SparseSeqs``).
 
@@ -67,31 +66,27 @@ def naive_probe_stats(
         q: [Tq, HQ, D], k: [Tk, H, D] packed as ``layout`` says (or a paged cache view, with
             ``k_rows`` [Tk]).
     Returns:
-        m, l [HQ, NBt, BS], k_bar [NBt, H, D], q_probe_bar [S, HQ, D], q_bar [Rt, HQ, D] or None.
+        m, l [HQ, NBt, BS], k_bar [NBt, H, D], q_probe_bar [S, HQ, D].
     """
     parts = [probe_one(q[layout.q_range(s)], k[layout.k_range(s)] if k_rows is None else k, layout.block_size, scale,
-                       query_means, None if k_rows is None else k_rows[layout.k_range(s)])
+                       None if k_rows is None else k_rows[layout.k_range(s)])
              for s in layout.sparse_seqs().seqs]
     hq, d = q.shape[1], q.shape[2]
     if not parts:
         empty = torch.empty(hq, 0, layout.block_size, device=q.device)
-        return (empty, empty, torch.empty(0, k.shape[-2], d, device=q.device), torch.empty(0, hq, d, device=q.device),
-                torch.empty(0, hq, d, device=q.device) if query_means else None)
-    m, l, k_bar, q_probe_bar, q_bar = zip(*parts)
-    return (torch.cat(m, 1), torch.cat(l, 1), torch.cat(k_bar), torch.stack(q_probe_bar),
-            torch.cat(q_bar) if query_means else None)
+        return empty, empty, torch.empty(0, k.shape[-2], d, device=q.device), torch.empty(0, hq, d, device=q.device)
+    m, l, k_bar, q_probe_bar = zip(*parts)
+    return torch.cat(m, 1), torch.cat(l, 1), torch.cat(k_bar), torch.stack(q_probe_bar)
 
 
 def probe_one(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_means: bool = False,
-    k_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, k_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probe statistics and block means of one sequence (the probe: its last NP = min(BS, q_len) queries).
 
     Args:
         q: [q_len, HQ, D] the sequence's queries (the last q_len of the k_len positions).
         k: [k_len, H, D] all keys of the sequence (or a paged cache view, with ``k_rows``).
-        query_means: also return the mean query of each of the chunk's query tiles.
         k_rows: optional [k_len] int64 rows of the keys in k (``paged_rows``).
     Returns:
         m, l: [HQ, NB, BS] float32. ``m[h, c, i]`` is the largest causal score of probe row
@@ -99,7 +94,6 @@ def probe_one(
             Rows i >= NP are padding (m = -inf, l = 0).
         k_bar: [NB, H, D] float32 key block means.
         q_probe_bar: [HQ, D] float32 mean of the probe queries.
-        q_bar: [R, HQ, D] float32 mean query of each query tile of the chunk, or None.
     """
     if k_rows is not None:
         k = rows_of(k, k_rows)
@@ -120,9 +114,7 @@ def probe_one(
     pad = block_size - n_probe
     m = torch.nn.functional.pad(m, (0, pad), value=float("-inf"))
     l = torch.nn.functional.pad(l, (0, pad), value=0.0)
-    k_bar = block_means(k, block_size)
-    q_bar = block_means(q, block_size, offset=(k_len - q_len) % block_size) if query_means else None
-    return m, l, k_bar, q_probe.float().mean(0), q_bar
+    return m, l, block_means(k, block_size), q_probe.float().mean(0)
 
 
 def naive_select_heads(
@@ -174,15 +166,16 @@ def select_one(
 
 
 def naive_pooled_map(
-    q_bar: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float
+    q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float
 ) -> torch.Tensor:
-    """Twin of ``kernels.block_lists.pooled_map``: ``pooled_one`` of each sparse sequence,
-    laid end to end ([HQ, Pt])."""
+    """Twin of ``kernels.block_lists.pooled_map``: ``pooled_one`` of each sparse sequence, on
+    the mean query of each of its query tiles, laid end to end ([HQ, Pt]). q: [Tq, HQ, D]."""
     seqs = layout.sparse_seqs()
-    parts = [pooled_one(q_bar[seqs.r_start[j]:seqs.r_start[j] + layout.first_tile[s + 1] - layout.first_tile[s]],
+    bs = layout.block_size
+    parts = [pooled_one(block_means(q[layout.q_range(s)], bs, offset=(layout.k_lens[s] - layout.q_lens[s]) % bs),
                         k_bar[seqs.kb_start[j]:seqs.kb_start[j] + layout.num_key_blocks(s)], query_aware[s],
                         layout.first_row(s), scale) for j, s in enumerate(seqs.seqs)]
-    return torch.cat(parts, 1) if parts else torch.empty(q_bar.shape[1], 0, device=q_bar.device)
+    return torch.cat(parts, 1) if parts else torch.empty(q.shape[1], 0, device=q.device)
 
 
 def pooled_one(

@@ -6,8 +6,10 @@ probe row and block, the row maximum and the sum of exponentials, from which
 ``patterns/estimate.py`` recovers the exact vertical and slash masses without materialising
 the probe's attention matrix ([HQ, BS, N] float32 would be 2 GiB at 128k). The same programs
 write the means the pattern test and the query-aware map need, from the tiles they load
-anyway: the key blocks' means (first head of each group), the probe's mean query (first
-run), and the mean query of each query tile of the chunk (when asked).
+anyway: the key blocks' means (first head of each group) and the probe's mean query (first
+run). The mean query of each query tile, which only query-aware heads need, is the pooled
+map's to compute (``kernels/block_lists.py``): read here it cost a pass over every query
+of the chunk for every head.
 """
 
 from __future__ import annotations
@@ -25,20 +27,19 @@ from vllm_flexprefill.patterns.layout import BatchLayout
 def _sparse_seq(table, i_j):
     """Sparse sequence i_j of the batch (``patterns.layout.SparseSeqs.table``): its batch
     index, first query row, query count, first key position, key count, and its offsets in
-    the concatenated key blocks, query tiles and pooled maps."""
-    row = table + i_j * 8
+    the concatenated key blocks and pooled maps."""
+    row = table + i_j * 7
     return (tl.load(row), tl.load(row + 1).to(tl.int64), tl.load(row + 2), tl.load(row + 3).to(tl.int64),
-            tl.load(row + 4), tl.load(row + 5).to(tl.int64), tl.load(row + 6).to(tl.int64),
-            tl.load(row + 7).to(tl.int64))
+            tl.load(row + 4), tl.load(row + 5).to(tl.int64), tl.load(row + 6).to(tl.int64))
 
 
 # the sequence table and the strides carry every length: one compilation serves every batch
 @triton.jit(do_not_specialize=["stride_mh"])
 def probe_kernel(
-    q, k, k_rows, table, m_out, l_out, k_bar, q_probe_bar, q_bar, scale_log2,
+    q, k, k_rows, table, m_out, l_out, k_bar, q_probe_bar, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_mh, stride_mc,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCKS: tl.constexpr,
-    UPCAST: tl.constexpr, QUERY_MEANS: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Program (head, j, sequence): key blocks j * BLOCKS .. j * BLOCKS + BLOCKS - 1 of the
     sequence, in a loop that keeps the probe's queries (one program per key block was a
@@ -49,12 +50,11 @@ def probe_kernel(
     c0 = tl.program_id(1).to(tl.int64) * BLOCKS
     i_j = tl.program_id(2)
     hq = tl.num_programs(0)
-    _, q_start, q_len, k_start, k_len, kb, r0, _ = _sparse_seq(table, i_j)
+    _, q_start, q_len, k_start, k_len, kb, _ = _sparse_seq(table, i_j)
     if c0 * BS >= k_len:  # the grid covers the longest sequence's blocks
         return
     c1 = tl.minimum(c0 + BLOCKS, tl.cdiv(k_len, BS))
     n_probe = tl.minimum(q_len, BS)
-    first_row = (k_len - q_len) // BS
     o_i = tl.arange(0, BS)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -93,29 +93,18 @@ def probe_kernel(
         # natural-log maximum, so the statistics match the PyTorch twin
         tl.store(m_out + i_h * stride_mh + i_b * stride_mc + o_i, b_m * 0.6931471805599453)
         tl.store(l_out + i_h * stride_mh + i_b * stride_mc + o_i, b_l)
-    if QUERY_MEANS:
-        # the mean query of each of the chunk's query tiles among these blocks: positions
-        # max(c * BS, k_len - q_len) .. min((c + 1) * BS, k_len)
-        for i_c in range(tl.maximum(c0, first_row), c1):
-            pos = i_c * BS + o_i
-            m_t = (pos >= k_len - q_len) & (pos < k_len)
-            b_t = tl.load(q + i_h * stride_qh + (q_start + pos - (k_len - q_len))[:, None] * stride_qt + o_d[None, :],
-                          mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-            n_t = tl.sum(m_t.to(tl.float32), axis=0)
-            tl.store(q_bar + ((r0 + i_c - first_row) * hq + i_h) * D + o_d, tl.sum(b_t, axis=0) / n_t, mask=m_d)
 
 
 def probe_stats(
-    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, query_means: bool = False,
+    q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float,
     k_rows: torch.Tensor | None = None, config: dict[str, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``kernels.naive.naive_probe_stats`` (same arguments and results): the
     probe statistics and means of every sparse sequence of the batch, in one launch.
 
     Args:
         q: [Tq, HQ, D] packed as ``layout`` says; k: [Tk, H, D] likewise, or with ``k_rows``
             a view of a paged cache [..., H, D]; last dims contiguous.
-        query_means: also return the mean query of each of the chunks' query tiles.
         k_rows: optional [Tk] int64: where each key's row starts in k, in elements
             (``patterns.layout.paged_rows``: sums of multiples of k's strides).
         config: launch settings (BLOCKS, num_warps, num_stages); default from kernels/configs.py.
@@ -125,7 +114,6 @@ def probe_stats(
             are padding (m = -inf, l = 0).
         k_bar: [NBt, H, D] float32 key block means.
         q_probe_bar: [S, HQ, D] float32 mean of each sequence's probe queries.
-        q_bar: [Rt, HQ, D] float32 mean query of each query tile, or None.
     """
     hq, d = q.shape[1], q.shape[2]
     h_kv, bs = k.shape[-2], layout.block_size
@@ -137,16 +125,14 @@ def probe_stats(
     l = torch.empty_like(m)
     k_bar = torch.empty(seqs.num_blocks, h_kv, d, **f32)
     q_probe_bar = torch.empty(len(seqs.seqs), hq, d, **f32)
-    q_bar = torch.empty(seqs.num_rows, hq, d, **f32) if query_means else None
     if not seqs.seqs:
-        return m, l, k_bar, q_probe_bar, q_bar
+        return m, l, k_bar, q_probe_bar
     cfg = config or probe_config(d, bs)
     launcher(probe_kernel)[(hq, triton.cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
-        q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar,
-        q_bar if query_means else m, scale * 1.4426950408889634,
+        q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
         GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, UPCAST=interpreted(k),
-        QUERY_MEANS=query_means, PAGED=k_rows is not None,
+        PAGED=k_rows is not None,
         ROW_ALIGN=row_alignment(k, k_rows), **cfg,
     )
-    return m, l, k_bar, q_probe_bar, q_bar
+    return m, l, k_bar, q_probe_bar

@@ -91,13 +91,13 @@ def estimate_blocks(
         ops.write_block_lists(block_idx, block_cnt, layout)
         return BlockSelection(block_idx, block_cnt, torch.zeros(layout.num_seqs, hq, dtype=torch.bool,
                                                                 device=q.device))
-    m, l, k_bar, q_probe_bar, q_bar = ops.probe(q, k, layout, scale, cfg.tau > 0, k_rows=k_rows)
+    m, l, k_bar, q_probe_bar = ops.probe(q, k, layout, scale, k_rows=k_rows)
     keep_v, keep_s, query_aware = ops.select_heads(m, l, k_bar, q_probe_bar, layout, scale, cfg.gamma, cfg.tau,
                                                    cfg.min_blocks, cfg.max_blocks)
     pooled = threshold = None
     if cfg.tau > 0:
         # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
-        pooled = ops.pooled_map(q_bar, k_bar, query_aware, layout, scale)
+        pooled = ops.pooled_map(q, k_bar, query_aware, layout, scale)
         threshold = ops.coverage_threshold(pooled, query_aware, layout, cfg.gamma)
     ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold)
     # the kernels' 0/1 int8 flags read as bool without a conversion launch

@@ -203,22 +203,19 @@ class SparseSeqs:
 
     Sparse sequence j (batch sequence ``seqs[j]``) owns key blocks ``kb_start[j] ..
     + NB_j`` of the concatenated per-block arrays (probe statistics, block means, chosen
-    blocks), query tiles ``r_start[j] .. + R_j`` of the concatenated tile means (R_j =
-    its tiles) and entries ``p_start[j] .. + R_j * NB_j`` of the concatenated pooled maps.
+    blocks) and entries ``p_start[j] .. + R_j * NB_j`` of the concatenated pooled maps (R_j:
+    its query tiles).
 
-    table: [max(S, 1), 8] int32 rows of (seq, q_start, q_len, k_start, k_len, kb_start,
-        r_start, p_start): what the kernels read (``kernels.probe._sparse_seq``).
+    table: [max(S, 1), 7] int32 rows of (seq, q_start, q_len, k_start, k_len, kb_start,
+        p_start): what the kernels read (``kernels.probe._sparse_seq``).
     slot: [N] int32 row of each batch sequence in ``table``, -1 for a dense one.
     """
 
     seqs: tuple[int, ...]
     kb_start: tuple[int, ...]
-    r_start: tuple[int, ...]
     p_start: tuple[int, ...]
     num_blocks: int
     """Key blocks of all sparse sequences (NBt)."""
-    num_rows: int
-    """Query tiles of all sparse sequences (Rt)."""
     pooled_size: int
     """Entries of all their pooled maps."""
     max_blocks: int
@@ -232,19 +229,18 @@ class SparseSeqs:
         nbs = [layout.num_key_blocks(s) for s in seqs]
         rows = [layout.first_tile[s + 1] - layout.first_tile[s] for s in seqs]
         kb_start = (0, *itertools.accumulate(nbs))
-        r_start = (0, *itertools.accumulate(rows))
         p_start = (0, *itertools.accumulate(r * nb for r, nb in zip(rows, nbs)))
         table = [x for j, s in enumerate(seqs) for x in (s, layout.q_starts[s], layout.q_lens[s], layout.k_starts[s],
-                                                          layout.k_lens[s], kb_start[j], r_start[j], p_start[j])]
+                                                          layout.k_lens[s], kb_start[j], p_start[j])]
         slot = [-1] * layout.num_seqs
         for j, s in enumerate(seqs):
             slot[s] = j
         # a batch without sparse sequences still gets one (unused) row for the lists kernel
-        flat, slots = int32_on(layout.tile_seq.device, table or [0] * 8, slot)
-        return SparseSeqs(seqs=tuple(seqs), kb_start=kb_start[:-1], r_start=r_start[:-1], p_start=p_start[:-1],
-                          num_blocks=kb_start[-1], num_rows=r_start[-1], pooled_size=p_start[-1],
+        flat, slots = int32_on(layout.tile_seq.device, table or [0] * 7, slot)
+        return SparseSeqs(seqs=tuple(seqs), kb_start=kb_start[:-1], p_start=p_start[:-1],
+                          num_blocks=kb_start[-1], pooled_size=p_start[-1],
                           max_blocks=max(nbs, default=0), max_rows=max(rows, default=0),
-                          table=flat.view(-1, 8), slot=slots)
+                          table=flat.view(-1, 7), slot=slots)
 
 
 def int32_on(device: torch.device | str, *arrays: Sequence[int]) -> list[torch.Tensor]:
