@@ -44,7 +44,7 @@ for stage in "$@"; do
                  | grep -A4 "^N=" | head -12
              done ;;
     tune-est) for args in "9 3 64 --lengths 32768" "32 8 128 --lengths 32768 131072"; do
-                timeout 200 python benchmarks/tune.py --estimation --shape $args 2>&1 | tee -a "$OUT/tune-est.log" \
+                timeout 280 python benchmarks/tune.py --estimation --shape $args 2>&1 | tee -a "$OUT/tune-est.log" \
                   | grep -A4 -E "^(probe|head)"
               done ;;
     ceiling) timeout 400 python benchmarks/loop_ceiling.py --out "$OUT" 2>&1 | tee "$OUT/loop_ceiling.log" \

@@ -46,7 +46,7 @@ def tune_estimation(n: int, hq: int, h: int, d: int) -> None:
     layout = BatchLayout.build([n], [n], BS, "cuda")
     cfg, scale = FlexPrefillConfig(), d ** -0.5
     times = []
-    for blocks, warps, stages in itertools.product((1, 2, 4, 8, 16), (4, 8), (2, 3)):
+    for blocks, warps, stages in itertools.product((1, 2, 4, 8), (4, 8), (2, 3)):
         launch = {"BLOCKS": blocks, "num_warps": warps, "num_stages": stages}
         try:
             times.append((bench(lambda: probe_stats(q, keys, layout, scale, k_rows=rows, config=launch)),
@@ -56,7 +56,7 @@ def tune_estimation(n: int, hq: int, h: int, d: int) -> None:
     report(f"probe N={n} HQ={hq} H={h} D={d} paged default={probe_config(d, BS)}", times)
     m, l, k_bar, q_probe_bar = probe_stats(q, keys, layout, scale, k_rows=rows)
     times = []
-    for bc, warps in itertools.product((8, 16, 32, 64), (4, 8)):
+    for bc, warps in itertools.product((16, 32, 64), (4, 8)):
         launch = {"BC": bc, "num_warps": warps}
         times.append((bench(lambda: select_heads(m, l, k_bar, q_probe_bar, layout, scale, cfg.gamma, cfg.tau,
                                                  cfg.min_blocks, cfg.max_blocks, config=launch)), launch))
