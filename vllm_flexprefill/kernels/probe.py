@@ -8,7 +8,7 @@ the probe's attention matrix ([HQ, BS, N] float32 would be 2 GiB at 128k). The s
 write the means the pattern test and the query-aware map need, from the tiles they load
 anyway: the key blocks' means (first head of each group) and the probe's mean query (first
 run). The mean query of each query tile, which only query-aware heads need, is the pooled
-map's to compute (``kernels/block_lists.py``): read here it cost a pass over every query
+map's to compute (``kernels/block_lists.py``): here it would take a pass over every query
 of the chunk for every head.
 """
 
