@@ -8,7 +8,8 @@ For each shape and length N, in one process on one GPU:
     path, whose rate the cost model takes);
   - the estimation alone, per layer call, for a fresh prompt of N tokens, for an 8k chunk
     at the end of N keys, and for four prompts of N / 4 tokens in one call (default
-    settings, inputs with planted structure);
+    settings, inputs with planted structure); the fresh prompt's also replayed from a CUDA
+    graph: its device time without the host's launches;
   - the whole FlexPrefill call at default settings and at a forced ~10 % density.
 Then it fits the cost model's rates (``vllm_flexprefill/costs.py``) per head_dim and prints
 them in the form CALIBRATED takes. Prints tables, writes JSON and a plot.
@@ -50,6 +51,19 @@ DENSITIES = (1.0, 0.5, 0.25, 0.10)
 def bench(fn, reps_ms: int) -> float:
     """Median milliseconds of fn() (CUDA events, after warm-up)."""
     return triton.testing.do_bench(fn, warmup=max(25, reps_ms // 10), rep=reps_ms, return_mode="median")
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (after a warm-up call on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def fa3():
@@ -122,6 +136,7 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     q, k, v = planted_inputs([n], [n], hq, h, d, device=dev, seed=3, needles=16)
     default = FlexPrefillConfig(min_sparse_tokens=0)
     row["estimate_ms"] = bench(lambda: select_blocks(q, k, layout, default, scale), reps_ms)
+    row["estimate_graph_ms"] = bench(graph_of(lambda: select_blocks(q, k, layout, default, scale)), reps_ms)
     chunk = min(CHUNK, n)
     chunk_layout = BatchLayout.build([chunk], [n], BS, dev)
     row["estimate_chunk_ms"] = bench(lambda: select_blocks(q[n - chunk:], k, chunk_layout, default, scale), reps_ms)
@@ -173,7 +188,8 @@ COLUMNS = [("shape", "shape", "{}"), ("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:
            ("sparse100_ms", "ours100%", "{:.3f}"), ("ours_vs_fa3", "ours/FA3", "{:.2f}"),
            ("paged100_ms", "paged100%", "{:.3f}"), ("paged50_ms", "paged50%", "{:.3f}"),
            ("sparse50_ms", "50%", "{:.3f}"), ("sparse25_ms", "25%", "{:.3f}"), ("sparse10_ms", "10%", "{:.3f}"),
-           ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
+           ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"),
+           ("estimate_graph_ms", "est(graph)", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
            ("estimate_4req_ms", "est(4 req)", "{:.3f}"),
            ("estimate_share", "est/FA3", "{:.3f}"), ("default_density", "dens", "{:.3f}"),
            ("whole_default_ms", "whole", "{:.3f}"), ("speedup_default", "x", "{:.2f}"),
