@@ -110,7 +110,7 @@ def write_block_lists(
 @triton.jit(do_not_specialize=["stride_ph"])
 def pooled_map_kernel(
     q, k_bar, query_aware, table, pooled, scale, stride_qt, stride_qh, stride_ph,
-    BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, QR: tl.constexpr,
 ):
     """Program (tile row, head, sparse sequence): the row of the head's pooled map."""
     i_r = tl.program_id(0).to(tl.int64)
@@ -129,12 +129,16 @@ def pooled_map_kernel(
     row = first_row + i_r
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    # the tile's mean query, over its positions max(row * BS, ctx) .. min((row + 1) * BS, k_len)
-    pos = row * BS + tl.arange(0, BS)
-    m_t = (pos >= ctx) & (pos < k_len)
-    b_t = tl.load(q + (q_start + pos - ctx)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
-                  mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_q = tl.sum(b_t, axis=0) / tl.sum(m_t.to(tl.float32), axis=0)
+    # the tile's mean query, over its positions max(row * BS, ctx) .. min((row + 1) * BS, k_len),
+    # QR rows at a time (a whole [BS, BD] float32 tile would hold 128 registers per thread)
+    b_q = tl.zeros([BD], dtype=tl.float32)
+    for i0 in tl.static_range(0, BS, QR):
+        pos = row * BS + i0 + tl.arange(0, QR)
+        m_t = (pos >= ctx) & (pos < k_len)
+        b_t = tl.load(q + (q_start + pos - ctx)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                      mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_q += tl.sum(b_t.to(tl.float32), axis=0)
+    b_q = b_q / (tl.minimum((row + 1) * BS, k_len) - tl.maximum(row * BS, ctx)).to(tl.float32)
     p_k = k_bar + kb * ((hq // GROUP) * D) + (i_h // GROUP) * D + o_d[None, :]
     p_out = pooled + i_h * stride_ph + p0 + i_r * nb
     # pass 1: the row's maximum and sum of exponentials over its causal blocks
@@ -179,7 +183,8 @@ def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, 
     if seqs.seqs:
         launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
             q, k_bar, query_aware, seqs.table, out, scale, q.stride(0), q.stride(1), out.stride(0),
-            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64, num_warps=4)
+            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64,
+            QR=min(32, layout.block_size), num_warps=4)
     return out
 
 
