@@ -19,7 +19,8 @@
 #                                         # default compilation (COMPILATION=eager: without torch.compile);
 #                                         # ROUNDS engine processes each, alternating (ENGINES, LENGTHS to choose;
 #                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
-#   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server
+#   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server,
+#                                         # FLEX_PREFILL (default settings) then FLASH_ATTN, compared
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
@@ -75,7 +76,8 @@ for stage in "$@"; do
     ttft-default) timeout 560 python benchmarks/ttft.py --shape ${SHAPE:-llama-3.1-8b} --lengths ${LENGTHS:-8192 32768 131072} \
                     --engines FLASH_ATTN FLEX_PREFILL ${RATES:+--rates $RATES} --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran" | tail -8 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
-             --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
+             --backends FLEX_PREFILL FLASH_ATTN --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 \
+             | grep -v -E "INFO|WARNING" | tail -24 ;;
     profile) for args in "9 3 64 --new 16384 --keys 32768" "32 8 128 --new 8192 --keys 131072"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
