@@ -53,7 +53,7 @@ def tune_estimation(n: int, hq: int, h: int, d: int) -> None:
                           launch))
         except Exception as e:  # out of resources and the like
             print(f"  {launch}: {type(e).__name__}", flush=True)
-    report(f"probe N={n} HQ={hq} H={h} D={d} paged default={probe_config(d, BS)}", times)
+    report(f"probe N={n} HQ={hq} H={h} D={d} paged default={probe_config()}", times)
     m, l, k_bar, q_probe_bar = probe_stats(q, keys, layout, scale, k_rows=rows)
     times = []
     for bc, warps in itertools.product((16, 32, 64), (4, 8)):

@@ -65,7 +65,7 @@ def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
 SEGMENT_BLOCKS = 32
 
 
-def probe_config(head_dim: int, block_size: int) -> dict[str, int]:
+def probe_config() -> dict[str, int]:
     """Settings of the probe-statistics kernel: BLOCKS key blocks per program, in a loop that
     keeps the probe's queries. Measured on an H200 at 32k keys (tune.py --estimation): four
     blocks, four warps, three stages is within 5 % of the best at 9 heads / d64 (0.064 ms)

@@ -28,7 +28,7 @@ def _sparse_seq(table, i_j):
     """Sparse sequence i_j of the batch (``patterns.layout.SparseSeqs.table``): its batch
     index, first query row, query count, first key position, key count, and its offsets in
     the concatenated key blocks and pooled maps."""
-    row = table + i_j * 7
+    row = table + i_j * 7  # SparseSeqs.COLUMNS
     return (tl.load(row), tl.load(row + 1).to(tl.int64), tl.load(row + 2), tl.load(row + 3).to(tl.int64),
             tl.load(row + 4), tl.load(row + 5).to(tl.int64), tl.load(row + 6).to(tl.int64))
 
@@ -127,7 +127,7 @@ def probe_stats(
     q_probe_bar = torch.empty(len(seqs.seqs), hq, d, **f32)
     if not seqs.seqs:
         return m, l, k_bar, q_probe_bar
-    cfg = config or probe_config(d, bs)
+    cfg = config or probe_config()
     launcher(probe_kernel)[(hq, triton.cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
         q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),

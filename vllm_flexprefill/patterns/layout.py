@@ -211,6 +211,8 @@ class SparseSeqs:
     slot: [N] int32 row of each batch sequence in ``table``, -1 for a dense one.
     """
 
+    COLUMNS = 7  # ints per row of ``table`` (``kernels.probe._sparse_seq`` reads them)
+
     seqs: tuple[int, ...]
     kb_start: tuple[int, ...]
     p_start: tuple[int, ...]
@@ -236,11 +238,11 @@ class SparseSeqs:
         for j, s in enumerate(seqs):
             slot[s] = j
         # a batch without sparse sequences still gets one (unused) row for the lists kernel
-        flat, slots = int32_on(layout.tile_seq.device, table or [0] * 7, slot)
+        flat, slots = int32_on(layout.tile_seq.device, table or [0] * SparseSeqs.COLUMNS, slot)
         return SparseSeqs(seqs=tuple(seqs), kb_start=kb_start[:-1], p_start=p_start[:-1],
                           num_blocks=kb_start[-1], pooled_size=p_start[-1],
                           max_blocks=max(nbs, default=0), max_rows=max(rows, default=0),
-                          table=flat.view(-1, 7), slot=slots)
+                          table=flat.view(-1, SparseSeqs.COLUMNS), slot=slots)
 
 
 def int32_on(device: torch.device | str, *arrays: Sequence[int]) -> list[torch.Tensor]:
