@@ -12,12 +12,18 @@ accuracy against density.
     python benchmarks/ruler.py --lengths 4096 8192 16384 32768 --samples 100 --out bench-results
     python benchmarks/ruler.py --engines dense flex --engine 'g90={"gamma": 0.9}' --samples 20
     python benchmarks/ruler.py --report bench-results/ruler-a.json bench-results/ruler-b.json
+    python benchmarks/ruler.py --lengths 32768 --samples 300 --tasks niah_single_noise niah_single_number \
+        niah_multikey --engines dense flex --rates 'r2={"sparse_rate": 403.8}'
     python benchmarks/ruler.py --via transformers --lengths 16384 --samples 30 --engines dense flex-sparse
 
 Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "flex"
 (FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
 sparse: min_sparse_tokens = min_sparse_query_tokens = 0), and NAME=JSON for FLEX_PREFILL
-with the given settings. Each engine runs in its own process; chunked prefill is left as
+with the given settings; ``--rates NAME=JSON``: default settings with the cost model's rates
+replaced (``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
+first prompt by prompt: how many prompts only one of them answered in full, per task, and
+the two-sided sign test of those counts (a difference of a few prompts in 100 is the
+spread of a sample, not a change). Each engine runs in its own process; chunked prefill is left as
 vLLM sets it; prefix caching is off so that repeated TTFT prompts are computed afresh;
 eager mode (no torch.compile, no CUDA graphs) keeps engine starts short.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -38,8 +45,9 @@ NATIVE = 8192
 ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}}
 
 
-def parse_engines(names: list[str], extra: list[str]) -> dict[str, dict | None]:
-    engines = {}
+def parse_engines(names: list[str], extra: list[str], rates: list[str] = ()) -> tuple[dict, dict]:
+    """(engine name -> FLEX_PREFILL settings or None for dense, engine name -> cost-model rates)."""
+    engines, engine_rates = {}, {}
     for name in names:
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; built in: {', '.join(ENGINES)}, or --engine NAME=JSON")
@@ -50,7 +58,14 @@ def parse_engines(names: list[str], extra: list[str]) -> dict[str, dict | None]:
             engines[name] = json.loads(config)
         except json.JSONDecodeError as e:
             raise SystemExit(f"--engine {item!r}: the settings must be JSON ({e})") from None
-    return engines
+    for item in rates:
+        name, _, text = item.partition("=")
+        try:
+            engine_rates[name] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--rates {item!r}: the rates must be JSON ({e})") from None
+        engines.setdefault(name, {})
+    return engines, engine_rates
 
 
 def worker(spec: dict) -> dict:
@@ -67,6 +82,8 @@ def run_engine(spec: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
     stats_file = pathlib.Path(spec["stats_file"])
     os.environ["FLEXPREFILL_STATS"] = str(stats_file)
+    if spec.get("rates"):
+        os.environ["VLLM_FLEXPREFILL_RATES"] = json.dumps(spec["rates"])
     import torch
     from vllm import LLM, SamplingParams
 
@@ -159,6 +176,12 @@ def build_samples(tokenizer, tasks, lengths, samples, seed, ttft_reps):
     return out
 
 
+def sample_scores(samples_by_length, texts: dict) -> dict[str, list[float]]:
+    """Each answer's score (1.0: every expected string found), in prompt order, per length."""
+    return {str(n): [s.score(t) for s, t in zip(samples_by_length[n][0], texts[str(n)])]
+            for n in samples_by_length if str(n) in texts}
+
+
 def score(samples_by_length, engine_results) -> list[dict]:
     rows = []
     for length, (items, _timing) in samples_by_length.items():
@@ -210,6 +233,63 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def rescore(results: dict) -> None:
+    """Per-prompt scores for engines whose file kept only the answers (written before scores were)."""
+    from transformers import AutoTokenizer
+
+    from vllm_flexprefill.hf import smollm2
+
+    meta = results["meta"]
+    lengths = sorted({int(n) for e in results["engines"].values() for n in e.get("texts", {})})
+    samples = build_samples(AutoTokenizer.from_pretrained(str(smollm2.checkpoint())), meta["tasks"], lengths,
+                            meta["samples"], meta["seed"], 0)
+    for engine in results["engines"].values():
+        if "scores" not in engine and "texts" in engine:
+            engine["scores"] = sample_scores(samples, engine["texts"])
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven of a + b discordant
+    prompts if neither engine were better (each way with probability 1/2)."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(results: dict) -> str:
+    """Every engine against the first, prompt by prompt, from the per-prompt scores.
+
+    Per length and task: prompts answered in full by the first engine only / by the other
+    only (the prompts both or neither answered say nothing about the difference); then the
+    totals and their sign test.
+    """
+    engines = [e for e in results["engines"] if "scores" in results["engines"][e]]
+    if len(engines) < 2:
+        return ""
+    ref = engines[0]
+    tasks = results["meta"]["tasks"]
+    samples = results["meta"]["samples"]
+    lines = [f"prompt by prompt against {ref}: answered in full by {ref} only / by the engine only"]
+    for name in engines[1:]:
+        for length, theirs in results["engines"][name]["scores"].items():
+            ours = results["engines"][ref]["scores"].get(length)
+            if ours is None or len(ours) != len(theirs):
+                continue
+            cells, total_a, total_b = [], 0, 0
+            for i, task in enumerate(tasks):
+                span = range(i * samples, (i + 1) * samples)
+                a = sum(ours[j] == 1.0 and theirs[j] != 1.0 for j in span)
+                b = sum(theirs[j] == 1.0 and ours[j] != 1.0 for j in span)
+                total_a, total_b = total_a + a, total_b + b
+                if a or b:
+                    cells.append(f"{task} {a}/{b}")
+            lines.append(f"{name:>16} {length:>6}: {total_a}/{total_b} (sign test p = "
+                         f"{sign_test(total_a, total_b):.2f})" + (f"; {', '.join(cells)}" if cells else ""))
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path) -> bool:
     """Mean accuracy against density, one point per engine and length (needs matplotlib)."""
     try:
@@ -251,6 +331,8 @@ def main() -> None:
                         help="built-in engines (none: only those given with --engine)")
     parser.add_argument("--engine", action="append", default=[], metavar="NAME=JSON",
                         help="FLEX_PREFILL with these settings, e.g. 'g90={\"gamma\": 0.9}'")
+    parser.add_argument("--rates", action="append", default=[], metavar="NAME=JSON",
+                        help="FLEX_PREFILL, default settings, these cost-model rates (VLLM_FLEXPREFILL_RATES)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-reps", type=int, default=5)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
@@ -270,7 +352,10 @@ def main() -> None:
             data = json.loads(pathlib.Path(f).read_text())
             merged["meta"] = merged["meta"] or data["meta"]
             merged["engines"].update(data["engines"])
+        if any("scores" not in e and "texts" in e for e in merged["engines"].values()):
+            rescore(merged)
         print(report(merged))
+        print(paired(merged))
         if plot(merged, out / f"{args.name}.png"):
             print(f"plot: {out / f'{args.name}.png'}")
         return
@@ -281,7 +366,7 @@ def main() -> None:
     from vllm_flexprefill.tasks import TASKS
 
     tasks = args.tasks or list(TASKS)
-    engines = parse_engines(args.engines, args.engine)
+    engines, engine_rates = parse_engines(args.engines, args.engine, args.rates)
     native = str(smollm2.checkpoint())
     yarn = str(smollm2.checkpoint(yarn=True)) if max(args.lengths) > NATIVE else None
     tokenizer = AutoTokenizer.from_pretrained(native)
@@ -304,7 +389,7 @@ def main() -> None:
             spec = {"engine": name, "model": model, "max_model_len": max_len, "flexprefill": config,
                     "batches": batches, "stats_file": os.path.join(tmp, f"{name}-{max_len}.jsonl"),
                     "max_num_batched_tokens": args.max_num_batched_tokens, "progress": sys.stderr.isatty(),
-                    "via": args.via}
+                    "via": args.via, "rates": engine_rates.get(name)}
             start = time.perf_counter()
             with ctx.Pool(1) as pool:
                 got = pool.apply(worker, (spec,))
@@ -312,11 +397,13 @@ def main() -> None:
                 raise SystemExit(f"engine {name} failed:\n{got['error']}")
             print(f"[{name}] {model}: {time.perf_counter() - start:.0f} s", flush=True)
             engine_results.update(got)
-        results["engines"][name] = {"flexprefill": config, "rows": score(
+        texts = {str(n): r["texts"] for n, r in engine_results.items()}
+        results["engines"][name] = {"flexprefill": config, "rates": engine_rates.get(name), "rows": score(
             {n: samples[n] for n in args.lengths}, engine_results),
-            "texts": {str(n): r["texts"] for n, r in engine_results.items()}}
+            "texts": texts, "scores": sample_scores(samples, texts)}
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     print(report(results))
+    print(paired(results))
     if plot(results, out / f"{args.name}.png"):
         print(f"plot: {out / f'{args.name}.png'}")
     print(f"results: {out / f'{args.name}.json'}")

@@ -26,3 +26,6 @@ def test_flexprefill_answers_a_2k_passkey_question_as_dense_does(tmp_path):
     # every prompt token ran FlexPrefill, and it skipped blocks
     assert flex["sparse_tokens"] > 0 and flex["dense_tokens"] == 0, flex
     assert flex["density"] < 1.0, flex
+    # per-prompt scores, and the prompt-by-prompt comparison with dense printed after the table
+    assert result["engines"]["flex-sparse"]["scores"] == {"2048": [1.0, 1.0]}, result["engines"]["flex-sparse"]
+    assert "flex-sparse   2048: 0/0" in proc.stdout, proc.stdout[-2000:]
