@@ -373,8 +373,8 @@ def main() -> None:
     samples = build_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, args.ttft_reps)
     variants = [(native, NATIVE, [n for n in args.lengths if n <= NATIVE]),
                 (yarn, 4 * NATIVE, [n for n in args.lengths if n > NATIVE])]
-    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed, "via": args.via,
-                        "python": sys.version.split()[0], "argv": sys.argv[1:]},
+    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed,
+                        "via": args.via, "python": sys.version.split()[0], "argv": sys.argv[1:]},
                "engines": {}}
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="ruler-stats-")
