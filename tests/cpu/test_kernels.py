@@ -257,12 +257,16 @@ def test_block_lists_match_naive(pooled):
         args.update(query_aware=torch.rand(layout.num_seqs, hq) < 0.5, pooled=torch.rand(hq, seqs.pooled_size),
                     threshold=torch.rand(layout.num_seqs, hq))
     for kw in (args, {}):  # the estimation's lists; every sequence dense
-        idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32)
+        # poisoned: every entry must be written, the lists' -1 padding included
+        idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -7, dtype=torch.int32)
         cnt = torch.full((hq, layout.num_tiles), 77, dtype=torch.int32)
         ref_idx, ref_cnt = idx.clone(), cnt.clone()
         write_block_lists(idx, cnt, layout, **kw)
         naive_write_block_lists(ref_idx, ref_cnt, layout, **kw)
         assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+        assert not (idx == -7).any()
+        pos = torch.arange(layout.max_key_blocks)
+        assert torch.equal(idx < 0, pos[None, None, :] >= cnt[:, :, None]), "ids, then -1 to the width"
         assert (cnt[:, layout.first_tile[1]:layout.first_tile[2]] == layout.tile_row[
             layout.first_tile[1]:layout.first_tile[2]] + 1).all(), "the dense sequence keeps every causal block"
 

@@ -5,7 +5,7 @@ when offset ``r - c`` is a chosen slash, or (query-aware heads only) when the po
 block map ``P[r, c]`` reaches the head's threshold. Dense sequences, and the tiles from
 row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
 One program per (tile, head), over the tiles of every sequence, compacts the chosen ids
-with a prefix sum.
+with a prefix sum and pads its list with -1 to the batch's width (no fill launch before).
 
 Also here, for the query-aware heads: their pooled block map (the softmax of mean query
 tile . key block mean over each tile's causal blocks) and the per-head threshold of its
@@ -20,16 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import interpreted
+from vllm_flexprefill.kernels.configs import interpreted, next_pow2
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.kernels.probe import _sparse_seq
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 
 # the sequence table and the strides carry every length: one compilation serves every batch
-@triton.jit(do_not_specialize=["stride_vh", "stride_ph", "stride_ih", "stride_it", "stride_ch"])
+@triton.jit(do_not_specialize=["width", "stride_vh", "stride_ph", "stride_ih", "stride_it", "stride_ch"])
 def block_lists_kernel(
-    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt,
+    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt, width,
     stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
     BS: tl.constexpr, DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
 ):
@@ -68,6 +68,9 @@ def block_lists_kernel(
         tl.store(p_out + pos, o_c.to(tl.int32), mask=sel)
         n += tl.sum(b_sel, axis=0)
     tl.store(block_cnt + i_h * stride_ch + i_t, n)
+    for c0 in range(n, width, BC):
+        o_c = c0 + tl.arange(0, BC)
+        tl.store(p_out + o_c, tl.full([BC], -1, tl.int32), mask=o_c < width)
 
 
 def write_block_lists(
@@ -83,7 +86,8 @@ def write_block_lists(
     """Writes the lists of every tile of the batch, in one launch.
 
     Args:
-        block_idx: [HQ, NQB, NB_max] int32, pre-filled with -1; block_cnt: [HQ, NQB] int32.
+        block_idx: [HQ, NQB, NB_max] int32, every entry written: each tile's ids, then -1;
+            block_cnt: [HQ, NQB] int32.
         keep_v, keep_s: [HQ, NBt] chosen verticals / slash offsets of the sparse sequences
             (``select_heads``); None: every sequence dense. Dense sequences, and a sparse
             one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
@@ -100,7 +104,7 @@ def write_block_lists(
         keep_v if keep_v is not None else dummy, keep_s if keep_s is not None else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
         query_aware if has_pooled else dummy, seqs.table, seqs.slot,
-        layout.tile_seq, layout.tile_row, block_idx, block_cnt,
+        layout.tile_seq, layout.tile_row, block_idx, block_cnt, block_idx.shape[2],
         keep_v.stride(0) if keep_v is not None else 0, pooled.stride(0) if has_pooled else 0,
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         BS=layout.block_size, DENSE=keep_v is None, HAS_POOLED=has_pooled, BC=128, num_warps=4,
@@ -183,7 +187,7 @@ def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, 
     if seqs.seqs:
         launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
             q, k_bar, query_aware, seqs.table, out, scale, q.stride(0), q.stride(1), out.stride(0),
-            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BC=64,
+            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=next_pow2(d), BC=64,
             QR=min(32, layout.block_size), num_warps=4)
     return out
 

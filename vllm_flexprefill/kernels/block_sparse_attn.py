@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import attention_config, interpreted, row_alignment, rows_aligned
+from vllm_flexprefill.kernels.configs import attention_config, interpreted, next_pow2, row_alignment, rows_aligned
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.patterns.layout import TailSplit
 
@@ -374,7 +374,7 @@ def block_sparse_attention(
         # against 3.31 ms at 64, on shuffled pages). Only with strides the offsets' declared
         # alignment covers (``rows_aligned``): without it the loads go element by element
         k_rows = torch.arange(0, k.shape[0] * k.stride(0), k.stride(0), dtype=torch.int64, device=k.device)
-    common = dict(GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=block_size, UPCAST=interpreted(q),
+    common = dict(GROUP=hq // h_kv, D=d, BD=next_pow2(d), BS=block_size, UPCAST=interpreted(q),
                   PAGED=k_rows is not None, ROW_ALIGN=row_alignment(k, k_rows))
     rows = k_rows if k_rows is not None else cu_seqlens_k
     main_tiles = num_tiles if split is None else split.main_tiles.shape[0]
@@ -401,6 +401,6 @@ def block_sparse_attention(
     launcher(merge_segments_kernel)[(hq, split.split_tiles.shape[0])](
         o_part, lse_part, out, lse if lse is not None else out, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
         split.split_tiles, split.seg_first, out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
-        D=d, BD=triton.next_power_of_2(d), BS=block_size, HAS_LSE=lse is not None, num_warps=4,
+        D=d, BD=next_pow2(d), BS=block_size, HAS_LSE=lse is not None, num_warps=4,
     )
     return out

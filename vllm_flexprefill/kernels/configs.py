@@ -14,6 +14,16 @@ def interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (``triton.cdiv`` is a constexpr function: microseconds per call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n >= 1, on the host (as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def row_alignment(k: torch.Tensor, k_rows: torch.Tensor | None) -> int:
     """What every row offset in ``k_rows`` is a multiple of (in elements), for the kernels'
     ROW_ALIGN: 16 when every stride of the cache view but the last is, else 1.

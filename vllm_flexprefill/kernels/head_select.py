@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import select_config
+from vllm_flexprefill.kernels.configs import next_pow2, select_config
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.kernels.probe import _sparse_seq
 from vllm_flexprefill.patterns.layout import BatchLayout
@@ -278,6 +278,6 @@ def select_heads(
         scale, gamma, tau, min_blocks, max_blocks or 0,
         m.stride(0), m.stride(1), k_bar.stride(0), k_bar.stride(1), q_probe_bar.stride(0), q_probe_bar.stride(1),
         scratch.stride(0), scratch.stride(1), keep_v.stride(0),
-        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, BV=chunk, **(config or select_config(bs)),
+        GROUP=hq // h_kv, D=d, BD=next_pow2(d), BS=bs, BV=chunk, **(config or select_config(bs)),
     )
     return keep_v, keep_s, query_aware

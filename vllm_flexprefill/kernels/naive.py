@@ -258,6 +258,7 @@ def lists_one(
     idx, cnt = mask_to_lists(mask)
     tiles = slice(first_tile, first_tile + num_rows)
     block_idx[:, tiles, :nb] = idx
+    block_idx[:, tiles, nb:] = -1
     block_cnt[:, tiles] = cnt
 
 

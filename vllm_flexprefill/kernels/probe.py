@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_flexprefill.kernels.configs import interpreted, probe_config, row_alignment
+from vllm_flexprefill.kernels.configs import cdiv, interpreted, next_pow2, probe_config, row_alignment
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.patterns.layout import BatchLayout
 
@@ -128,10 +128,10 @@ def probe_stats(
     if not seqs.seqs:
         return m, l, k_bar, q_probe_bar
     cfg = config or probe_config()
-    launcher(probe_kernel)[(hq, triton.cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
+    launcher(probe_kernel)[(hq, cdiv(seqs.max_blocks, cfg["BLOCKS"]), len(seqs.seqs))](
         q, k, k_rows if k_rows is not None else m, seqs.table, m, l, k_bar, q_probe_bar, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), m.stride(0), m.stride(1),
-        GROUP=hq // h_kv, D=d, BD=triton.next_power_of_2(d), BS=bs, UPCAST=interpreted(k),
+        GROUP=hq // h_kv, D=d, BD=next_pow2(d), BS=bs, UPCAST=interpreted(k),
         PAGED=k_rows is not None,
         ROW_ALIGN=row_alignment(k, k_rows), **cfg,
     )

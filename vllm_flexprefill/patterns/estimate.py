@@ -85,7 +85,8 @@ def estimate_blocks(
             with ``k_rows`` [Tk] (element offset of each key position's row in k).
     """
     hq = q.shape[1]
-    block_idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -1, dtype=torch.int32, device=q.device)
+    # every entry is written by write_block_lists (ids, then -1): no fill
+    block_idx = torch.empty(hq, layout.num_tiles, layout.max_key_blocks, dtype=torch.int32, device=q.device)
     block_cnt = torch.empty(hq, layout.num_tiles, dtype=torch.int32, device=q.device)
     if not any(layout.sparse):
         ops.write_block_lists(block_idx, block_cnt, layout)
