@@ -45,25 +45,28 @@ NATIVE = 8192
 ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}}
 
 
+def named_json(items: list[str], option: str) -> dict[str, dict]:
+    """NAME=JSON items of a command-line option, as {NAME: parsed JSON}."""
+    out = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            out[name] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{option} {item!r}: what follows NAME= must be JSON ({e})") from None
+    return out
+
+
 def parse_engines(names: list[str], extra: list[str], rates: list[str] = ()) -> tuple[dict, dict]:
     """(engine name -> FLEX_PREFILL settings or None for dense, engine name -> cost-model rates)."""
-    engines, engine_rates = {}, {}
+    engines = {}
     for name in names:
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; built in: {', '.join(ENGINES)}, or --engine NAME=JSON")
         engines[name] = ENGINES[name]
-    for item in extra:
-        name, _, config = item.partition("=")
-        try:
-            engines[name] = json.loads(config)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--engine {item!r}: the settings must be JSON ({e})") from None
-    for item in rates:
-        name, _, text = item.partition("=")
-        try:
-            engine_rates[name] = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--rates {item!r}: the rates must be JSON ({e})") from None
+    engines.update(named_json(extra, "--engine"))
+    engine_rates = named_json(rates, "--rates")
+    for name in engine_rates:
         engines.setdefault(name, {})
     return engines, engine_rates
 
