@@ -22,6 +22,7 @@
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server,
 #                                         # FLEX_PREFILL (default settings) then FLASH_ATTN, compared
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
+#   bash benchmarks/run-gpu.sh launch     # host time of one launch by way of launching, and of small torch ops
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/ray-parts.sh)
@@ -82,8 +83,9 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    *) echo "unknown stage $stage (model, tests, kernels, tune-est, ceiling, ruler, sweep, ttft-real, serve, profile, e2e, tp2, ttft,"
-       echo "ttft-default, shapes)"
+    launch) timeout 60 python benchmarks/launch_cost.py 2>&1 | tee "$OUT/launch.log" | tail -10 ;;
+    *) echo "unknown stage $stage (model, tests, kernels, tune-est, ceiling, ruler, sweep, ttft-real, serve, profile, launch, e2e,"
+       echo "tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
   esac
 done
