@@ -185,13 +185,14 @@ def sample_scores(samples_by_length, texts: dict) -> dict[str, list[float]]:
             for n in samples_by_length if str(n) in texts}
 
 
-def score(samples_by_length, engine_results) -> list[dict]:
+def score(samples_by_length, engine_results, prompt_scores: dict[str, list[float]]) -> list[dict]:
+    """Accuracy rows per task and length from the per-prompt scores (``sample_scores``)."""
     rows = []
     for length, (items, _timing) in samples_by_length.items():
         res = engine_results[length]
         by_task: dict[str, list[float]] = {}
-        for sample, text in zip(items, res["texts"]):
-            by_task.setdefault(sample.task, []).append(sample.score(text))
+        for sample, value in zip(items, prompt_scores[str(length)]):
+            by_task.setdefault(sample.task, []).append(value)
         for task, scores in by_task.items():
             rows.append({"task": task, "length": length, "n": len(scores), "accuracy": 100 * statistics.mean(scores),
                          "all_correct": sum(s == 1.0 for s in scores), "density": res["density"],
@@ -401,9 +402,10 @@ def main() -> None:
             print(f"[{name}] {model}: {time.perf_counter() - start:.0f} s", flush=True)
             engine_results.update(got)
         texts = {str(n): r["texts"] for n, r in engine_results.items()}
+        prompt_scores = sample_scores(samples, texts)
         results["engines"][name] = {"flexprefill": config, "rates": engine_rates.get(name), "rows": score(
-            {n: samples[n] for n in args.lengths}, engine_results),
-            "texts": texts, "scores": sample_scores(samples, texts)}
+            {n: samples[n] for n in args.lengths}, engine_results, prompt_scores),
+            "texts": texts, "scores": prompt_scores}
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     print(report(results))
     print(paired(results))
