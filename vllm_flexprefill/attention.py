@@ -95,11 +95,11 @@ def lengths(cu_seqlens: torch.Tensor, name: str, total: int) -> list[int]:
 @functools.cache
 def triton_ops() -> EstimationOps:
     """The estimation's Triton kernels (the GPU path)."""
-    from vllm_flexprefill.kernels.block_lists import coverage_threshold, pooled_map, write_block_lists
+    from vllm_flexprefill.kernels.block_lists import pooled_map, write_block_lists
     from vllm_flexprefill.kernels.head_select import select_heads
     from vllm_flexprefill.kernels.probe import probe_stats
 
-    return EstimationOps(probe_stats, select_heads, pooled_map, coverage_threshold, write_block_lists)
+    return EstimationOps(probe_stats, select_heads, pooled_map, write_block_lists)
 
 
 @functools.cache
@@ -108,13 +108,13 @@ def torch_ops() -> EstimationOps:
     from vllm_flexprefill.kernels import naive
 
     return EstimationOps(naive.naive_probe_stats, naive.naive_select_heads, naive.naive_pooled_map,
-                         naive.naive_coverage_threshold, naive.naive_write_block_lists)
+                         naive.naive_write_block_lists)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
                   scale: float, k_rows: torch.Tensor | None = None) -> BlockSelection:
     """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
-    estimation's Triton kernels (five launches for the whole batch), elsewhere with the readable
+    estimation's Triton kernels (four launches for the whole batch), elsewhere with the readable
     per-head specification (``patterns/naive.py``).
 
     k: [Tk, H, D] packed as ``layout`` says, or a paged cache view [..., H, D] read at

@@ -223,25 +223,37 @@ def pooled_layout():
     return BatchLayout.build([40, 100, 140], [130, 100, 4200], 32, "cpu", [True, False, True])
 
 
-def test_pooled_map_matches_naive_on_query_aware_heads():
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_pooled_map_and_thresholds_match_naive_on_query_aware_heads(gamma):
     from vllm_flexprefill.kernels.block_lists import pooled_map
-    from vllm_flexprefill.kernels.naive import naive_pooled_map
+    from vllm_flexprefill.kernels.naive import naive_coverage_threshold, naive_pooled_map
 
     torch.manual_seed(3)
     layout = pooled_layout()
     seqs = layout.sparse_seqs()
-    # the map's rows take their tiles' mean queries from q (partial first and last tiles too)
-    q, k_bar = torch.randn(sum(layout.q_lens), 4, 64).bfloat16(), torch.randn(seqs.num_blocks, 2, 64)
+    # the map's rows take their tiles' mean queries from q (partial first and last tiles too);
+    # large means give peaked maps, whose thresholds keep few blocks
+    q = (4 * torch.randn(sum(layout.q_lens), 4, 64)).bfloat16()
+    k_bar = torch.randn(seqs.num_blocks, 2, 64)
     qa = torch.tensor([[True, False, True, True], [True] * 4, [False, True, True, False]])
-    got = pooled_map(q, k_bar, qa, layout, 0.125)
-    want = naive_pooled_map(q, k_bar, qa, layout, 0.125)
-    assert got.shape == want.shape == (4, seqs.pooled_size)
+    got, got_t = pooled_map(q, k_bar, qa, layout, 0.125, gamma)
+    want, want_t = naive_pooled_map(q, k_bar, qa, layout, 0.125, gamma)
+    assert got.shape == want.shape == (4, seqs.pooled_size) and got_t.shape == want_t.shape == (3, 4)
+    # the bisection's threshold against the sorted prefix's, on the kernel's own map
+    ref_t = naive_coverage_threshold(got, qa, layout, gamma)
     for j, s in enumerate(seqs.seqs):
-        size = (layout.first_tile[s + 1] - layout.first_tile[s]) * layout.num_key_blocks(s)
-        part = slice(seqs.p_start[j], seqs.p_start[j] + size)
-        torch.testing.assert_close(got[qa[s], part], want[qa[s], part], atol=1e-6, rtol=1e-5)
         rows = layout.first_tile[s + 1] - layout.first_tile[s]
+        part = slice(seqs.p_start[j], seqs.p_start[j] + rows * layout.num_key_blocks(s))
+        torch.testing.assert_close(got[qa[s], part], want[qa[s], part], atol=1e-6, rtol=1e-5)
         assert torch.allclose(want[:, part].view(4, rows, -1).sum(-1), torch.ones(4, rows))
+        assert torch.equal(got_t[s] == 2.0, ~qa[s]), "heads that are not query-aware keep nothing"
+        assert ((got_t[s][qa[s]] > 0) & (got_t[s][qa[s]] <= 1)).all(), got_t[s]
+        m = got[:, part]
+        assert torch.equal((m >= got_t[s][:, None])[qa[s]], (m >= ref_t[s][:, None])[qa[s]]), "same blocks kept"
+        kept = torch.where(m >= got_t[s][:, None], m, 0.0).sum(-1)
+        assert (kept[qa[s]] >= gamma * rows - 1e-4).all()
+        if gamma < 0.99:  # the thresholds leave blocks out: the test sees a real cut
+            assert ((m >= got_t[s][:, None]).sum(-1) < (m > 0).sum(-1))[qa[s]].any()
 
 
 @pytest.mark.parametrize("pooled", [True, False])
@@ -269,31 +281,6 @@ def test_block_lists_match_naive(pooled):
         assert torch.equal(idx < 0, pos[None, None, :] >= cnt[:, :, None]), "ids, then -1 to the width"
         assert (cnt[:, layout.first_tile[1]:layout.first_tile[2]] == layout.tile_row[
             layout.first_tile[1]:layout.first_tile[2]] + 1).all(), "the dense sequence keeps every causal block"
-
-
-def test_coverage_threshold_matches_sorted_prefix():
-    from vllm_flexprefill.kernels.block_lists import coverage_threshold
-    from vllm_flexprefill.kernels.naive import naive_coverage_threshold
-
-    torch.manual_seed(0)
-    layout = pooled_layout()
-    seqs = layout.sparse_seqs()
-    parts = []
-    for s in seqs.seqs:  # each row of a map sums to 1, as pooled_map makes them
-        rows = layout.first_tile[s + 1] - layout.first_tile[s]
-        parts.append(torch.softmax(torch.randn(6, rows, layout.num_key_blocks(s)) * 3, -1).reshape(6, -1))
-    pooled = torch.cat(parts, 1)
-    qa = torch.tensor([[True, True, False, True, True, True], [False] * 6, [True, False, True, True, False, True]])
-    for gamma in (0.5, 0.9, 0.99):
-        got = coverage_threshold(pooled, qa, layout, gamma)
-        ref = naive_coverage_threshold(pooled, qa, layout, gamma)
-        for j, s in enumerate(seqs.seqs):
-            part = pooled[:, seqs.p_start[j]:seqs.p_start[j] + parts[j].shape[1]]
-            rows = layout.first_tile[s + 1] - layout.first_tile[s]
-            assert torch.equal(got[s] >= 2, ref[s] >= 2)
-            assert torch.equal(part >= got[s][:, None], part >= ref[s][:, None]), "same blocks kept"
-            kept = torch.where(part >= got[s][:, None], part, 0.0).sum(-1)
-            assert (kept[qa[s]] >= gamma * rows - 1e-4).all()
 
 
 def test_compile_kernels_runs_a_long_and_a_short_paged_call(monkeypatch):

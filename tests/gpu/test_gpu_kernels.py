@@ -126,6 +126,29 @@ def sdpa_causal(q, k, v):
         is_causal=True).transpose(1, 2)
 
 
+def test_pooled_maps_and_thresholds_across_programs():
+    # each head's threshold is found by whichever of its row programs finishes last, over rows
+    # that other programs wrote: long maps (up to 256 rows), every head query-aware, several runs
+    from vllm_flexprefill.kernels.block_lists import pooled_map
+    from vllm_flexprefill.kernels.naive import naive_coverage_threshold, naive_pooled_map
+
+    torch.manual_seed(11)
+    layout = BatchLayout.build([8192, 5000, 32768], [16384, 5000, 32768], 128, DEV)
+    seqs = layout.sparse_seqs()
+    q = (4 * torch.randn(sum(layout.q_lens), 16, 128, device=DEV)).bfloat16()
+    k_bar = torch.randn(seqs.num_blocks, 4, 128, device=DEV)
+    qa = torch.ones(3, 16, dtype=torch.int8, device=DEV)
+    want, _ = naive_pooled_map(q, k_bar, qa.bool(), layout, 128 ** -0.5, 0.9)
+    for _ in range(5):
+        got, got_t = pooled_map(q, k_bar, qa, layout, 128 ** -0.5, 0.9)
+        ref_t = naive_coverage_threshold(got, qa.bool(), layout, 0.9)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for j, s in enumerate(seqs.seqs):
+            rows = layout.first_tile[s + 1] - layout.first_tile[s]
+            m = got[:, seqs.p_start[j]:seqs.p_start[j] + rows * layout.num_key_blocks(s)]
+            assert torch.equal(m >= got_t[s][:, None], m >= ref_t[s][:, None]), f"sequence {s}"
+
+
 @pytest.mark.parametrize("n", [8192, 32768])
 def test_exact_mode_equals_dense(n):
     torch.manual_seed(n)
@@ -166,7 +189,7 @@ def test_kernels_compiled_at_start_up_serve_other_lengths():
     cfg = FlexPrefillConfig(min_sparse_tokens=0)
     compile_kernels(8, 2, 128, cfg, torch.bfloat16, DEV)
     kernels = [probe.probe_kernel, head_select.head_select_kernel, block_lists.pooled_map_kernel,
-               block_lists.coverage_threshold_kernel, block_lists.block_lists_kernel,
+               block_lists.block_lists_kernel,
                block_sparse_attn.block_sparse_attn_fwd_kernel, block_sparse_attn.merge_segments_kernel]
 
     def compiled():

@@ -7,11 +7,12 @@ row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
 One program per (tile, head), over the tiles of every sequence, compacts the chosen ids
 with a prefix sum and pads its list with -1 to the batch's width (no fill launch before).
 
-Also here, for the query-aware heads: their pooled block map (the softmax of mean query
-tile . key block mean over each tile's causal blocks) and the per-head threshold of its
-coverage, found by bisection so that no sort over the whole block map is needed. Every
-kernel here serves all sparse sequences of the batch in one launch; each reads its
-sequence's lengths and offsets from ``patterns.layout.SparseSeqs.table``.
+Also here, for the query-aware heads, in one launch: their pooled block map (the softmax
+of mean query tile . key block mean over each tile's causal blocks) and the per-head
+threshold of its coverage, found by bisection (no sort over the whole block map) by the
+program that finishes the head's last row. Every kernel here serves all sparse sequences
+of the batch in one launch; each reads its sequence's lengths and offsets from
+``patterns.layout.SparseSeqs.table``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def write_block_lists(
             (``select_heads``); None: every sequence dense. Dense sequences, and a sparse
             one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
         query_aware: [N, HQ]; pooled: [HQ, Pt] pooled block maps (``pooled_map``), threshold:
-            [N, HQ] (``coverage_threshold``); pooled None when no head may be query-aware.
+            [N, HQ] (both ``pooled_map``); pooled None when no head may be query-aware.
     """
     hq, num_tiles = block_cnt.shape
     if num_tiles == 0:
@@ -111,12 +112,37 @@ def write_block_lists(
     )
 
 
+@triton.jit
+def _coverage_threshold(p_map, n, goal, out, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores a threshold t whose entries >= t of the n-entry map carry at least ``goal`` of
+    its mass, found by bisection in log2 space between 2^-126 (keep all) and 1 (keep the
+    largest), so that no sort over the map is needed. The map was written by other programs:
+    its loads skip L1 (``.cg``)."""
+    lo = -126.0
+    hi = 0.0
+    for _ in range(ITERS):
+        mid = 0.5 * (lo + hi)
+        t = tl.exp2(mid)
+        mass = 0.0
+        for i0 in range(0, n, BLOCK):
+            o = i0 + tl.arange(0, BLOCK)
+            b_p = tl.load(p_map + o, mask=o < n, other=0.0, cache_modifier=".cg")
+            mass += tl.sum(tl.where(b_p >= t, b_p, 0.0), axis=0)
+        if mass >= goal:
+            lo = mid
+        else:
+            hi = mid
+    tl.store(out, tl.exp2(lo))
+
+
 @triton.jit(do_not_specialize=["stride_ph"])
 def pooled_map_kernel(
-    q, k_bar, query_aware, table, pooled, scale, stride_qt, stride_qh, stride_ph,
+    q, k_bar, query_aware, table, pooled, threshold, done, scale, gamma, stride_qt, stride_qh, stride_ph,
     BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, QR: tl.constexpr,
+    ITERS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program (tile row, head, sparse sequence): the row of the head's pooled map."""
+    """Program (tile row, head, sparse sequence): the row of the head's pooled map; the last
+    of a head's rows to finish finds the head's coverage threshold over the whole map."""
     i_r = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_j = tl.program_id(2)
@@ -125,10 +151,13 @@ def pooled_map_kernel(
     nb = (k_len + BS - 1) // BS
     ctx = k_len - q_len
     first_row = ctx // BS
+    rows = nb - first_row
     # the grid covers the longest sequence's tiles; only query-aware heads need a map
-    if i_r >= nb - first_row:
+    if i_r >= rows:
         return
     if tl.load(query_aware + seq * hq + i_h) == 0:
+        if i_r == 0:
+            tl.store(threshold + seq * hq + i_h, 2.0)  # keeps nothing
         return
     row = first_row + i_r
     o_d = tl.arange(0, BD)
@@ -144,7 +173,8 @@ def pooled_map_kernel(
         b_q += tl.sum(b_t.to(tl.float32), axis=0)
     b_q = b_q / (tl.minimum((row + 1) * BS, k_len) - tl.maximum(row * BS, ctx)).to(tl.float32)
     p_k = k_bar + kb * ((hq // GROUP) * D) + (i_h // GROUP) * D + o_d[None, :]
-    p_out = pooled + i_h * stride_ph + p0 + i_r * nb
+    p_map = pooled + i_h * stride_ph + p0
+    p_out = p_map + i_r * nb
     # pass 1: the row's maximum and sum of exponentials over its causal blocks
     run_m = float("-inf")
     run_s = 0.0
@@ -164,19 +194,31 @@ def pooled_map_kernel(
         x = scale * tl.sum(b_k * b_q[None, :], axis=1)
         p = tl.where(m_c, tl.exp(x - run_m) / run_s, 0.0)
         tl.store(p_out + o_c, p, mask=o_c < nb)
+    # every thread's stores before the count (bar.sync), published by its release; the program
+    # that counts the head's last row acquires them all and thresholds the whole map
+    tl.debug_barrier()
+    before = tl.atomic_add(done + i_j * hq + i_h, 1, sem="acq_rel")
+    if before == rows - 1:
+        _coverage_threshold(p_map, rows * nb, gamma * rows.to(tl.float32), threshold + seq * hq + i_h, ITERS, BLOCK)
 
 
 def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
-               scale: float) -> torch.Tensor:
-    """Triton twin of ``kernels.naive.naive_pooled_map`` (the maps of heads that are not
-    query-aware are left unwritten), every sparse sequence in one launch.
+               scale: float, gamma: float, iters: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``kernels.naive.naive_pooled_map``: the query-aware heads' pooled block
+    maps and their coverage thresholds, every sparse sequence in one launch.
+
+    A head's threshold t keeps the entries ``P >= t`` of its map, which carry at least
+    ``gamma`` x its rows of mass (each row sums to 1); t is within a factor 2^(126 / 2^iters)
+    of the largest such threshold. Heads that are not query-aware get t = 2 (keep nothing)
+    and no map (left unwritten).
 
     Args:
         q: [Tq, HQ, D] packed as ``layout`` says, head_dim contiguous (each map row's mean
             query is taken here, for query-aware heads only); k_bar: [NBt, H, D] float32
             (``probe_stats``); query_aware: [N, HQ] (``select_heads``).
     Returns:
-        [HQ, Pt] float32: each sparse sequence's map, R rows of NB, at its ``p_start``.
+        pooled [HQ, Pt] float32: each sparse sequence's map, R rows of NB, at its ``p_start``;
+        threshold [N, HQ] float32 (the rows of dense sequences are unspecified).
     """
     hq, d = q.shape[1], q.shape[2]
     if q.stride(-1) != 1:
@@ -184,67 +226,12 @@ def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, 
     h_kv = k_bar.shape[1]
     seqs = layout.sparse_seqs()
     out = torch.empty(hq, seqs.pooled_size, dtype=torch.float32, device=q.device)
+    threshold = torch.empty(layout.num_seqs, hq, dtype=torch.float32, device=q.device)
     if seqs.seqs:
+        # rows finished per (sparse sequence, head): the last one thresholds the map
+        done = torch.zeros(len(seqs.seqs), hq, dtype=torch.int32, device=q.device)
         launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
-            q, k_bar, query_aware, seqs.table, out, scale, q.stride(0), q.stride(1), out.stride(0),
-            BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=next_pow2(d), BC=64,
-            QR=min(32, layout.block_size), num_warps=4)
-    return out
-
-
-@triton.jit(do_not_specialize=["stride_ph"])
-def coverage_threshold_kernel(
-    pooled, query_aware, table, threshold, gamma, stride_ph,
-    BS: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    i_h = tl.program_id(0).to(tl.int64)
-    i_j = tl.program_id(1)
-    hq = tl.num_programs(0)
-    seq, _, q_len, _, k_len, _, p0 = _sparse_seq(table, i_j)
-    if tl.load(query_aware + seq * hq + i_h) == 0:
-        tl.store(threshold + seq * hq + i_h, 2.0)
-        return
-    nb = (k_len + BS - 1) // BS
-    rows = nb - (k_len - q_len) // BS
-    n = rows * nb
-    goal = gamma * rows
-    p_map = pooled + i_h * stride_ph + p0
-    # bisection in log2 space between 2^-126 (keep all) and 1 (keep the largest)
-    lo = -126.0
-    hi = 0.0
-    for _ in range(ITERS):
-        mid = 0.5 * (lo + hi)
-        t = tl.exp2(mid)
-        mass = 0.0
-        for i0 in range(0, n, BLOCK):
-            o = i0 + tl.arange(0, BLOCK)
-            b_p = tl.load(p_map + o, mask=o < n, other=0.0)
-            mass += tl.sum(tl.where(b_p >= t, b_p, 0.0), axis=0)
-        if mass >= goal:
-            lo = mid
-        else:
-            hi = mid
-    tl.store(threshold + seq * hq + i_h, tl.exp2(lo))
-
-
-def coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, gamma: float,
-                       iters: int = 24) -> torch.Tensor:
-    """Per (sparse sequence, head), a threshold t whose entries ``P >= t`` of the sequence's
-    pooled map carry at least ``gamma`` x its rows of mass (each row sums to 1), in one launch.
-
-    ``t`` is within a factor 2^(126 / 2^iters) of the largest such threshold. Heads that
-    are not query-aware get t = 2 (keep nothing).
-
-    Args:
-        pooled: [HQ, Pt] float32 (``pooled_map``), non-negative; query_aware: [N, HQ].
-    Returns:
-        [N, HQ] float32; the rows of dense sequences are unspecified.
-    """
-    hq = pooled.shape[0]
-    seqs = layout.sparse_seqs()
-    out = torch.empty(layout.num_seqs, hq, dtype=torch.float32, device=pooled.device)
-    if seqs.seqs:
-        launcher(coverage_threshold_kernel)[(hq, len(seqs.seqs))](
-            pooled, query_aware, seqs.table, out, gamma, pooled.stride(0),
-            BS=layout.block_size, ITERS=iters, BLOCK=1024 if not interpreted(pooled) else 256, num_warps=8)
-    return out
+            q, k_bar, query_aware, seqs.table, out, threshold, done, scale, gamma, q.stride(0), q.stride(1),
+            out.stride(0), BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=next_pow2(d), BC=64,
+            QR=min(32, layout.block_size), ITERS=iters, BLOCK=1024 if not interpreted(q) else 256, num_warps=4)
+    return out, threshold

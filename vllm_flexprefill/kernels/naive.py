@@ -166,16 +166,19 @@ def select_one(
 
 
 def naive_pooled_map(
-    q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``kernels.block_lists.pooled_map``: ``pooled_one`` of each sparse sequence, on
-    the mean query of each of its query tiles, laid end to end ([HQ, Pt]). q: [Tq, HQ, D]."""
+    the mean query of each of its query tiles, laid end to end ([HQ, Pt]), and the maps'
+    thresholds (``naive_coverage_threshold``, [N, HQ]). q: [Tq, HQ, D]."""
     seqs = layout.sparse_seqs()
     bs = layout.block_size
     parts = [pooled_one(block_means(q[layout.q_range(s)], bs, offset=(layout.k_lens[s] - layout.q_lens[s]) % bs),
                         k_bar[seqs.kb_start[j]:seqs.kb_start[j] + layout.num_key_blocks(s)], query_aware[s],
                         layout.first_row(s), scale) for j, s in enumerate(seqs.seqs)]
-    return torch.cat(parts, 1) if parts else torch.empty(q.shape[1], 0, device=q.device)
+    pooled = torch.cat(parts, 1) if parts else torch.empty(q.shape[1], 0, device=q.device)
+    return pooled, naive_coverage_threshold(pooled, query_aware, layout, gamma)
 
 
 def pooled_one(
@@ -264,7 +267,7 @@ def lists_one(
 
 def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
                              gamma: float) -> torch.Tensor:
-    """Twin of ``kernels.block_lists.coverage_threshold``: ``threshold_one`` of each sparse
+    """The thresholds of ``kernels.block_lists.pooled_map``: ``threshold_one`` of each sparse
     sequence's map with target gamma x its rows; [N, HQ], 2 for dense sequences."""
     seqs = layout.sparse_seqs()
     out = torch.full((layout.num_seqs, pooled.shape[0]), 2.0, device=pooled.device)

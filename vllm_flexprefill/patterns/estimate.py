@@ -1,10 +1,10 @@
 """FlexPrefill pattern estimation batched over heads and requests: the GPU's path, composed of operations.
 
 The same selection as ``patterns/naive.py`` (the spec), computed for all query heads of
-all sparse sequences of a batch at once from five operations (``EstimationOps``), each one
+all sparse sequences of a batch at once from four operations (``EstimationOps``), each one
 launch however many requests the batch holds: probe statistics and block means, the
-per-head vertical/slash choice and pattern test, the query-aware heads' pooled map and its
-threshold (only when tau > 0), and the block lists of every tile. ``attention.py`` passes
+per-head vertical/slash choice and pattern test, the query-aware heads' pooled maps and
+their thresholds (only when tau > 0), and the block lists of every tile. ``attention.py`` passes
 either the Triton kernels or their PyTorch twins (``kernels/``); this module imports
 neither. No host synchronisation and no Python loop over heads or requests: each kernel
 reads its sequence's lengths and offsets from ``BatchLayout.sparse_seqs()``, made once per
@@ -27,14 +27,13 @@ class EstimationOps:
     """The operations of the estimation; each Triton kernel and its twin share a signature.
 
     probe: ``kernels.probe.probe_stats``; select_heads: ``kernels.head_select.select_heads``;
-    pooled_map, coverage_threshold, write_block_lists: ``kernels.block_lists``. Each takes
+    pooled_map (maps and thresholds), write_block_lists: ``kernels.block_lists``. Each takes
     the batch's ``BatchLayout`` and serves all its sequences.
     """
 
     probe: Callable
     select_heads: Callable
     pooled_map: Callable
-    coverage_threshold: Callable
     write_block_lists: Callable
 
 
@@ -98,8 +97,7 @@ def estimate_blocks(
     pooled = threshold = None
     if cfg.tau > 0:
         # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
-        pooled = ops.pooled_map(q, k_bar, query_aware, layout, scale)
-        threshold = ops.coverage_threshold(pooled, query_aware, layout, cfg.gamma)
+        pooled, threshold = ops.pooled_map(q, k_bar, query_aware, layout, scale, cfg.gamma)
     ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold)
     # the kernels' 0/1 int8 flags read as bool without a conversion launch
     return BlockSelection(block_idx, block_cnt, query_aware.view(torch.bool))
