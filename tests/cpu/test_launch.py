@@ -95,3 +95,73 @@ def test_inlined_key_equals_the_per_argument_key():
     args = (base, base[1:], base.bfloat16(), 1, 16, 17, 0, -16, 2 ** 31, -(2 ** 31) - 1, 2.5, True, False, None,
             torch.nn.Parameter(torch.zeros(4)))
     assert args_key(args) == tuple(map(arg_key, args))
+
+
+class StubDirect(StubCompiled):
+    """A compiled kernel with its own launcher, laid out as Triton's runner calls it."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self, calls, refuse=False):
+        super().__init__(calls)
+        self.refuse = refuse
+
+    def run(self, *args):
+        if self.refuse:
+            raise TypeError("launcher takes other arguments")
+        self.calls.append(("direct", args))
+
+
+class StubDirectKernel(StubKernel):
+    def __init__(self, refuse=False):
+        super().__init__()
+        self.refuse = refuse
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return StubDirect(self.calls, self.refuse)
+
+        return run
+
+
+def test_memoised_kernel_goes_to_its_own_launcher_with_the_runners_arguments():
+    kernel = StubDirectKernel()
+    launch = Launcher(kernel)
+    launch.stream = lambda index: 1000 + index
+    x = CudaLike()
+    launch[(4, 2)](x, 40, 0.5, BLOCK=64)
+    launch[(7,)](x, 24, 0.25, BLOCK=64)
+    # grid to 3 dims, the current stream, function, metadata, no launch metadata or hooks, then the arguments
+    assert kernel.calls[1] == ("direct", (7, 1, 1, 1000, "function", "metadata", None, None, None, x, 24, 0.25, 64,
+                                          False))
+    assert len(kernel.calls) == 2
+
+
+def test_launch_hooks_send_launches_through_tritons_runner(monkeypatch):
+    from triton import knobs
+
+    kernel = StubDirectKernel()
+    launch = Launcher(kernel)
+    launch.stream = lambda index: 0
+    x = CudaLike()
+    launch[(1,)](x, 40, 0.5, BLOCK=64)
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):  # a chain of hooks (newer Tritons): one hook in it
+        monkeypatch.setattr(hook, "calls", [print])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
+    launch[(1,)](x, 40, 0.5, BLOCK=64)
+    assert [c[0] for c in kernel.calls] == ["triton", "compiled"]
+
+
+def test_a_launcher_that_refuses_the_arguments_leaves_the_runner_for_good():
+    kernel = StubDirectKernel(refuse=True)
+    launch = Launcher(kernel)
+    launch.stream = lambda index: 0
+    x = CudaLike()
+    for _ in range(3):
+        launch[(1,)](x, 40, 0.5, BLOCK=64)
+    assert [c[0] for c in kernel.calls] == ["triton", "compiled", "compiled"]
+    (entry,) = launch.compiled.values()
+    assert entry[2] is None, "the direct launch is dropped after its first refusal"

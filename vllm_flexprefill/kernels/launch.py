@@ -7,8 +7,11 @@ Triton 3.6), eight launches per sparse layer call, more than the estimation's de
 16-byte alignment, integer 1 / multiple of 16 / 32-bit range, the constexprs and launch
 options) and calls the compiled kernel directly. A key it has not seen goes through
 ``kernel[grid]`` once, which compiles or finds the variant; the key is at least as fine
-as Triton's, so a memoised kernel is the one Triton would have chosen. The interpreter
-(CPU tensors) always takes Triton's path.
+as Triton's, so a memoised kernel is the one Triton would have chosen. A memoised kernel
+is launched through its own launcher (``CompiledKernel.run``) with the arguments Triton's
+runner gives it, which skips the runner's device, stream and hook lookups (``direct``);
+where a Triton lays these out otherwise, or launch hooks are set, the runner launches it.
+The interpreter (CPU tensors) always takes Triton's path.
 """
 
 from __future__ import annotations
@@ -35,6 +38,37 @@ def args_key(args: tuple) -> tuple:
                   else arg_key(a) for a in args])
 
 
+def direct(compiled):
+    """``go(grid3, stream, args) -> bool``: launches ``compiled`` through its own launcher as
+    Triton's runner does (no launch metadata, no hooks), False where hooks are set (the runner
+    builds their metadata); None where this Triton's compiled kernels lack that launcher."""
+    try:
+        from triton import knobs
+
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        runtime = knobs.runtime
+    except (ImportError, AttributeError):
+        return None
+
+    def go(grid: tuple, stream: int, args: tuple) -> bool:
+        if not (idle(runtime.launch_enter_hook) and idle(runtime.launch_exit_hook)):
+            return False
+        run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *args)
+        return True
+
+    return go
+
+
+def idle(hook) -> bool:
+    """Whether a launch hook is unset: None, or a chain of no hooks (newer Tritons' ``HookChain``)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def current_stream(device_index: int) -> int:
+    """The raw handle of the device's current CUDA stream (what Triton's runner launches on)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
 class Launcher:
     """``Launcher(kernel)[grid](*runtime_args, **constexprs_and_options)``, as ``kernel[grid]``.
 
@@ -47,8 +81,9 @@ class Launcher:
         params = inspect.signature(kernel.fn).parameters
         self.names = list(params)
         self.defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-        # key -> (compiled kernel, the names of the arguments after the positional ones)
+        # key -> (compiled kernel, the names of the arguments after the positional ones, its direct launch)
         self.compiled: dict[tuple, tuple] = {}
+        self.stream = current_stream
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -58,15 +93,24 @@ class Launcher:
         if first.device.type != "cuda":
             self.kernel[grid](*args, **kwargs)
             return
-        key = (first.device.index, tuple(kwargs.items()), args_key(args))
+        index = first.device.index
+        key = (index, tuple(kwargs.items()), args_key(args))
         hit = self.compiled.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
-            self.compiled[key] = compiled, self.names[len(args):]
+            self.compiled[key] = compiled, self.names[len(args):], direct(compiled)
             return
-        compiled, rest = hit
-        tail = [kwargs[n] if n in kwargs else self.defaults[n] for n in rest]
-        compiled[(*grid, 1, 1)[:3]](*args, *tail)
+        compiled, rest, go = hit
+        grid3 = (*grid, 1, 1)[:3]
+        full = (*args, *[kwargs[n] if n in kwargs else self.defaults[n] for n in rest])
+        if go is not None:
+            try:
+                if go(grid3, self.stream(index), full):
+                    return
+            except TypeError:
+                # this Triton's launcher takes other arguments (raised before any launch): its runner from now on
+                self.compiled[key] = compiled, rest, None
+        compiled[grid3](*full)
 
 
 @functools.cache
