@@ -14,8 +14,8 @@ side by side and read the same K/V tiles from L2.
 Tiles that keep every causal block (the probe's rows) can be longer than the rest of the
 grid together: with ``split`` (``BatchLayout.tail_split``) they run as segments of key
 blocks, one program each in the same launch (normalised partial output and log-sum-exp;
-the segments start first, beside the other tiles), which ``merge_segments_kernel``
-combines into the tile's rows.
+the segments start first, beside the other tiles); the last of a tile's segments to
+finish (an atomic count per tile and head) combines them into the tile's rows.
 """
 
 from __future__ import annotations
@@ -244,13 +244,42 @@ def _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile
     tl.store(lse_part + (i_g * hq + i_h) * BS + o_row, b_lse)
 
 
+@triton.jit
+def _merge(o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, g0, g1, i_h, hq,
+           stride_ot, stride_oh, stride_lh, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+           HAS_LSE: tl.constexpr):
+    """The segments g0 .. g1 - 1 of cut tile i_t, combined by their log-sum-exps into its
+    output rows. Other programs wrote them: the loads skip L1 (``.cg``)."""
+    _i_r, _o_pos, m_row, o_q, _k_start, _k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BS)
+    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
+    for i_g in range(g0, g1):
+        b_m = tl.maximum(b_m, tl.load(lse_part + (i_g * hq + i_h) * BS + o_row, cache_modifier=".cg"))
+    b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_w = tl.zeros([BS], dtype=tl.float32)
+    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
+    for i_g in range(g0, g1):
+        w = tl.exp(tl.load(lse_part + (i_g * hq + i_h) * BS + o_row, cache_modifier=".cg") - b_safe)
+        part = tl.load(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], mask=m_d[None, :],
+                       other=0.0, cache_modifier=".cg")
+        b_w += w
+        b_acc += w[:, None] * part
+    b_o = b_acc / tl.where(b_w == 0.0, 1.0, b_w)[:, None]
+    tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_row[:, None] & m_d[None, :])
+    if HAS_LSE:
+        tl.store(lse + i_h * stride_lh + o_q, b_safe + tl.log(tl.where(b_w == 0.0, 1.0, b_w)), mask=m_row)
+
+
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
 # serves every prompt (a new variant would compile in the middle of serving)
 @triton.jit(do_not_specialize=["num_tiles", "num_segments", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
 def block_sparse_attn_fwd_kernel(
     q, k, v, k_rows, o, lse, o_part, lse_part,
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt, tile_ids, segments,
-    num_tiles, num_segments, scale_log2,
+    split_tiles, seg_first, seg_done, num_tiles, num_segments, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ih, stride_it, stride_ch, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -258,16 +287,29 @@ def block_sparse_attn_fwd_kernel(
     INDIRECT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
 ):
     """Programs [0, num_segments) run the segments of the tiles cut into segments (about
-    equally long, and the longest work of the grid: first); the others run one tile each
-    over its list, the last tile first (the longest lists), or the tiles ``tile_ids`` in
-    that order (INDIRECT: the tiles that are not cut)."""
+    equally long, and the longest work of the grid: first), and the last segment of a tile
+    to finish merges them all; the others run one tile each over its list, the last tile
+    first (the longest lists), or the tiles ``tile_ids`` in that order (INDIRECT: the tiles
+    that are not cut)."""
     i_h = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
+    hq = tl.num_programs(0)
     if i_p < num_segments:
+        i_g = i_p.to(tl.int64)
         _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, segments,
-                 num_segments, i_h, i_p.to(tl.int64), tl.num_programs(0), scale_log2, stride_qt, stride_qh,
-                 stride_kt, stride_kh, stride_vt, stride_vh, GROUP, D, BD, BS, BLOCK_N, UPCAST, PAGED, ROW_ALIGN,
-                 ROWS_AHEAD)
+                 num_segments, i_h, i_g, hq, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                 stride_vh, GROUP, D, BD, BS, BLOCK_N, UPCAST, PAGED, ROW_ALIGN, ROWS_AHEAD)
+        # every thread's stores of this part before the count (bar.sync), published by its
+        # release; the program that counts the tile's last segment acquires them all and merges
+        tl.debug_barrier()
+        i_j = tl.load(segments + 3 * num_segments + i_g).to(tl.int64)
+        g0 = tl.load(seg_first + i_j)
+        g1 = tl.load(seg_first + i_j + 1)
+        before = tl.atomic_add(seg_done + i_j * hq + i_h, 1, sem="acq_rel")
+        if before == g1 - g0 - 1:
+            _merge(o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
+                   tl.load(split_tiles + i_j).to(tl.int64), g0, g1, i_h, hq, stride_ot, stride_oh, stride_lh,
+                   D, BD, BS, HAS_LSE)
     else:
         i_p -= num_segments
         if INDIRECT:
@@ -278,42 +320,6 @@ def block_sparse_attn_fwd_kernel(
                    i_h, i_t, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
                    stride_oh, stride_ih, stride_it, stride_ch, stride_lh, GROUP, D, BD, BS, BLOCK_N, HAS_LSE,
                    UPCAST, PAGED, ROW_ALIGN, ROWS_AHEAD)
-
-
-@triton.jit(do_not_specialize=["stride_lh"])
-def merge_segments_kernel(
-    o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, split_tiles, seg_first,
-    stride_ot, stride_oh, stride_lh,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, HAS_LSE: tl.constexpr,
-):
-    """The segments of one cut tile, combined by their log-sum-exps into its output rows."""
-    i_h = tl.program_id(0).to(tl.int64)
-    i_j = tl.program_id(1).to(tl.int64)
-    hq = tl.num_programs(0)
-    i_t = tl.load(split_tiles + i_j).to(tl.int64)
-    g0 = tl.load(seg_first + i_j)
-    g1 = tl.load(seg_first + i_j + 1)
-    _i_r, _o_pos, m_row, o_q, _k_start, _k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_row = tl.arange(0, BS)
-    b_m = tl.full([BS], float("-inf"), dtype=tl.float32)
-    for i_g in range(g0, g1):
-        b_m = tl.maximum(b_m, tl.load(lse_part + (i_g * hq + i_h) * BS + o_row))
-    b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_w = tl.zeros([BS], dtype=tl.float32)
-    b_acc = tl.zeros([BS, BD], dtype=tl.float32)
-    for i_g in range(g0, g1):
-        w = tl.exp(tl.load(lse_part + (i_g * hq + i_h) * BS + o_row) - b_safe)
-        part = tl.load(o_part + ((i_g * BS + o_row[:, None]) * hq + i_h) * D + o_d[None, :], mask=m_d[None, :],
-                       other=0.0)
-        b_w += w
-        b_acc += w[:, None] * part
-    b_o = b_acc / tl.where(b_w == 0.0, 1.0, b_w)[:, None]
-    tl.store(o + o_q[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_row[:, None] & m_d[None, :])
-    if HAS_LSE:
-        tl.store(lse + i_h * stride_lh + o_q, b_safe + tl.log(tl.where(b_w == 0.0, 1.0, b_w)), mask=m_row)
 
 
 def block_sparse_attention(
@@ -379,28 +385,24 @@ def block_sparse_attention(
     rows = k_rows if k_rows is not None else cu_seqlens_k
     main_tiles = num_tiles if split is None else split.main_tiles.shape[0]
     n_seg = 0 if split is None else split.segments.shape[1]
-    o_part = lse_part = out  # unused without segments
+    o_part = lse_part = seg_done = out  # unused without segments
     if n_seg:
         o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
+        # segments finished per (cut tile, head): the last one merges the tile
+        seg_done = torch.zeros(split.split_tiles.shape[0], hq, dtype=torch.int32, device=q.device)
     # one launch: the segments and the other tiles side by side
     # (grid dimension 1 allows 65535 programs: 8M keys of one group at BS 128)
     launcher(block_sparse_attn_fwd_kernel)[(hq, n_seg + main_tiles)](
         q, k, v, rows, out, lse if lse is not None else out, o_part, lse_part,
         cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
         split.main_tiles if split is not None else tile_seq, split.segments if split is not None else tile_seq,
-        num_tiles, n_seg, scale * 1.4426950408889634,
+        split.split_tiles if split is not None else tile_seq, split.seg_first if split is not None else tile_seq,
+        seg_done, num_tiles, n_seg, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0),
         out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         lse.stride(0) if lse is not None else 0,
         HAS_LSE=lse is not None, INDIRECT=split is not None,
         ROWS_AHEAD=k_rows is not None and one_sub_tile, **common, **cfg,
-    )
-    if split is None:
-        return out
-    launcher(merge_segments_kernel)[(hq, split.split_tiles.shape[0])](
-        o_part, lse_part, out, lse if lse is not None else out, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
-        split.split_tiles, split.seg_first, out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
-        D=d, BD=next_pow2(d), BS=block_size, HAS_LSE=lse is not None, num_warps=4,
     )
     return out

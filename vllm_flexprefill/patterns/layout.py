@@ -95,7 +95,7 @@ class BatchLayout:
         longest of the grid and set the kernel's time. Such a tile longer than ``2 *
         seg_blocks`` blocks is cut into segments of at least ``seg_blocks`` blocks (at most
         ``max_segments``, which bounds the float32 partial outputs), each a program of its
-        own, merged afterwards (``kernels.block_sparse_attn``). None when no tile is that
+        own, merged by the last of them to finish (``kernels.block_sparse_attn``). None when no tile is that
         long. Made once per layout and arguments.
         """
         key = ("tail_split", tuple(dense_from), seg_blocks, max_segments)
@@ -161,8 +161,9 @@ class TailSplit:
     """The dense tiles cut into segments, and the other tiles (``BatchLayout.tail_split``).
 
     main_tiles: [NT'] int32 tiles run whole by the block-sparse kernel, last tile first.
-    segments: [3, NS] int32 tile, first key block and end key block of each segment; the
-        segments of one tile are adjacent and the last one holds its diagonal block.
+    segments: [4, NS] int32 tile, first key block, end key block of each segment and the
+        index of its tile in ``split_tiles``; the segments of one tile are adjacent and the
+        last one holds its diagonal block.
     split_tiles: [ND] int32 the cut tiles; seg_first: [ND + 1] int32 where each one's
         segments start in ``segments``.
     """
@@ -186,14 +187,14 @@ class TailSplit:
                     continue
                 n = min(max_segments, blocks // seg_blocks)
                 bounds = [blocks * i // n for i in range(n + 1)]
-                segments += [(t, a, b) for a, b in zip(bounds, bounds[1:])]
+                segments += [(t, a, b, len(split)) for a, b in zip(bounds, bounds[1:])]
                 split.append(t)
                 seg_first.append(len(segments))
         if not split:
             return None
-        columns = [x for column in zip(*segments) for x in column]  # [3, NS] row-major
+        columns = [x for column in zip(*segments) for x in column]  # [4, NS] row-major
         main_tiles, flat, split_tiles, first = int32_on(layout.tile_seq.device, main[::-1], columns, split, seg_first)
-        return TailSplit(main_tiles=main_tiles, segments=flat.view(3, len(segments)), split_tiles=split_tiles,
+        return TailSplit(main_tiles=main_tiles, segments=flat.view(4, len(segments)), split_tiles=split_tiles,
                          seg_first=first)
 
 
