@@ -73,9 +73,9 @@ for stage in "$@"; do
                  --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
-                 | grep -E "^ +on|failed|Error|GPU busy|what ran" | tail -24 ;;
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -40 ;;
     ttft-default) timeout 560 python benchmarks/ttft.py --shape ${SHAPE:-llama-3.1-8b} --lengths ${LENGTHS:-8192 32768 131072} \
-                    --engines FLASH_ATTN FLEX_PREFILL ${RATES:+--rates $RATES} --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran" | tail -8 ;;
+                    --engines FLASH_ATTN FLEX_PREFILL ${RATES:+--rates $RATES} --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran|host:" | tail -14 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --backends FLEX_PREFILL FLASH_ATTN --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 \
              | grep -v -E "INFO|WARNING" | tail -24 ;;

@@ -27,7 +27,11 @@ user gets. Prefill chunks longer than the captured sizes run outside CUDA graphs
 
 For the FlexPrefill engines one more prompt of each length runs with FlexPrefill's
 statistics on: the density of its sparse layer calls and the share of prompt tokens
-planned sparse are printed ("what ran") and kept in the JSON.
+planned sparse are printed ("what ran") and kept in the JSON. For every engine one more
+prompt of each length runs with the attention layers' forward timed on the host
+("host"): the mean host time of a sparse and of a dense layer call, and of all of them
+against the prompt's wall time, without a profiler's own cost. A layer call whose host
+time reaches the GPU time of a whole layer leaves the GPU waiting.
 
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
@@ -37,6 +41,7 @@ took it, to see where a layer call's time goes inside vLLM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -136,6 +141,7 @@ def engine_measure(spec: dict) -> dict:
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
     if spec["backend"] != "FLASH_ATTN":
         out["what_ran"] = [what_ran(llm, prompt(n), one) for n in spec["lengths"]]
+    out["host"] = [host_time(llm, prompt(n), one, spec["backend"]) for n in spec["lengths"]]
     # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
     n = spec["decode_length"]
     many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
@@ -168,6 +174,59 @@ def what_ran(llm, prompt: dict, params) -> dict:
     tokens = summary.sparse_tokens + summary.dense_tokens
     return {"N": len(prompt["prompt_token_ids"]), "density": summary.density,
             "sparse_share": summary.sparse_tokens / tokens if tokens else None}
+
+
+def host_time(llm, prompt: dict, params, backend: str) -> dict:
+    """One more prompt with the attention layers' forward timed on the host (``timed_forward``;
+    the engine runs in this process): per kind of layer call, their number and mean host us,
+    and the prompt's wall ms."""
+    if backend == "FLASH_ATTN":
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl as impl
+    else:
+        from vllm_flexprefill.backend.cuda import FlexPrefillImpl as impl
+    import torch
+
+    with timed_forward(impl, call_kind) as times:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000
+    row = {"N": len(prompt["prompt_token_ids"]), "wall_ms": wall}
+    for kind, spans in times.items():
+        row[f"{kind}_calls"] = len(spans)
+        row[f"{kind}_host_us"] = 1e6 * sum(spans) / len(spans) if spans else None
+    row["attention_host_ms"] = 1000 * sum(sum(spans) for spans in times.values())
+    return row
+
+
+def call_kind(layer, attn_metadata) -> str:
+    """"sparse" where FlexPrefill's plan runs this layer sparse, else "dense"."""
+    plan = getattr(attn_metadata, "plan", None)
+    return "sparse" if plan is not None and plan.runs_sparse(getattr(layer, "layer_name", "")) else "dense"
+
+
+@contextlib.contextmanager
+def timed_forward(impl, kind):
+    """Within: ``impl.forward`` (an attention implementation's class) timed on the host per
+    call (perf_counter around it; no synchronisation), the seconds kept per
+    ``kind(layer, attn_metadata)``. Yields {kind: [seconds, ...]}."""
+    times: dict[str, list[float]] = {"sparse": [], "dense": []}
+    original = impl.forward
+
+    def timed(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+        label = kind(layer, attn_metadata)
+        start = time.perf_counter()
+        try:
+            return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        finally:
+            times.setdefault(label, []).append(time.perf_counter() - start)
+
+    impl.forward = timed
+    try:
+        yield times
+    finally:
+        impl.forward = original
 
 
 def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
@@ -289,6 +348,13 @@ def main() -> None:
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
+                for host in result.get("host", []):
+                    cells = [f"{host[k + '_calls']} {k} calls {host[k + '_host_us']:.0f} us"
+                             for k in ("sparse", "dense") if host.get(k + "_calls")]
+                    print(f"host: {engine} N={host['N']} {', '.join(cells)}; attention {host['attention_host_ms']:.1f} "
+                          f"ms of wall {host['wall_ms']:.1f} ms", flush=True)
+                    runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,
+                                 "compilation": compilation, "round": rnd, "host": host})
                 for ran in result.get("what_ran", []):
                     density = "-" if ran["density"] is None else f"{ran['density']:.3f}"
                     share = "-" if ran["sparse_share"] is None else f"{100 * ran['sparse_share']:.0f} %"

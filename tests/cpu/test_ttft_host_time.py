@@ -1,0 +1,31 @@
+"""benchmarks/ttft.py's host timing of attention layer calls: what "host" lines rest on."""
+
+import importlib.util
+import pathlib
+import time
+import types
+
+spec = importlib.util.spec_from_file_location("ttft", pathlib.Path(__file__).parents[2] / "benchmarks" / "ttft.py")
+ttft = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ttft)
+
+
+class Impl:
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None):
+        time.sleep(0.002 if layer.layer_name == "slow" else 0.0)
+        return output
+
+
+def test_forward_is_timed_per_kind_of_call_and_restored():
+    plan = types.SimpleNamespace(runs_sparse=lambda name: name == "slow")
+    md = types.SimpleNamespace(plan=plan)
+    slow, fast = types.SimpleNamespace(layer_name="slow"), types.SimpleNamespace(layer_name="fast")
+    original = Impl.forward
+    with ttft.timed_forward(Impl, ttft.call_kind) as times:
+        impl = Impl()
+        assert impl.forward(slow, 0, 0, 0, None, md, "out") == "out"
+        impl.forward(fast, 0, 0, 0, None, md, "out", output_scale=None)
+        impl.forward(slow, 0, 0, 0, None, None, "out")  # no FlexPrefill plan: a dense call
+    assert Impl.forward is original
+    assert len(times["sparse"]) == 1 and len(times["dense"]) == 2
+    assert times["sparse"][0] >= 0.002 > times["dense"][0]
