@@ -28,9 +28,10 @@ user gets. Prefill chunks longer than the captured sizes run outside CUDA graphs
 For the FlexPrefill engines one more prompt of each length runs with FlexPrefill's
 statistics on: the density of its sparse layer calls and the share of prompt tokens
 planned sparse are printed ("what ran") and kept in the JSON. For every engine one more
-prompt of each length runs with the attention layers' forward timed on the host
-("host"): the mean host time of a sparse and of a dense layer call, and of all of them
-against the prompt's wall time, without a profiler's own cost. A layer call whose host
+prompt of each length runs with the attention layers' forward and the attention metadata
+builds timed on the host ("host"): the mean host time of a sparse and of a dense layer
+call and of a build, and of all layer calls against the prompt's wall time, without a
+profiler's own cost. A layer call whose host
 time reaches the GPU time of a whole layer leaves the GPU waiting.
 
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
@@ -177,26 +178,31 @@ def what_ran(llm, prompt: dict, params) -> dict:
 
 
 def host_time(llm, prompt: dict, params, backend: str) -> dict:
-    """One more prompt with the attention layers' forward timed on the host (``timed_forward``;
-    the engine runs in this process): per kind of layer call, their number and mean host us,
-    and the prompt's wall ms."""
+    """One more prompt with the attention layers' forward and the attention metadata builds
+    timed on the host (``timed``; the engine runs in this process): per kind (sparse and
+    dense layer calls, builds) their number and mean host us, and the prompt's wall ms."""
+    from vllm.v1.attention.backends import flash_attn
+
     if backend == "FLASH_ATTN":
-        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl as impl
+        impl, builder = flash_attn.FlashAttentionImpl, flash_attn.FlashAttentionMetadataBuilder
     else:
-        from vllm_flexprefill.backend.cuda import FlexPrefillImpl as impl
+        from vllm_flexprefill.backend import cuda
+
+        impl, builder = cuda.FlexPrefillImpl, cuda.FlexPrefillMetadataBuilder
     import torch
 
-    with timed_forward(impl, call_kind) as times:
+    with timed(impl, "forward", lambda args: call_kind(args[0], args[5])) as calls, \
+            timed(builder, "build", lambda args: "build") as builds:
         torch.cuda.synchronize()
         start = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) * 1000
     row = {"N": len(prompt["prompt_token_ids"]), "wall_ms": wall}
-    for kind, spans in times.items():
+    for kind, spans in {**calls, **builds}.items():
         row[f"{kind}_calls"] = len(spans)
         row[f"{kind}_host_us"] = 1e6 * sum(spans) / len(spans) if spans else None
-    row["attention_host_ms"] = 1000 * sum(sum(spans) for spans in times.values())
+    row["attention_host_ms"] = 1000 * sum(sum(spans) for spans in calls.values())
     return row
 
 
@@ -207,26 +213,26 @@ def call_kind(layer, attn_metadata) -> str:
 
 
 @contextlib.contextmanager
-def timed_forward(impl, kind):
-    """Within: ``impl.forward`` (an attention implementation's class) timed on the host per
-    call (perf_counter around it; no synchronisation), the seconds kept per
-    ``kind(layer, attn_metadata)``. Yields {kind: [seconds, ...]}."""
-    times: dict[str, list[float]] = {"sparse": [], "dense": []}
-    original = impl.forward
+def timed(cls, name: str, kind):
+    """Within: method ``name`` of class ``cls`` timed on the host per call (perf_counter
+    around it; no synchronisation), the seconds kept per ``kind(positional args)``. Yields
+    {kind: [seconds, ...]}."""
+    times: dict[str, list[float]] = {}
+    original = getattr(cls, name)
 
-    def timed(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-        label = kind(layer, attn_metadata)
+    def timed_call(self, *args, **kwargs):
+        label = kind(args)
         start = time.perf_counter()
         try:
-            return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             times.setdefault(label, []).append(time.perf_counter() - start)
 
-    impl.forward = timed
+    setattr(cls, name, timed_call)
     try:
         yield times
     finally:
-        impl.forward = original
+        setattr(cls, name, original)
 
 
 def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
@@ -350,7 +356,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                 for host in result.get("host", []):
                     cells = [f"{host[k + '_calls']} {k} calls {host[k + '_host_us']:.0f} us"
-                             for k in ("sparse", "dense") if host.get(k + "_calls")]
+                             for k in ("sparse", "dense", "build") if host.get(k + "_calls")]
                     print(f"host: {engine} N={host['N']} {', '.join(cells)}; attention {host['attention_host_ms']:.1f} "
                           f"ms of wall {host['wall_ms']:.1f} ms", flush=True)
                     runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,

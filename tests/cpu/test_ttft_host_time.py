@@ -1,4 +1,4 @@
-"""benchmarks/ttft.py's host timing of attention layer calls: what "host" lines rest on."""
+"""benchmarks/ttft.py's host timing of attention layer calls: what its "host" lines rest on."""
 
 import importlib.util
 import pathlib
@@ -16,12 +16,12 @@ class Impl:
         return output
 
 
-def test_forward_is_timed_per_kind_of_call_and_restored():
+def test_layer_calls_are_timed_per_kind_and_the_method_restored():
     plan = types.SimpleNamespace(runs_sparse=lambda name: name == "slow")
     md = types.SimpleNamespace(plan=plan)
     slow, fast = types.SimpleNamespace(layer_name="slow"), types.SimpleNamespace(layer_name="fast")
     original = Impl.forward
-    with ttft.timed_forward(Impl, ttft.call_kind) as times:
+    with ttft.timed(Impl, "forward", lambda args: ttft.call_kind(args[0], args[5])) as times:
         impl = Impl()
         assert impl.forward(slow, 0, 0, 0, None, md, "out") == "out"
         impl.forward(fast, 0, 0, 0, None, md, "out", output_scale=None)
