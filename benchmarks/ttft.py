@@ -142,7 +142,10 @@ def engine_measure(spec: dict) -> dict:
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
     if spec["backend"] != "FLASH_ATTN":
         out["what_ran"] = [what_ran(llm, prompt(n), one) for n in spec["lengths"]]
-    out["host"] = [host_time(llm, prompt(n), one, spec["backend"]) for n in spec["lengths"]]
+    try:
+        out["host"] = [host_time(llm, prompt(n), one, spec["backend"]) for n in spec["lengths"]]
+    except Exception as e:  # a diagnostic: its failure leaves the timings above standing
+        out["host_error"] = f"{type(e).__name__}: {e}"
     # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
     n = spec["decode_length"]
     many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
@@ -354,6 +357,8 @@ def main() -> None:
                            "decode_ms_per_token": result["decode_ms_per_token"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
+                if "host_error" in result:
+                    print(f"host: {engine} failed: {result['host_error']}", flush=True)
                 for host in result.get("host", []):
                     cells = [f"{host[k + '_calls']} {k} calls {host[k + '_host_us']:.0f} us"
                              for k in ("sparse", "dense", "build") if host.get(k + "_calls")]
