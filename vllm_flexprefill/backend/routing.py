@@ -176,7 +176,8 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
     if contiguous:
         q_rows: slice | torch.Tensor = slice(starts[requests[0]], starts[requests[-1] + 1])
     else:
-        q_rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in requests]).to(device)
+        # made on the device: a copy from pageable host memory would wait for the GPU's queue
+        q_rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in requests])
     kv_pages = kv_offsets = None
     if block_table is not None:
         positions = [torch.arange(n, device=device) for n in sk]
