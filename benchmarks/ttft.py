@@ -31,8 +31,8 @@ planned sparse are printed ("what ran") and kept in the JSON. For every engine o
 prompt of each length runs with the attention layers' forward and the attention metadata
 builds timed on the host ("host"): the mean host time of a sparse and of a dense layer
 call and of a build, and of all layer calls against the prompt's wall time, without a
-profiler's own cost. A layer call whose host
-time reaches the GPU time of a whole layer leaves the GPU waiting.
+profiler's own cost. A layer call whose host time reaches the GPU time of a whole layer
+leaves the GPU waiting.
 
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
