@@ -133,10 +133,7 @@ def engine_measure(spec: dict) -> dict:
         times = []
         for _ in range(spec["reps"]):
             p = prompt(n)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            llm.generate([p], one, use_tqdm=False)
-            times.append((time.perf_counter() - start) * 1000)
+            times.append(wall_ms(llm, p, one))
         out["ttft_ms"][n] = statistics.median(times)
     if spec.get("profile_dir") and spec["lengths"][-1] == max(spec["all_lengths"]):
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
@@ -161,6 +158,17 @@ def engine_measure(spec: dict) -> dict:
         per_token.append((t257 - t1) * 1000 / 256)
     out["decode_ms_per_token"] = statistics.median(per_token)
     return out
+
+
+def wall_ms(llm, prompt: dict, params) -> float:
+    """Milliseconds of one ``generate`` of one prompt, the GPU drained before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
 
 
 def what_ran(llm, prompt: dict, params) -> dict:
@@ -192,15 +200,9 @@ def host_time(llm, prompt: dict, params, backend: str) -> dict:
         from vllm_flexprefill.backend import cuda
 
         impl, builder = cuda.FlexPrefillImpl, cuda.FlexPrefillMetadataBuilder
-    import torch
-
     with timed(impl, "forward", lambda args: call_kind(args[0], args[5])) as calls, \
             timed(builder, "build", lambda args: "build") as builds:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) * 1000
+        wall = wall_ms(llm, prompt, params)
     row = {"N": len(prompt["prompt_token_ids"]), "wall_ms": wall}
     for kind, spans in {**calls, **builds}.items():
         row[f"{kind}_calls"] = len(spans)
@@ -245,10 +247,7 @@ def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) * 1000
+        wall = wall_ms(llm, prompt, params)
     events = prof.key_averages()
     # device time of the kernels and copies themselves (the events that ran on the GPU)
     busy = sum(e.self_device_time_total for e in events
