@@ -23,6 +23,7 @@ import torch
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks, probe_row
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, rows_of
+from vllm_flexprefill.patterns.workspace import buffers, reuse_buffers
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
@@ -138,7 +139,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
             return block_sparse_attention(
                 q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
                 selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows,
-                split=segment_plan(layout))
+                split=segment_plan(layout), workspace=buffers(layout))
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
     result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale,
@@ -167,11 +168,13 @@ def segment_plan(layout: BatchLayout):
 
 def plan_cuda(layout: BatchLayout) -> None:
     """Makes the per-layout plans the CUDA kernels read: the segment plan (``segment_plan``)
-    and the sparse-sequence table (``BatchLayout.sparse_seqs``). The builder calls this once
-    per step: in a layer's forward their host-to-device copies would wait for the layers
+    and the sparse-sequence table (``BatchLayout.sparse_seqs``), and gives the layout the
+    workspace its layer calls share (``patterns/workspace.py``). The builder calls this once
+    per step: in a layer's forward the plans' host-to-device copies would wait for the layers
     queued before it."""
     segment_plan(layout)
     layout.sparse_seqs()
+    reuse_buffers(layout)
 
 
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexPrefillConfig, dtype: torch.dtype,

@@ -239,3 +239,41 @@ def test_estimation_is_one_call_per_operation_for_a_whole_batch():
     ops = dataclasses.replace(twins, **{f.name: counted(f.name) for f in dataclasses.fields(twins)})
     estimate_blocks(q, k, layout, cfg, 0.125, ops)
     assert sorted(calls) == sorted(f.name for f in dataclasses.fields(twins))
+
+
+def test_layer_calls_of_a_step_share_buffers_and_leave_their_counters_at_zero():
+    # the backend's layouts carry a workspace (attention.plan_cuda): every layer call of a step
+    # writes the same buffers. Two calls on different inputs each give what the PyTorch twins
+    # give, and the counters the kernels count on are zero after each (the last program
+    # resets them), also where the previous call left its results in the buffers.
+    from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+    from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
+    from vllm_flexprefill.patterns.workspace import FRESH, buffers, reuse_buffers
+
+    q_lens, k_lens = [130, 40], [200, 40]
+    layout = BatchLayout.build(q_lens, k_lens, BS, "cpu")
+    assert buffers(layout) is FRESH  # until the builder gives the layout a workspace
+    ws = reuse_buffers(layout)
+    assert buffers(layout) is ws and reuse_buffers(layout) is ws
+    cfg = next(c.values[0] for c in CONFIGS if c.id == "query-aware")
+    split = layout.tail_split(dense_rows(layout), seg_blocks=2)
+    assert split.segments.shape[1] > split.split_tiles.shape[0]  # tiles cut in several segments
+    seen = []
+    for seed in (3, 4):
+        q, k, v = planted_inputs(q_lens, k_lens, 4, 2, 32, dtype=torch.bfloat16, seed=seed)
+        q, k = (q, k) if seed == 3 else (q.flip(1), k.flip(1))  # other heads, other choices
+        want = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
+        got = estimate_blocks(q, k, layout, cfg, 0.125, triton_ops())
+        assert torch.equal(got.block_idx, want.block_idx) and torch.equal(got.block_cnt, want.block_cnt)
+        assert torch.equal(got.query_aware, want.query_aware)
+        out = block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
+                                     layout.tile_row, got.block_idx, got.block_cnt, BS, 0.125, split=split,
+                                     workspace=ws)
+        ref = naive_block_sparse_attention(q, k, v, layout, got.block_idx, got.block_cnt, 0.125)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+        counters = {key[0]: t for key, t in ws.tensors.items() if key[0] in ("pooled.done", "attend.seg_done")}
+        assert set(counters) == {"pooled.done", "attend.seg_done"}
+        assert all((t == 0).all() for t in counters.values()), counters
+        seen.append((got.block_idx.data_ptr(), got.block_cnt.clone()))
+    assert seen[0][0] == seen[1][0], "the second call wrote the first call's buffer"
+    assert not torch.equal(seen[0][1], seen[1][1]), "the two calls chose the same blocks: no test of reuse"

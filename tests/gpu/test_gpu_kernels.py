@@ -1,5 +1,6 @@
 """Triton kernels and the whole method on CUDA: against the PyTorch twins and dense SDPA."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -250,19 +251,24 @@ def test_memoised_launches_skip_tritons_binding_and_give_its_results(monkeypatch
 def test_sparse_path_replays_in_a_cuda_graph():
     # no host synchronisation and no host-side shapes read from the GPU: the estimation and the
     # attention of a batch capture into a CUDA graph, and its replay gives the eager result
-    from vllm_flexprefill.attention import segment_plan, select_blocks, sparse_attention
+    from vllm_flexprefill.attention import plan_cuda, segment_plan, select_blocks, sparse_attention
 
     q_lens, k_lens = [3000, 500], [20000, 500]
     q, k, v = planted_inputs(q_lens, k_lens, 8, 2, 128, device=DEV, seed=3)
     layout = BatchLayout.build(q_lens, k_lens, 128, DEV)
     cfg = FlexPrefillConfig(min_sparse_tokens=0)
-    split, _ = segment_plan(layout), layout.sparse_seqs()  # made before capture, as the builder does
+    plan_cuda(layout)  # the plans and the shared buffers, made before capture, as the builder does
+    split = segment_plan(layout)
 
     def call():
         selection = select_blocks(q, k, layout, cfg, 128 ** -0.5)
         return selection, sparse_attention(q, k, v, layout, selection, 128 ** -0.5)
 
     eager_sel, eager_out = call()  # compiles and memoises the launches
+    # (the graph's call writes the same buffers: keep the eager results apart)
+    eager_sel = dataclasses.replace(eager_sel, block_cnt=eager_sel.block_cnt.clone(),
+                                    query_aware=eager_sel.query_aware.clone())
+    eager_out = eager_out.clone()
     assert split is not None, "the long sequence's probe rows run in segments"
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -273,3 +279,29 @@ def test_sparse_path_replays_in_a_cuda_graph():
     assert torch.equal(graph_sel.block_cnt, eager_sel.block_cnt)
     assert torch.equal(graph_sel.query_aware, eager_sel.query_aware)
     assert torch.equal(graph_out, eager_out)
+
+
+def test_layer_calls_sharing_a_steps_buffers_give_fresh_results():
+    # the builder gives each step's layout a workspace (attention.plan_cuda): consecutive layer
+    # calls write the same buffers, the counters of the threshold and segment merges included
+    # (reset by their last program). Each call equals a call on a layout of its own buffers.
+    from vllm_flexprefill.attention import plan_cuda, select_blocks, sparse_attention
+    from vllm_flexprefill.patterns.workspace import buffers
+
+    q_lens, k_lens = [4000, 700, 300], [24000, 700, 300]
+    shared = BatchLayout.build(q_lens, k_lens, 128, DEV, sparse=[True, True, False])
+    fresh = BatchLayout.build(q_lens, k_lens, 128, DEV, sparse=[True, True, False])
+    plan_cuda(shared)
+    assert buffers(shared) is not buffers(fresh)
+    cfg = FlexPrefillConfig(min_sparse_tokens=0, tau=0.3)
+    for seed in range(3):
+        q, k, v = planted_inputs(q_lens, k_lens, 16, 4, 128, device=DEV, seed=seed)
+        want_sel = select_blocks(q, k, fresh, cfg, 128 ** -0.5)
+        want = sparse_attention(q, k, v, fresh, want_sel, 128 ** -0.5)
+        got_sel = select_blocks(q, k, shared, cfg, 128 ** -0.5)
+        got = sparse_attention(q, k, v, shared, got_sel, 128 ** -0.5)
+        assert torch.equal(got_sel.block_cnt, want_sel.block_cnt), seed
+        assert torch.equal(got_sel.query_aware, want_sel.query_aware), seed
+        assert not got_sel.query_aware[2].any(), "a dense sequence's flags stay zero"
+        assert torch.equal(got, want), seed
+    assert all((t == 0).all() for key, t in buffers(shared).tensors.items() if key[0].endswith("done"))

@@ -24,6 +24,7 @@ import triton.language as tl
 from vllm_flexprefill.kernels.configs import interpreted, next_pow2
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.kernels.probe import _sparse_seq
+from vllm_flexprefill.patterns.workspace import buffers
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 
@@ -200,6 +201,8 @@ def pooled_map_kernel(
     before = tl.atomic_add(done + i_j * hq + i_h, 1, sem="acq_rel")
     if before == rows - 1:
         _coverage_threshold(p_map, rows * nb, gamma * rows.to(tl.float32), threshold + seq * hq + i_h, ITERS, BLOCK)
+        # every row has counted: the count goes back to zero for the next launch (``patterns/workspace.py``)
+        tl.store(done + i_j * hq + i_h, 0)
 
 
 def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,
@@ -225,11 +228,12 @@ def pooled_map(q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, 
         raise ValueError(f"q's head_dim must be contiguous, got strides {q.stride()}")
     h_kv = k_bar.shape[1]
     seqs = layout.sparse_seqs()
-    out = torch.empty(hq, seqs.pooled_size, dtype=torch.float32, device=q.device)
-    threshold = torch.empty(layout.num_seqs, hq, dtype=torch.float32, device=q.device)
+    ws, dev = buffers(layout), q.device
+    out = ws.empty("pooled.map", (hq, seqs.pooled_size), torch.float32, dev)
+    threshold = ws.empty("pooled.threshold", (layout.num_seqs, hq), torch.float32, dev)
     if seqs.seqs:
-        # rows finished per (sparse sequence, head): the last one thresholds the map
-        done = torch.zeros(len(seqs.seqs), hq, dtype=torch.int32, device=q.device)
+        # rows finished per (sparse sequence, head): the last one thresholds the map (and resets the count)
+        done = ws.zeros("pooled.done", (len(seqs.seqs), hq), torch.int32, dev)
         launcher(pooled_map_kernel)[(seqs.max_rows, hq, len(seqs.seqs))](
             q, k_bar, query_aware, seqs.table, out, threshold, done, scale, gamma, q.stride(0), q.stride(1),
             out.stride(0), BS=layout.block_size, GROUP=hq // h_kv, D=d, BD=next_pow2(d), BC=64,

@@ -27,6 +27,7 @@ import triton.language as tl
 from vllm_flexprefill.kernels.configs import attention_config, interpreted, next_pow2, row_alignment, rows_aligned
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.patterns.layout import TailSplit
+from vllm_flexprefill.patterns.workspace import FRESH, Fresh
 
 
 @triton.jit
@@ -310,6 +311,8 @@ def block_sparse_attn_fwd_kernel(
             _merge(o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
                    tl.load(split_tiles + i_j).to(tl.int64), g0, g1, i_h, hq, stride_ot, stride_oh, stride_lh,
                    D, BD, BS, HAS_LSE)
+            # every segment has counted: back to zero for the next launch (``patterns/workspace.py``)
+            tl.store(seg_done + i_j * hq + i_h, 0)
     else:
         i_p -= num_segments
         if INDIRECT:
@@ -339,6 +342,7 @@ def block_sparse_attention(
     config: dict[str, int] | None = None,
     k_rows: torch.Tensor | None = None,
     split: TailSplit | None = None,
+    workspace: Fresh = FRESH,
 ) -> torch.Tensor:
     """Triton twin of ``kernels.naive.naive_block_sparse_attention``.
 
@@ -358,6 +362,8 @@ def block_sparse_attention(
         config: launch settings (BLOCK_N, num_warps, num_stages); default from kernels/configs.py.
         split: ``BatchLayout.tail_split``: tiles whose lists hold every causal block, run in
             segments of key blocks (programs of their own) and merged; their lists are not read.
+        workspace: where the segments' partial results and counters come from
+            (``patterns/workspace.py``; by default allocated for this call).
     Returns:
         out, [Tq, HQ, D] in q's dtype.
     """
@@ -387,10 +393,10 @@ def block_sparse_attention(
     n_seg = 0 if split is None else split.segments.shape[1]
     o_part = lse_part = seg_done = out  # unused without segments
     if n_seg:
-        o_part = torch.empty(n_seg, block_size, hq, d, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(n_seg, hq, block_size, dtype=torch.float32, device=q.device)
-        # segments finished per (cut tile, head): the last one merges the tile
-        seg_done = torch.zeros(split.split_tiles.shape[0], hq, dtype=torch.int32, device=q.device)
+        o_part = workspace.empty("attend.o_part", (n_seg, block_size, hq, d), torch.float32, q.device)
+        lse_part = workspace.empty("attend.lse_part", (n_seg, hq, block_size), torch.float32, q.device)
+        # segments finished per (cut tile, head): the last one merges the tile (and resets the count)
+        seg_done = workspace.zeros("attend.seg_done", (split.split_tiles.shape[0], hq), torch.int32, q.device)
     # one launch: the segments and the other tiles side by side
     # (grid dimension 1 allows 65535 programs: 8M keys of one group at BS 128)
     launcher(block_sparse_attn_fwd_kernel)[(hq, n_seg + main_tiles)](

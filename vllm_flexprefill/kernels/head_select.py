@@ -21,6 +21,7 @@ import triton.language as tl
 from vllm_flexprefill.kernels.configs import next_pow2, select_config
 from vllm_flexprefill.kernels.launch import launcher
 from vllm_flexprefill.kernels.probe import _sparse_seq
+from vllm_flexprefill.patterns.workspace import buffers
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 # larger than every order key (a key is at most 0x7F800000 << 32 | 0x7FFFFFFF)
@@ -266,11 +267,13 @@ def select_heads(
     hq, nbt, bs = m.shape
     h_kv, d = k_bar.shape[1], k_bar.shape[2]
     seqs = layout.sparse_seqs()
-    scratch = torch.empty(2, hq, 4 * nbt, dtype=torch.float32, device=m.device)  # one per program of a head
+    ws, dev = buffers(layout), m.device
+    scratch = ws.empty("select.scratch", (2, hq, 4 * nbt), torch.float32, dev)  # one per program of a head
     # every entry of a sparse sequence is written (the cover stores each of its flags): no fill
-    keep_v = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
-    keep_s = torch.empty(hq, nbt, dtype=torch.int8, device=m.device)
-    query_aware = torch.zeros(layout.num_seqs, hq, dtype=torch.int8, device=m.device)
+    keep_v = ws.empty("select.keep_v", (hq, nbt), torch.int8, dev)
+    keep_s = ws.empty("select.keep_s", (hq, nbt), torch.int8, dev)
+    # the rows of sparse sequences are written, those of dense ones stay zero
+    query_aware = ws.zeros("select.query_aware", (layout.num_seqs, hq), torch.int8, dev)
     if not seqs.seqs:
         return keep_v, keep_s, query_aware
     launcher(head_select_kernel)[(hq, len(seqs.seqs), 2)](

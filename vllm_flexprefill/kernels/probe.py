@@ -20,6 +20,7 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import cdiv, interpreted, next_pow2, probe_config, row_alignment
 from vllm_flexprefill.kernels.launch import launcher
+from vllm_flexprefill.patterns.workspace import buffers
 from vllm_flexprefill.patterns.layout import BatchLayout
 
 
@@ -120,11 +121,11 @@ def probe_stats(
     if k.stride(-1) != 1:
         raise ValueError(f"k's head_dim must be contiguous, got strides {k.stride()}")
     seqs = layout.sparse_seqs()
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(hq, seqs.num_blocks, bs, **f32)
-    l = torch.empty_like(m)
-    k_bar = torch.empty(seqs.num_blocks, h_kv, d, **f32)
-    q_probe_bar = torch.empty(len(seqs.seqs), hq, d, **f32)
+    ws, f32, dev = buffers(layout), torch.float32, q.device
+    m = ws.empty("probe.m", (hq, seqs.num_blocks, bs), f32, dev)
+    l = ws.empty("probe.l", (hq, seqs.num_blocks, bs), f32, dev)
+    k_bar = ws.empty("probe.k_bar", (seqs.num_blocks, h_kv, d), f32, dev)
+    q_probe_bar = ws.empty("probe.q_bar", (len(seqs.seqs), hq, d), f32, dev)
     if not seqs.seqs:
         return m, l, k_bar, q_probe_bar
     cfg = config or probe_config()

@@ -20,6 +20,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection
+from vllm_flexprefill.patterns.workspace import buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,10 @@ def estimate_blocks(
             with ``k_rows`` [Tk] (element offset of each key position's row in k).
     """
     hq = q.shape[1]
+    ws = buffers(layout)
     # every entry is written by write_block_lists (ids, then -1): no fill
-    block_idx = torch.empty(hq, layout.num_tiles, layout.max_key_blocks, dtype=torch.int32, device=q.device)
-    block_cnt = torch.empty(hq, layout.num_tiles, dtype=torch.int32, device=q.device)
+    block_idx = ws.empty("lists.idx", (hq, layout.num_tiles, layout.max_key_blocks), torch.int32, q.device)
+    block_cnt = ws.empty("lists.cnt", (hq, layout.num_tiles), torch.int32, q.device)
     if not any(layout.sparse):
         ops.write_block_lists(block_idx, block_cnt, layout)
         return BlockSelection(block_idx, block_cnt, torch.zeros(layout.num_seqs, hq, dtype=torch.bool,
