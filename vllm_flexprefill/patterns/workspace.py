@@ -35,17 +35,15 @@ class Workspace(Fresh):
         self.tensors: dict[tuple, torch.Tensor] = {}
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        key = (name, shape, dtype, device)
-        t = self.tensors.get(key)
-        if t is None:
-            t = self.tensors[key] = torch.empty(shape, dtype=dtype, device=device)
-        return t
+        return self._kept((name, shape, dtype, device), super().empty)
 
     def zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        key = (name, shape, dtype, device)
+        return self._kept((name, shape, dtype, device), super().zeros)
+
+    def _kept(self, key: tuple, make) -> torch.Tensor:
         t = self.tensors.get(key)
         if t is None:
-            t = self.tensors[key] = torch.zeros(shape, dtype=dtype, device=device)
+            t = self.tensors[key] = make(*key)
         return t
 
 
