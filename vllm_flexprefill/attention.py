@@ -113,19 +113,25 @@ def torch_ops() -> EstimationOps:
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
-                  scale: float, k_rows: torch.Tensor | None = None) -> BlockSelection:
+                  scale: float, k_rows: torch.Tensor | None = None,
+                  count_into: torch.Tensor | None = None) -> BlockSelection:
     """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
     estimation's Triton kernels (four launches for the whole batch), elsewhere with the readable
     per-head specification (``patterns/naive.py``).
 
     k: [Tk, H, D] packed as ``layout`` says, or a paged cache view [..., H, D] read at
     ``k_rows`` [Tk] (element offsets of the key positions' rows, ``patterns.layout.paged_rows``).
+    count_into: optional int32 counters [C] whose sum grows by the number of blocks chosen
+    (the router's measurement, ``backend.cost_routing.DensityMemory.counter``).
     """
     if q.is_cuda:
-        return estimate_blocks(q, k, layout, cfg, scale, triton_ops(), k_rows=k_rows)
+        return estimate_blocks(q, k, layout, cfg, scale, triton_ops(), k_rows=k_rows, count_into=count_into)
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 
-    return naive_select_blocks(q, k if k_rows is None else rows_of(k, k_rows), layout, cfg, scale)
+    selection = naive_select_blocks(q, k if k_rows is None else rows_of(k, k_rows), layout, cfg, scale)
+    if count_into is not None:
+        count_into[0] += selection.block_cnt.sum().to(count_into.dtype)
+    return selection
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,

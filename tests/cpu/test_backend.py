@@ -98,5 +98,7 @@ def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):
     assert plan.measures(name) and not plan.runs_sparse(name)
     torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
     row = plan.memory.rows[name]
-    total, calls = float(plan.memory.sums[row].sum()), sum(plan.memory.calls[row])
-    assert calls == len(plan.groups) and 0 < total / calls <= 1
+    # the blocks the estimation chose, counted out of the groups' causal blocks (all heads)
+    computed, causal = int(plan.memory.counts[row].sum()), sum(plan.memory.causal[row])
+    assert causal == sum(g.causal_blocks for g in plan.groups) * batch.query.shape[1]
+    assert 0 < computed <= causal

@@ -58,7 +58,7 @@ def test_router_candidates_by_length():
 
 def measure(r, layer, bucket, density, times=1):
     for _ in range(times):
-        r.memory.record(LAYERS[layer], bucket, torch.tensor(density), 1)
+        r.memory.counter(LAYERS[layer], bucket, 1000)[0] += round(1000 * density)
         r.memory.refresh()
 
 

@@ -273,9 +273,12 @@ def test_block_lists_match_naive(pooled):
         idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -7, dtype=torch.int32)
         cnt = torch.full((hq, layout.num_tiles), 77, dtype=torch.int32)
         ref_idx, ref_cnt = idx.clone(), cnt.clone()
-        write_block_lists(idx, cnt, layout, **kw)
-        naive_write_block_lists(ref_idx, ref_cnt, layout, **kw)
+        # the router's counters: the lists' lengths add up in them, over every counter
+        counts, ref_counts = torch.full((5,), 3, dtype=torch.int32), torch.full((5,), 3, dtype=torch.int32)
+        write_block_lists(idx, cnt, layout, **kw, count_into=counts)
+        naive_write_block_lists(ref_idx, ref_cnt, layout, **kw, count_into=ref_counts)
         assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+        assert counts.sum() == ref_counts.sum() == 15 + cnt.sum() and (counts > 3).sum() > 1, counts
         assert not (idx == -7).any()
         pos = torch.arange(layout.max_key_blocks)
         assert torch.equal(idx < 0, pos[None, None, :] >= cnt[:, :, None]), "ids, then -1 to the width"

@@ -298,9 +298,11 @@ def test_layer_calls_sharing_a_steps_buffers_give_fresh_results():
         q, k, v = planted_inputs(q_lens, k_lens, 16, 4, 128, device=DEV, seed=seed)
         want_sel = select_blocks(q, k, fresh, cfg, 128 ** -0.5)
         want = sparse_attention(q, k, v, fresh, want_sel, 128 ** -0.5)
-        got_sel = select_blocks(q, k, shared, cfg, 128 ** -0.5)
+        counts = torch.zeros(32, dtype=torch.int32, device=DEV)  # the router's counters, as the backend passes them
+        got_sel = select_blocks(q, k, shared, cfg, 128 ** -0.5, count_into=counts)
         got = sparse_attention(q, k, v, shared, got_sel, 128 ** -0.5)
         assert torch.equal(got_sel.block_cnt, want_sel.block_cnt), seed
+        assert counts.sum() == want_sel.block_cnt.sum(), "every program's atomic add landed"
         assert torch.equal(got_sel.query_aware, want_sel.query_aware), seed
         assert not got_sel.query_aware[2].any(), "a dense sequence's flags stay zero"
         assert torch.equal(got, want), seed

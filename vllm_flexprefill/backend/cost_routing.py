@@ -4,8 +4,9 @@ The builder asks a ``Router`` each step. A request is a candidate when, at the l
 density its budget floor allows, the cost model (``costs.py``) predicts sparse faster
 than dense. Each layer then runs sparse for the candidates when the density that layer
 measured recently (at a similar length) is below the break-even density; diffuse layers
-run dense. Densities come from the layers themselves: each FlexPrefill layer call writes
-its measured density into a device buffer (``DensityMemory.record``, no synchronisation);
+run dense. Densities come from the layers themselves: each FlexPrefill layer call's kernels
+add the blocks it computes into device counters (``DensityMemory.counter``, no
+synchronisation);
 the next step's builder copies that buffer to the host asynchronously and folds in the
 copy of the step before, once its event says it has landed.
 
@@ -37,6 +38,9 @@ NUM_BUCKETS = 16
 NEW_WEIGHT = 0.5
 REMEASURE_STEPS = 64
 BORROW_MARGIN = 1.5
+# counters per (layer, bucket): a layer call's programs each add their block count into one
+# of them, so that the atomic adds spread over addresses instead of queueing on one
+COUNT_SLOTS = 32
 
 
 def length_bucket(k_len: int) -> int:
@@ -55,54 +59,59 @@ class DensityMemory:
         self.rows = {name: i for i, name in enumerate(layer_names)}
         shape = (len(layer_names), NUM_BUCKETS)
         self.device = torch.device(device)
-        # written by the layers: the sum of their densities per (layer, bucket); the number
-        # of calls behind each sum is counted on the host, where the calls are made
-        self.sums = torch.zeros(shape, device=self.device)
-        self.calls = [[0] * NUM_BUCKETS for _ in layer_names]
+        # written by the layers' kernels: the blocks they computed per (layer, bucket), over
+        # COUNT_SLOTS counters; the causal blocks behind each count are added on the host,
+        # where the calls are made
+        self.counts = torch.zeros((*shape, COUNT_SLOTS), dtype=torch.int32, device=self.device)
+        self.slots = [[self.counts[row, b] for b in range(NUM_BUCKETS)] for row in range(len(layer_names))]
+        self.causal = [[0] * NUM_BUCKETS for _ in layer_names]
         # host estimates per (layer, bucket), read per layer each step; NaN: never measured
         self.estimate = [[math.nan] * NUM_BUCKETS for _ in layer_names]
         # steps each (layer, bucket) ran dense since it last measured
         self.dense_steps = [[0] * NUM_BUCKETS for _ in layer_names]
-        # one pinned host buffer, the calls behind it, and the event of the copy into it
-        self._host = torch.empty(shape, pin_memory=self.device.type == "cuda")
-        self._host_calls: list[list[int]] = []
+        # one pinned host buffer, the causal blocks behind it, and the event of the copy into it
+        self._host = torch.empty(self.counts.shape, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._host_causal: list[list[int]] = []
         self._copied: torch.cuda.Event | None = None
 
-    def record(self, layer_name: str, bucket: int, computed_blocks: torch.Tensor, causal_blocks: int) -> None:
-        """Adds one layer call's density: ``computed_blocks`` (a 0-dim float32 device tensor)
-        out of ``causal_blocks``. One device op, no synchronisation."""
+    def counter(self, layer_name: str, bucket: int, causal_blocks: int) -> torch.Tensor | None:
+        """The [COUNT_SLOTS] int32 device counters into which one layer call adds the blocks it
+        computes (their sum is what counts), out of ``causal_blocks``; None for a layer this
+        memory does not hold. No device op: the call's block-list kernel adds to them."""
         row = self.rows.get(layer_name)
-        if row is not None:
-            self.sums[row, bucket].add_(computed_blocks, alpha=1.0 / causal_blocks)
-            self.calls[row][bucket] += 1
+        if row is None:
+            return None
+        self.causal[row][bucket] += causal_blocks
+        return self.slots[row][bucket]
 
     def refresh(self) -> None:
         """Folds in the measurements that reached the host; starts copying the newest ones."""
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # a CUDA graph capture (dummy batches) neither copies nor folds
-        calls, self.calls = self.calls, [[0] * NUM_BUCKETS for _ in self.rows]
+        causal, self.causal = self.causal, [[0] * NUM_BUCKETS for _ in self.rows]
         if self.device.type != "cuda":
-            self._fold(self.sums.tolist(), calls)
-            self.sums.zero_()
+            self._fold(self.counts.sum(-1).tolist(), causal)
+            self.counts.zero_()
             return
         if self._copied is not None:
             if not self._copied.query():
-                # the previous copy is still in flight: keep these calls for the next copy
-                self.calls = [[a + b for a, b in zip(x, y)] for x, y in zip(calls, self.calls)]
+                # the previous copy is still in flight: its counts keep growing until the next copy
+                self.causal = [[a + b for a, b in zip(x, y)] for x, y in zip(causal, self.causal)]
                 return
-            self._fold(self._host.tolist(), self._host_calls)
-        self._host.copy_(self.sums, non_blocking=True)
-        self._host_calls = calls
-        self.sums.zero_()
+            self._fold(self._host.sum(-1).tolist(), self._host_causal)
+        self._host.copy_(self.counts, non_blocking=True)
+        self._host_causal = causal
+        self.counts.zero_()
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def _fold(self, sums: list[list[float]], calls: list[list[int]]) -> None:
-        """Blends each measured (layer, bucket) mean into its estimate (host lists)."""
-        for estimate, layer_sums, layer_calls in zip(self.estimate, sums, calls):
-            for b, n in enumerate(layer_calls):
+    def _fold(self, computed: list[list[int]], causal: list[list[int]]) -> None:
+        """Blends each measured (layer, bucket) density (computed over causal blocks, host
+        lists) into its estimate."""
+        for estimate, layer_computed, layer_causal in zip(self.estimate, computed, causal):
+            for b, n in enumerate(layer_causal):
                 if n:
-                    mean = layer_sums[b] / n
+                    mean = layer_computed[b] / n
                     old = estimate[b]
                     estimate[b] = mean if math.isnan(old) else (1 - NEW_WEIGHT) * old + NEW_WEIGHT * mean
 

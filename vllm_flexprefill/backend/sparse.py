@@ -36,13 +36,13 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
 
 def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan: SparsePlan, scale: float,
                       layer_name: str, k_rows: torch.Tensor | None = None):
-    """The group's block selection; its density goes to the router's memory (device ops, no
-    synchronisation). A layer that measures (``SparsePlan.measures``) calls this alone."""
-    selection = select_blocks(q, k, group.layout, plan.config, scale, k_rows)
+    """The group's block selection; its density goes to the router's memory (the block-list
+    kernel adds to its counters: no synchronisation, no launch of its own). A layer that
+    measures (``SparsePlan.measures``) calls this alone."""
+    counter = None
     if plan.memory is not None:
-        plan.memory.record(layer_name, group.bucket, selection.block_cnt.sum(dtype=torch.float32),
-                           group.causal_blocks * q.shape[1])
-    return selection
+        counter = plan.memory.counter(layer_name, group.bucket, group.causal_blocks * q.shape[1])
+    return select_blocks(q, k, group.layout, plan.config, scale, k_rows, count_into=counter)
 
 
 def record_layer(selection, group: SparseGroup, layer_name: str) -> None:

@@ -31,9 +31,9 @@ from vllm_flexprefill.patterns.layout import BatchLayout
 # the sequence table and the strides carry every length: one compilation serves every batch
 @triton.jit(do_not_specialize=["width", "stride_vh", "stride_ph", "stride_ih", "stride_it", "stride_ch"])
 def block_lists_kernel(
-    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt, width,
-    stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
-    BS: tl.constexpr, DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr,
+    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt,
+    count_into, width, stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
+    BS: tl.constexpr, DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr, SLOTS: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -70,6 +70,8 @@ def block_lists_kernel(
         tl.store(p_out + pos, o_c.to(tl.int32), mask=sel)
         n += tl.sum(b_sel, axis=0)
     tl.store(block_cnt + i_h * stride_ch + i_t, n)
+    if SLOTS > 0:  # the call's computed blocks, spread over SLOTS counters
+        tl.atomic_add(count_into + (i_t * hq + i_h) % SLOTS, n, sem="relaxed")
     for c0 in range(n, width, BC):
         o_c = c0 + tl.arange(0, BC)
         tl.store(p_out + o_c, tl.full([BC], -1, tl.int32), mask=o_c < width)
@@ -84,6 +86,7 @@ def write_block_lists(
     query_aware: torch.Tensor | None = None,
     pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
+    count_into: torch.Tensor | None = None,
 ) -> None:
     """Writes the lists of every tile of the batch, in one launch.
 
@@ -95,6 +98,9 @@ def write_block_lists(
             one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
         query_aware: [N, HQ]; pooled: [HQ, Pt] pooled block maps (``pooled_map``), threshold:
             [N, HQ] (both ``pooled_map``); pooled None when no head may be query-aware.
+        count_into: optional int32 counters [C] (contiguous) to which the lists' lengths add
+            up (``backend.cost_routing.DensityMemory.counter``: the sum over the C counters
+            grows by block_cnt.sum()).
     """
     hq, num_tiles = block_cnt.shape
     if num_tiles == 0:
@@ -106,10 +112,12 @@ def write_block_lists(
         keep_v if keep_v is not None else dummy, keep_s if keep_s is not None else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
         query_aware if has_pooled else dummy, seqs.table, seqs.slot,
-        layout.tile_seq, layout.tile_row, block_idx, block_cnt, block_idx.shape[2],
+        layout.tile_seq, layout.tile_row, block_idx, block_cnt, count_into if count_into is not None else dummy,
+        block_idx.shape[2],
         keep_v.stride(0) if keep_v is not None else 0, pooled.stride(0) if has_pooled else 0,
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
-        BS=layout.block_size, DENSE=keep_v is None, HAS_POOLED=has_pooled, BC=128, num_warps=4,
+        BS=layout.block_size, DENSE=keep_v is None, HAS_POOLED=has_pooled, BC=128,
+        SLOTS=count_into.shape[0] if count_into is not None else 0, num_warps=4,
     )
 
 

@@ -206,10 +206,11 @@ def pooled_one(
 def naive_write_block_lists(
     block_idx: torch.Tensor, block_cnt: torch.Tensor, layout: BatchLayout, keep_v: torch.Tensor | None = None,
     keep_s: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None, count_into: torch.Tensor | None = None,
 ) -> None:
     """Twin of ``kernels.block_lists.write_block_lists`` (same arguments): ``lists_one`` of
-    each sequence, dense ones keeping every causal block."""
+    each sequence, dense ones keeping every causal block; the lengths' sum added to
+    ``count_into``'s first counter."""
     seqs = layout.sparse_seqs()
     slot = {s: j for j, s in enumerate(seqs.seqs)}
     for s in range(layout.num_seqs):
@@ -227,6 +228,8 @@ def naive_write_block_lists(
                        query_aware=query_aware[s])
         lists_one(block_idx, block_cnt, **where, keep_v=keep_v[:, blocks], keep_s=keep_s[:, blocks], **own,
                   dense_from=probe_row(layout.q_lens[s], layout.k_lens[s], layout.block_size))
+    if count_into is not None:
+        count_into[0] += block_cnt.sum().to(count_into.dtype)
 
 
 def lists_one(

@@ -76,13 +76,15 @@ def probe_row(q_len: int, k_len: int, block_size: int) -> int:
 
 def estimate_blocks(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig, scale: float, ops: EstimationOps,
-    k_rows: torch.Tensor | None = None,
+    k_rows: torch.Tensor | None = None, count_into: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Block lists for a packed batch: estimated for sparse sequences, every causal block for the rest.
 
     Args:
         q: [Tq, HQ, D]; k: [Tk, H, D] packed as ``layout`` says, or a paged cache view
             with ``k_rows`` [Tk] (element offset of each key position's row in k).
+        count_into: optional int32 counters that the lists' lengths are added to
+            (``write_block_lists``).
     """
     hq = q.shape[1]
     ws = buffers(layout)
@@ -90,7 +92,7 @@ def estimate_blocks(
     block_idx = ws.empty("lists.idx", (hq, layout.num_tiles, layout.max_key_blocks), torch.int32, q.device)
     block_cnt = ws.empty("lists.cnt", (hq, layout.num_tiles), torch.int32, q.device)
     if not any(layout.sparse):
-        ops.write_block_lists(block_idx, block_cnt, layout)
+        ops.write_block_lists(block_idx, block_cnt, layout, count_into=count_into)
         return BlockSelection(block_idx, block_cnt, torch.zeros(layout.num_seqs, hq, dtype=torch.bool,
                                                                 device=q.device))
     m, l, k_bar, q_probe_bar = ops.probe(q, k, layout, scale, k_rows=k_rows)
@@ -100,6 +102,7 @@ def estimate_blocks(
     if cfg.tau > 0:
         # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
         pooled, threshold = ops.pooled_map(q, k_bar, query_aware, layout, scale, cfg.gamma)
-    ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold)
+    ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold,
+                          count_into=count_into)
     # the kernels' 0/1 int8 flags read as bool without a conversion launch
     return BlockSelection(block_idx, block_cnt, query_aware.view(torch.bool))
