@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.testing
 
-from vllm_flexprefill.attention import flex_prefill_attention_varlen, select_blocks
+from vllm_flexprefill.attention import flex_prefill_attention_varlen, plan_cuda, select_blocks
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import Rates, causal_flops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
@@ -135,6 +135,7 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     torch.cuda.empty_cache()
     q, k, v = planted_inputs([n], [n], hq, h, d, device=dev, seed=3, needles=16)
     default = FlexPrefillConfig(min_sparse_tokens=0)
+    plan_cuda(layout)  # the per-step plans and shared buffers, as the backend's builder makes them
     row["estimate_ms"] = bench(lambda: select_blocks(q, k, layout, default, scale), reps_ms)
     try:
         row["estimate_graph_ms"] = bench(graph_of(lambda: select_blocks(q, k, layout, default, scale)), reps_ms)
@@ -142,11 +143,13 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
         print(f"{shape} N={n}: the estimation could not be captured in a CUDA graph: {e}", flush=True)
     chunk = min(CHUNK, n)
     chunk_layout = BatchLayout.build([chunk], [n], BS, dev)
+    plan_cuda(chunk_layout)
     row["estimate_chunk_ms"] = bench(lambda: select_blocks(q[n - chunk:], k, chunk_layout, default, scale), reps_ms)
     # the same tokens as four requests of n / 4 in one call: the estimation's launches do not
     # grow with the requests of a step
     quarter = n // 4
     four = BatchLayout.build([quarter] * 4, [quarter] * 4, BS, dev)
+    plan_cuda(four)
     row["estimate_4req_ms"] = bench(lambda: select_blocks(q[:4 * quarter], k[:4 * quarter], four, default, scale),
                                     reps_ms)
     sel = select_blocks(q, k, layout, default, scale)
