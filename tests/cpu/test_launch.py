@@ -165,3 +165,14 @@ def test_a_launcher_that_refuses_the_arguments_leaves_the_runner_for_good():
     assert [c[0] for c in kernel.calls] == ["triton", "compiled", "compiled"]
     (entry,) = launch.compiled.values()
     assert entry[2] is None, "the direct launch is dropped after its first refusal"
+
+
+def test_one_launcher_per_kernel_until_the_cache_is_cleared():
+    from vllm_flexprefill.kernels.launch import launcher
+
+    a, b = StubKernel(), StubKernel()
+    first = launcher(a)
+    assert launcher(a) is first and first.kernel is a
+    assert launcher(b) is not first and launcher(b).kernel is b
+    launcher.cache_clear()
+    assert launcher(a) is not first and launcher(a).kernel is a

@@ -17,7 +17,6 @@ The interpreter (CPU tensors) always takes Triton's path.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -114,7 +113,17 @@ class Launcher:
         compiled[grid3](*full)
 
 
-@functools.cache
+# kernel id -> its Launcher; keyed by id because hashing a JITFunction hashes its source's
+# key, about 1.6 us per launch
+_launchers: dict[int, Launcher] = {}
+
+
 def launcher(kernel) -> Launcher:
-    """The one ``Launcher`` of a Triton kernel."""
-    return Launcher(kernel)
+    """The one ``Launcher`` of a Triton kernel (``launcher.cache_clear()`` forgets them all)."""
+    hit = _launchers.get(id(kernel))
+    if hit is None or hit.kernel is not kernel:
+        hit = _launchers[id(kernel)] = Launcher(kernel)
+    return hit
+
+
+launcher.cache_clear = _launchers.clear
