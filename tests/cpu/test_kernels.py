@@ -147,15 +147,19 @@ def test_probe_stats_and_means_match_naive(q_lens, k_lens, bs, hq, h, sparse):
 
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_probe_results_do_not_depend_on_blocks_per_program(blocks):
-    """Runs of 1 or 3 key blocks per program (uneven against 16 and 2 blocks) give the default's results."""
+    """Runs of 1 or 3 key blocks per program (uneven against 16 and 2 blocks) give the default's
+    results, on packed keys and on a paged cache (whose rows a run reads a block ahead)."""
     q_lens, k_lens = [300, 50, 7], [1000, 50, 90]
     layout = BatchLayout.build(q_lens, k_lens, 64, "cpu", [True, False, True])
     q = torch.randn(sum(q_lens), 4, 64, dtype=torch.bfloat16)
     k = torch.randn(sum(k_lens), 2, 64, dtype=torch.bfloat16)
+    key_cache, _, rows = paged_cache(k, k, k_lens)
     want = probe_stats(q, k, layout, 0.125)
-    got = probe_stats(q, k, layout, 0.125, config={"BLOCKS": blocks, "num_warps": 4, "num_stages": 2})
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    config = {"BLOCKS": blocks, "num_warps": 4, "num_stages": 2}
+    for got in (probe_stats(q, k, layout, 0.125, config=config),
+                probe_stats(q, key_cache, layout, 0.125, k_rows=rows, config=config)):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 def test_kernels_read_a_paged_cache_in_place():

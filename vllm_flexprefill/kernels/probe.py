@@ -34,6 +34,12 @@ def _sparse_seq(table, i_j):
             tl.load(row + 4), tl.load(row + 5).to(tl.int64), tl.load(row + 6).to(tl.int64))
 
 
+@triton.jit
+def _rows_of(k_rows, k_start, o_j, k_len, ROW_ALIGN: tl.constexpr):
+    """The paged-cache rows of key positions o_j ([BS] int64; 0 from k_len on)."""
+    return tl.multiple_of(tl.load(k_rows + k_start + o_j, mask=o_j < k_len, other=0), ROW_ALIGN)
+
+
 # the sequence table and the strides carry every length: one compilation serves every batch
 @triton.jit(do_not_specialize=["stride_mh"])
 def probe_kernel(
@@ -68,11 +74,17 @@ def probe_kernel(
         tl.store(q_probe_bar + (i_j * hq + i_h) * D + o_d, tl.sum(b_q.to(tl.float32), axis=0) / n_probe, mask=m_d)
     if UPCAST:
         b_q = b_q.to(tl.float32)
+    # on a paged cache each key's row is read one block ahead: K addresses that wait on a
+    # load of the same iteration stall the loads' pipeline (as in kernels/block_sparse_attn.py)
+    row_next = o_i.to(tl.int64)  # unused without a paged cache
+    if PAGED:
+        row_next = _rows_of(k_rows, k_start, c0 * BS + tl.arange(0, BS), k_len, ROW_ALIGN)
     for i_c in range(c0, c1):
         o_j = i_c * BS + tl.arange(0, BS)
         m_j = o_j < k_len
         if PAGED:  # each key's row in the paged cache
-            row = tl.multiple_of(tl.load(k_rows + k_start + o_j, mask=m_j, other=0), ROW_ALIGN)
+            row = row_next
+            row_next = _rows_of(k_rows, k_start, o_j + BS, tl.where(i_c + 1 < c1, k_len, 0), ROW_ALIGN)
         else:
             row = (k_start + o_j) * stride_kt
         b_k = tl.load(k + (i_h // GROUP) * stride_kh + row[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :],
