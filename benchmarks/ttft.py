@@ -29,8 +29,8 @@ For the FlexPrefill engines one more prompt of each length runs with FlexPrefill
 statistics on: the density of its sparse layer calls and the share of prompt tokens
 planned sparse are printed ("what ran") and kept in the JSON. For every engine one more
 prompt of each length runs with the attention layers' forward and the attention metadata
-builds timed on the host ("host"): the mean host time of a sparse and of a dense layer
-call and of a build, and of all layer calls against the prompt's wall time, without a
+builds timed on the host ("host"): the mean host time of a sparse, a measuring (dense, with
+the estimation beside it) and a dense layer call and of a build, and of all layer calls against the prompt's wall time, without a
 profiler's own cost. A layer call whose host time reaches the GPU time of a whole layer
 leaves the GPU waiting.
 
@@ -212,9 +212,13 @@ def host_time(llm, prompt: dict, params, backend: str) -> dict:
 
 
 def call_kind(layer, attn_metadata) -> str:
-    """"sparse" where FlexPrefill's plan runs this layer sparse, else "dense"."""
+    """"sparse" where FlexPrefill's plan runs this layer sparse, "measure" where it runs dense
+    and measures the density (the estimation beside FlashAttention), else "dense"."""
     plan = getattr(attn_metadata, "plan", None)
-    return "sparse" if plan is not None and plan.runs_sparse(getattr(layer, "layer_name", "")) else "dense"
+    if plan is None:
+        return "dense"
+    name = getattr(layer, "layer_name", "")
+    return "sparse" if plan.runs_sparse(name) else "measure" if plan.measures(name) else "dense"
 
 
 @contextlib.contextmanager
@@ -360,7 +364,7 @@ def main() -> None:
                     print(f"host: {engine} failed: {result['host_error']}", flush=True)
                 for host in result.get("host", []):
                     cells = [f"{host[k + '_calls']} {k} calls {host[k + '_host_us']:.0f} us"
-                             for k in ("sparse", "dense", "build") if host.get(k + "_calls")]
+                             for k in ("sparse", "measure", "dense", "build") if host.get(k + "_calls")]
                     print(f"host: {engine} N={host['N']} {', '.join(cells)}; attention {host['attention_host_ms']:.1f} "
                           f"ms of wall {host['wall_ms']:.1f} ms", flush=True)
                     runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,

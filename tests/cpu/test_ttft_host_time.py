@@ -18,16 +18,18 @@ class Impl:
 
 
 def test_layer_calls_are_timed_per_kind_and_the_method_restored():
-    plan = types.SimpleNamespace(runs_sparse=lambda name: name == "slow")
+    plan = types.SimpleNamespace(runs_sparse=lambda name: name == "slow", measures=lambda name: name == "measuring")
     md = types.SimpleNamespace(plan=plan)
     slow, fast = types.SimpleNamespace(layer_name="slow"), types.SimpleNamespace(layer_name="fast")
+    measuring = types.SimpleNamespace(layer_name="measuring")
     original = Impl.forward
     with ttft.timed(Impl, "forward", lambda args: ttft.call_kind(args[0], args[5])) as times:
         impl = Impl()
         assert impl.forward(slow, 0, 0, 0, None, md, "out") == "out"
         impl.forward(fast, 0, 0, 0, None, md, "out", output_scale=None)
+        impl.forward(measuring, 0, 0, 0, None, md, "out")
         impl.forward(slow, 0, 0, 0, None, None, "out")  # no FlexPrefill plan: a dense call
     assert Impl.forward is original
-    assert len(times["sparse"]) == 1 and len(times["dense"]) == 2
+    assert len(times["sparse"]) == 1 and len(times["dense"]) == 2 and len(times["measure"]) == 1
     assert times["sparse"][0] >= 0.002, "the time spent inside the call is what is kept"
     assert all(t >= 0 for t in times["dense"])
