@@ -73,13 +73,34 @@ def test_layers_measure_before_they_run_sparse_and_diffuse_ones_run_dense():
         measure(r, layer, bucket, density)
     route = r.route_layers(q, k)
     assert route.sparse == frozenset({0, 1, 3}) and route.measure == frozenset()
-    # kept dense, layer 2 measures again after REMEASURE_STEPS steps (never runs sparse meanwhile)
+    # kept dense, layer 2 measures again (never running sparse meanwhile): first after its turn
+    # (the four layers first measured together), then every REMEASURE_STEPS steps
     steps = next(n for n in range(1, 1000) if 2 in r.route_layers(q, k).measure)
-    assert steps == REMEASURE_STEPS
+    assert steps == REMEASURE_STEPS + 2 * REMEASURE_STEPS // 4
+    steps = next(n for n in range(1, 1000) if 2 in r.route_layers(q, k).measure)
+    assert steps == REMEASURE_STEPS + 1
     assert all(2 not in r.route_layers(q, k).sparse for _ in range(5))
     # a diffuse layer that becomes concentrated runs sparse once its measurements say so
     measure(r, 2, bucket, 0.05, times=3)
     assert 2 in r.route_layers(q, k).sparse
+
+
+def test_diffuse_layers_measure_again_in_turns():
+    # every layer measured diffuse in the same step (all unknown at first): from then on they
+    # remeasure in different steps, each once per REMEASURE_STEPS + 1 steps
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(30)]
+    r = router(layers=layers)
+    q, k = [65536], [65536]
+    bucket = length_bucket(k[0])
+    assert r.route_layers(q, k).measure == frozenset(range(30))
+    for layer in layers:
+        r.memory.counter(layer, bucket, 1000)[0] += 990
+    r.memory.refresh()
+    measured = [r.route_layers(q, k).measure for _ in range(3 * (REMEASURE_STEPS + 1))]
+    assert max(len(m) for m in measured) <= 2, "at most two layers' estimations in one step"
+    for layer in range(30):
+        steps = [i for i, m in enumerate(measured) if layer in m]
+        assert len(steps) >= 2 and {b - a for a, b in zip(steps, steps[1:])} == {REMEASURE_STEPS + 1}, (layer, steps)
 
 
 def test_an_unmeasured_length_borrows_the_nearest_shorter_one():

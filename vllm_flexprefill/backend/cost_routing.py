@@ -15,7 +15,8 @@ A layer never runs sparse on a guess. Where its density at this length is unknow
 dense call. A length never measured borrows the layer's estimate at the nearest shorter
 length (densities fall with length), and measures when that one is close to break-even.
 A layer kept dense measures again every ``REMEASURE_STEPS`` steps, so it follows the
-prompts it serves.
+prompts it serves; the layers' turns are spread over those steps (a step where every
+layer measured would pay every layer's estimation at once).
 """
 
 from __future__ import annotations
@@ -169,16 +170,21 @@ class Router:
         bucket = length_bucket(max(k_lens))
         even = self.cost.break_even(q_lens, k_lens)
         sparse, measure = set(), set()
-        for layer in range(len(self.memory.rows)):
+        layers = len(self.memory.rows)
+        for layer in range(layers):
             density, own = self.memory.density(layer, bucket)
             steps = self.memory.dense_steps[layer]
             if density <= even:
                 sparse.add(layer)
                 steps[bucket] = 0
-            elif math.isnan(density) or (not own and density <= BORROW_MARGIN * even) \
-                    or steps[bucket] >= REMEASURE_STEPS:
+            elif steps[bucket] >= REMEASURE_STEPS:
                 measure.add(layer)
                 steps[bucket] = 0
+            elif math.isnan(density) or (not own and density <= BORROW_MARGIN * even):
+                # layers that measure together for want of an estimate come back to it in
+                # turns: each later by its share of REMEASURE_STEPS
+                measure.add(layer)
+                steps[bucket] = -(layer * REMEASURE_STEPS // layers)
             else:
                 steps[bucket] += 1
         return LayerRoute(frozenset(sparse), frozenset(measure))
