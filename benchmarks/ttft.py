@@ -30,9 +30,10 @@ statistics on: the density of its sparse layer calls and the share of prompt tok
 planned sparse are printed ("what ran") and kept in the JSON. For every engine one more
 prompt of each length runs with the attention layers' forward and the attention metadata
 builds timed on the host ("host"): the mean host time of a sparse, a measuring (dense, with
-the estimation beside it) and a dense layer call and of a build, and of all layer calls against the prompt's wall time, without a
-profiler's own cost. A layer call whose host time reaches the GPU time of a whole layer
-leaves the GPU waiting.
+the estimation beside it) and a dense layer call, of FlashAttention's forward inside
+FlexPrefill's layers ("flash_attn") and of a build, and of all layer calls against the
+prompt's wall time, without a profiler's own cost. A layer call whose host time reaches
+the GPU time of a whole layer leaves the GPU waiting.
 
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
@@ -194,17 +195,22 @@ def host_time(llm, prompt: dict, params, backend: str) -> dict:
     dense layer calls, builds) their number and mean host us, and the prompt's wall ms."""
     from vllm.v1.attention.backends import flash_attn
 
+    fa = flash_attn.FlashAttentionImpl
     if backend == "FLASH_ATTN":
-        impl, builder = flash_attn.FlashAttentionImpl, flash_attn.FlashAttentionMetadataBuilder
+        impl, builder = fa, flash_attn.FlashAttentionMetadataBuilder
     else:
         from vllm_flexprefill.backend import cuda
 
         impl, builder = cuda.FlexPrefillImpl, cuda.FlexPrefillMetadataBuilder
-    with timed(impl, "forward", lambda args: call_kind(args[0], args[5])) as calls, \
-            timed(builder, "build", lambda args: "build") as builds:
+    with contextlib.ExitStack() as stack:
+        calls = stack.enter_context(timed(impl, "forward", lambda args: call_kind(args[0], args[5])))
+        builds = stack.enter_context(timed(builder, "build", lambda args: "build"))
+        # FlexPrefill's layers: FlashAttention's own forward inside them as well (what the dense
+        # calls cost beyond it is FlexPrefill's)
+        inner = stack.enter_context(timed(fa, "forward", lambda args: "flash_attn")) if impl is not fa else {}
         wall = wall_ms(llm, prompt, params)
     row = {"N": len(prompt["prompt_token_ids"]), "wall_ms": wall}
-    for kind, spans in {**calls, **builds}.items():
+    for kind, spans in {**calls, **builds, **inner}.items():
         row[f"{kind}_calls"] = len(spans)
         row[f"{kind}_host_us"] = 1e6 * sum(spans) / len(spans) if spans else None
     row["attention_host_ms"] = 1000 * sum(sum(spans) for spans in calls.values())
@@ -364,7 +370,7 @@ def main() -> None:
                     print(f"host: {engine} failed: {result['host_error']}", flush=True)
                 for host in result.get("host", []):
                     cells = [f"{host[k + '_calls']} {k} calls {host[k + '_host_us']:.0f} us"
-                             for k in ("sparse", "measure", "dense", "build") if host.get(k + "_calls")]
+                             for k in ("sparse", "measure", "dense", "flash_attn", "build") if host.get(k + "_calls")]
                     print(f"host: {engine} N={host['N']} {', '.join(cells)}; attention {host['attention_host_ms']:.1f} "
                           f"ms of wall {host['wall_ms']:.1f} ms", flush=True)
                     runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,

@@ -33,3 +33,19 @@ def test_layer_calls_are_timed_per_kind_and_the_method_restored():
     assert len(times["sparse"]) == 1 and len(times["dense"]) == 2 and len(times["measure"]) == 1
     assert times["sparse"][0] >= 0.002, "the time spent inside the call is what is kept"
     assert all(t >= 0 for t in times["dense"])
+
+
+def test_a_layer_and_the_forward_it_delegates_to_are_timed_apart():
+    # FlexPrefill's impl calls FlashAttention's forward for dense calls: both wrapped, each
+    # call lands under its own kind, the inner one inside the outer one's time
+    class Outer(Impl):
+        def forward(self, layer, *args, **kwargs):
+            time.sleep(0.001)
+            return super().forward(layer, *args, **kwargs)
+
+    slow = types.SimpleNamespace(layer_name="slow")
+    with ttft.timed(Outer, "forward", lambda args: "dense") as outer, \
+            ttft.timed(Impl, "forward", lambda args: "flash_attn") as inner:
+        assert Outer().forward(slow, 0, 0, 0, None, None, "out") == "out"
+    assert len(outer["dense"]) == 1 and len(inner["flash_attn"]) == 1
+    assert inner["flash_attn"][0] >= 0.002 and outer["dense"][0] >= inner["flash_attn"][0] + 0.001
