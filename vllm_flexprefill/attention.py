@@ -184,11 +184,13 @@ def plan_cuda(layout: BatchLayout) -> None:
 
 
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexPrefillConfig, dtype: torch.dtype,
-                    device: torch.device | str) -> None:
+                    device: torch.device | str, count_slots: int = 0) -> None:
     """Runs the CUDA path's Triton kernels once on small inputs laid out like vLLM's paged
     cache, so that they compile at start-up rather than in the first long prompt. The kernels
     are not specialised on lengths: these compilations serve every prompt. Two calls: one long
-    enough for the probe's rows to run in segments (``BatchLayout.tail_split``), one not."""
+    enough for the probe's rows to run in segments (``BatchLayout.tail_split``), one not; each
+    counting its blocks into ``count_slots`` counters as the router's layers do (0: none; the
+    count is a variant of the block-list kernel)."""
     from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
     from vllm_flexprefill.patterns.layout import paged_rows
 
@@ -199,7 +201,8 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexP
         positions = torch.arange(n, device=device)
         rows = paged_rows(cache[0], positions // page, positions % page)
         layout = BatchLayout.build([n], [n], bs, device)
-        selection = select_blocks(q, cache[0], layout, cfg, scale, rows)
+        counter = torch.zeros(count_slots, dtype=torch.int32, device=device) if count_slots else None
+        selection = select_blocks(q, cache[0], layout, cfg, scale, rows, count_into=counter)
         sparse_attention(q, cache[0], cache[1], layout, selection, scale, k_rows=rows)
 
 

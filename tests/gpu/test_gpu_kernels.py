@@ -189,14 +189,16 @@ def test_planted_structure_long(n):
 
 
 def test_kernels_compiled_at_start_up_serve_other_lengths():
-    # start-up compiles the sparse path once (attention.compile_kernels); a later chunk of other
-    # lengths on a paged cache compiles nothing new (no specialisation on lengths)
-    from vllm_flexprefill.attention import compile_kernels, select_blocks, sparse_attention
+    # start-up compiles the sparse path once (attention.compile_kernels, counting as the
+    # router's layers count); a later chunk of other lengths on a paged cache, planned as the
+    # builder plans it, compiles nothing new (no specialisation on lengths)
+    from vllm_flexprefill.attention import compile_kernels, plan_cuda, select_blocks, sparse_attention
+    from vllm_flexprefill.backend.cost_routing import COUNT_SLOTS
     from vllm_flexprefill.kernels import block_lists, block_sparse_attn, head_select, probe
     from vllm_flexprefill.patterns.layout import paged_rows
 
     cfg = FlexPrefillConfig(min_sparse_tokens=0)
-    compile_kernels(8, 2, 128, cfg, torch.bfloat16, DEV)
+    compile_kernels(8, 2, 128, cfg, torch.bfloat16, DEV, count_slots=COUNT_SLOTS)
     kernels = [probe.probe_kernel, head_select.head_select_kernel, block_lists.pooled_map_kernel,
                block_lists.block_lists_kernel,
                block_sparse_attn.block_sparse_attn_fwd_kernel]
@@ -211,7 +213,9 @@ def test_kernels_compiled_at_start_up_serve_other_lengths():
     positions = torch.arange(k_len, device=DEV)
     rows = paged_rows(cache[0], positions // 16 + 3, positions % 16)
     layout = BatchLayout.build([q_len], [k_len], 128, DEV)
-    selection = select_blocks(q, cache[0], layout, cfg, 128 ** -0.5, rows)
+    plan_cuda(layout)
+    counter = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=DEV)
+    selection = select_blocks(q, cache[0], layout, cfg, 128 ** -0.5, rows, count_into=counter)
     sparse_attention(q, cache[0], cache[1], layout, selection, 128 ** -0.5, k_rows=rows)
     assert compiled() == before
 

@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_flexprefill.attention import compile_kernels
 from vllm_flexprefill.backend import compat
+from vllm_flexprefill.backend.cost_routing import COUNT_SLOTS
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
 from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
@@ -65,7 +66,8 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             compat.say_once(logging.INFO, "FlexPrefill active: %s", self.flex_config)
             self.router = make_router(self.flex_config, vllm_config, layer_names, device)
             if layers and (self.router is None or self.router.sparse_from is not None):
-                compile_ahead(self.flex_config, next(iter(layers.values())).impl, kv_cache_spec.dtype, device)
+                compile_ahead(self.flex_config, next(iter(layers.values())).impl, kv_cache_spec.dtype, device,
+                              COUNT_SLOTS if self.router is not None else 0)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -137,17 +139,18 @@ class FlexPrefillImpl(FlashAttentionImpl):
 _compiled: set = set()
 
 
-def compile_ahead(cfg, impl, dtype: torch.dtype, device) -> None:
+def compile_ahead(cfg, impl, dtype: torch.dtype, device, count_slots: int) -> None:
     """Compiles the sparse path's Triton kernels for this layer shape, once per process, so
-    that start-up pays for it instead of the first long prompt (``attention.compile_kernels``)."""
-    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, cfg)
+    that start-up pays for it instead of the first long prompt (``attention.compile_kernels``;
+    count_slots: the router's counters per layer call, 0 without a router)."""
+    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, cfg, count_slots)
     if key in _compiled:
         return
     _compiled.add(key)
     start = time.perf_counter()
     try:
         with torch.cuda.device(device):
-            compile_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, cfg, dtype, device)
+            compile_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, cfg, dtype, device, count_slots)
             torch.cuda.synchronize()
     except Exception as e:  # the engine still starts; the first sparse prompt compiles (and reports) them
         compat.say_once(logging.WARNING, "FlexPrefill could not compile its kernels at start-up (%s: %s); they "
