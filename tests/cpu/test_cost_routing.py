@@ -85,6 +85,20 @@ def test_layers_measure_before_they_run_sparse_and_diffuse_ones_run_dense():
     assert 2 in r.route_layers(q, k).sparse
 
 
+def test_steps_that_count_nothing_leave_the_memory_alone():
+    # a prefill step in which no layer ran the estimation (every request dense) reads and
+    # folds nothing: the memory's work is for the pairs that counted
+    r = router()
+    bucket = length_bucket(65536)
+    measure(r, 1, bucket, 0.3)
+    assert r.memory.density(1, bucket) == (pytest.approx(0.3), True)
+    reads = []
+    r.memory.counts.sum = lambda *args, **kwargs: reads.append(args)  # what a fold reads first
+    for _ in range(3):
+        r.memory.refresh()
+    assert reads == [] and r.memory.density(1, bucket) == (pytest.approx(0.3), True)
+
+
 def test_diffuse_layers_measure_again_in_turns():
     # every layer measured diffuse in the same step (all unknown at first): from then on they
     # remeasure in different steps, each once per REMEASURE_STEPS + 1 steps

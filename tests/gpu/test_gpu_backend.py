@@ -82,3 +82,11 @@ def test_density_memory_folds_measurements_after_the_copy_lands():
     memory.refresh()
     assert memory.density(1, 5) == (pytest.approx(0.5), True)
     assert memory.density(1, 7) == (pytest.approx(0.5), False), "a longer bucket borrows"
+    # steps where no layer counted (every request dense) cost the GPU nothing: no copy, no fill
+    torch.cuda.synchronize()
+    memory.refresh()  # folds nothing new; the last copy has landed
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            memory.refresh()
+        torch.cuda.synchronize()
+    assert not [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
