@@ -191,8 +191,9 @@ def what_ran(llm, prompt: dict, params) -> dict:
 
 def host_time(llm, prompt: dict, params, backend: str) -> dict:
     """One more prompt with the attention layers' forward and the attention metadata builds
-    timed on the host (``timed``; the engine runs in this process): per kind (sparse and
-    dense layer calls, builds) their number and mean host us, and the prompt's wall ms."""
+    timed on the host (``timed``; the engine runs in this process): per kind (``call_kind``'s
+    layer calls, FlashAttention's forward inside FlexPrefill's, builds) their number and mean
+    host us, and the prompt's wall ms."""
     from vllm.v1.attention.backends import flash_attn
 
     fa = flash_attn.FlashAttentionImpl

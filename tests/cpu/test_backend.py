@@ -99,6 +99,7 @@ def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):
     torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
     row = plan.memory.rows[name]
     # the blocks the estimation chose, counted out of the groups' causal blocks (all heads)
-    computed, causal = int(plan.memory.counts[row].sum()), sum(plan.memory.causal[row])
+    computed = int(plan.memory.counts[row].sum())
+    causal = sum(n for (r, _), n in plan.memory.causal.items() if r == row)
     assert causal == sum(g.causal_blocks for g in plan.groups) * batch.query.shape[1]
     assert 0 < computed <= causal

@@ -65,18 +65,17 @@ class DensityMemory:
         # where the calls are made
         self.counts = torch.zeros((*shape, COUNT_SLOTS), dtype=torch.int32, device=self.device)
         self.slots = [[self.counts[row, b] for b in range(NUM_BUCKETS)] for row in range(len(layer_names))]
-        self.causal = [[0] * NUM_BUCKETS for _ in layer_names]
-        # the (layer, bucket) pairs counted since the last copy: a step where no layer counted
-        # (every request dense) neither copies nor folds, and a fold reads these pairs alone
-        self.touched: set[tuple[int, int]] = set()
+        # causal blocks behind the counts per (layer, bucket) counted since the last copy: a
+        # step where no layer counted (every request dense) neither copies nor folds, and a
+        # fold reads these pairs alone
+        self.causal: dict[tuple[int, int], int] = {}
         # host estimates per (layer, bucket), read per layer each step; NaN: never measured
         self.estimate = [[math.nan] * NUM_BUCKETS for _ in layer_names]
         # steps each (layer, bucket) ran dense since it last measured
         self.dense_steps = [[0] * NUM_BUCKETS for _ in layer_names]
         # one pinned host buffer, the causal blocks behind it, and the event of the copy into it
         self._host = torch.empty(self.counts.shape, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self._host_causal: list[list[int]] = []
-        self._host_touched: set[tuple[int, int]] = set()
+        self._host_causal: dict[tuple[int, int], int] = {}
         self._copied: torch.cuda.Event | None = None
 
     def counter(self, layer_name: str, bucket: int, causal_blocks: int) -> torch.Tensor | None:
@@ -86,43 +85,40 @@ class DensityMemory:
         row = self.rows.get(layer_name)
         if row is None:
             return None
-        self.causal[row][bucket] += causal_blocks
-        self.touched.add((row, bucket))
+        self.causal[row, bucket] = self.causal.get((row, bucket), 0) + causal_blocks
         return self.slots[row][bucket]
 
     def refresh(self) -> None:
         """Folds in the measurements that reached the host; starts copying the newest ones
         (nothing at all where nothing was counted or is in flight)."""
-        if not self.touched and self._copied is None:
+        if not self.causal and self._copied is None:
             return
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # a CUDA graph capture (dummy batches) neither copies nor folds
-        causal, self.causal = self.causal, [[0] * NUM_BUCKETS for _ in self.rows]
-        touched, self.touched = self.touched, set()
+        causal, self.causal = self.causal, {}
         if self.device.type != "cuda":
-            self._fold(self.counts.sum(-1).tolist(), causal, touched)
+            self._fold(self.counts.sum(-1).tolist(), causal)
             self.counts.zero_()
             return
         if self._copied is not None:
             if not self._copied.query():
                 # the previous copy is still in flight: its counts keep growing until the next copy
-                self.causal, self.touched = causal, touched
+                self.causal = causal
                 return
-            self._fold(self._host.sum(-1).tolist(), self._host_causal, self._host_touched)
+            self._fold(self._host.sum(-1).tolist(), self._host_causal)
             self._copied = None
-        if not touched:
+        if not causal:
             return
         self._host.copy_(self.counts, non_blocking=True)
-        self._host_causal, self._host_touched = causal, touched
+        self._host_causal = causal
         self.counts.zero_()
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def _fold(self, computed: list[list[int]], causal: list[list[int]], touched: set[tuple[int, int]]) -> None:
-        """Blends each measured (layer, bucket) density (computed over causal blocks, host
-        lists; the pairs ``touched``) into its estimate."""
-        for row, b in touched:
-            n = causal[row][b]
+    def _fold(self, computed: list[list[int]], causal: dict[tuple[int, int], int]) -> None:
+        """Blends each measured (layer, bucket) density (computed blocks, host lists, over the
+        causal blocks behind them) into its estimate."""
+        for (row, b), n in causal.items():
             if n:
                 mean = computed[row][b] / n
                 old = self.estimate[row][b]
