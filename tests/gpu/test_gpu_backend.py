@@ -52,6 +52,18 @@ def test_sparse_config_long_prefills_equal_the_spec(case):
     torch.testing.assert_close(out[rows].float(), reference(batch, requests)[rows], atol=ATOL[BF16], rtol=0)
 
 
+def test_a_step_without_dense_runs_keeps_ahead_of_time_scheduling():
+    # FlashAttention-3 schedules a batch ahead of time in the builder, into one buffer per
+    # builder: a step whose requests all run sparse builds once and keeps that schedule for its
+    # dense layers; a step with dense runs builds several metadata and schedules in the kernel
+    _, _, metadata = run_backend(CASES["prefill-only"], SPARSE, BF16, "cuda")
+    assert metadata.plan is not None and not metadata.plan.dense_runs
+    assert metadata.scheduler_metadata is not None
+    _, _, metadata = run_backend(CASES["mixed"], SPARSE, BF16, "cuda")
+    assert metadata.plan.dense_runs and metadata.scheduler_metadata is None
+    assert all(md.scheduler_metadata is None for _, _, md in metadata.runs)
+
+
 def test_groups_of_bounded_keys_give_the_same_output(monkeypatch):
     from vllm_flexprefill.backend import routing
 

@@ -84,10 +84,11 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                               self.flex_config, decode_threshold=1, router=self.router)
         if plan is None:
             return super().build(common_prefix_len, cm, fast_build)
-        # ahead-of-time scheduling writes one persistent buffer; several builds in a step
-        # would overwrite each other, so mixed batches schedule inside the kernel
+        # ahead-of-time scheduling writes one persistent buffer: a step with dense runs builds
+        # several metadata, which would overwrite each other, so they schedule inside the
+        # kernel; a step without them builds once and keeps it for its dense layers
         build = super().build
-        whole = build(common_prefix_len, cm, fast_build=True)
+        whole = build(common_prefix_len, cm, fast_build=fast_build or bool(plan.dense_runs))
         runs = dense_run_metadata(cm, plan, lambda run_cm: build(0, run_cm, fast_build=True))
         return extend_metadata(whole, FlexPrefillMetadata, plan=plan, runs=runs)
 
