@@ -21,6 +21,7 @@
 #                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server,
 #                                         # FLEX_PREFILL (default settings) then FLASH_ATTN, compared
+#   bash benchmarks/run-gpu.sh fa3-lists  # block lists as FA3 paged varlen sequences against our kernel (experiment)
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
 #   bash benchmarks/run-gpu.sh launch     # host time of one launch by way of launching, and of small torch ops
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
@@ -49,6 +50,10 @@ for stage in "$@"; do
                 timeout 280 python benchmarks/tune.py --estimation --shape $args 2>&1 | tee -a "$OUT/tune-est.log" \
                   | grep -A4 -E "^(probe|head)"
               done ;;
+    fa3-lists) timeout 300 python benchmarks/fa3_lists.py --shape 32 8 128 --lengths 16384 32768 --out "$OUT" 2>&1 \
+                 | tee "$OUT/fa3_lists.log" | grep -E "^N=|Error" | tail -12
+               timeout 120 python benchmarks/fa3_lists.py --shape 9 3 64 --lengths 32768 --out "$OUT/d64" 2>&1 \
+                 | tee -a "$OUT/fa3_lists.log" | grep -E "^N=|Error" | tail -4 ;;
     ceiling) timeout 400 python benchmarks/loop_ceiling.py --out "$OUT" 2>&1 | tee "$OUT/loop_ceiling.log" \
                | grep -E "^HQ|ms|Error" | tail -70 ;;
     ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
