@@ -15,7 +15,8 @@
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
 #   bash benchmarks/run-gpu.sh ttft-real  # TTFT on the real model 4k-32k: FLASH_ATTN, FLEX_PREFILL default, every
-#                                         # chunk sparse; a profile of one 32k prompt per engine; vLLM's
+#                                         # chunk sparse; a profile of one 32k prompt per engine (and the
+#                                         # host time of FlexPrefill's sparse calls under cProfile); vLLM's
 #                                         # default compilation (COMPILATION=eager: without torch.compile);
 #                                         # ROUNDS engine processes each, alternating (ENGINES, LENGTHS to choose;
 #                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
@@ -78,7 +79,7 @@ for stage in "$@"; do
                  --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \
-                 | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -40 ;;
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran|host:|cProfile" | tail -40 ;;
     ttft-default) timeout 560 python benchmarks/ttft.py --shape ${SHAPE:-llama-3.1-8b} --lengths ${LENGTHS:-8192 32768 131072} \
                     --engines FLASH_ATTN FLEX_PREFILL ${RATES:+--rates $RATES} --reps 1 --out "$OUT/default" 2>&1 | grep -E "^ +on|failed|Error|what ran|host:" | tail -14 ;;
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \

@@ -37,18 +37,24 @@ the GPU time of a whole layer leaves the GPU waiting.
 
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
-took it, to see where a layer call's time goes inside vLLM.
+took it, to see where a layer call's time goes inside vLLM. For the FlexPrefill engines one
+more prompt runs with its sparse layer calls and its metadata builds under cProfile
+(``host-profile-<engine>-<N>.txt``: the functions they spent their host time in, by
+cumulative time), to see what a sparse call's host time inside vLLM is made of.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import itertools
 import json
 import multiprocessing
 import os
 import pathlib
+import pstats
 import statistics
 import tempfile
 import time
@@ -138,6 +144,11 @@ def engine_measure(spec: dict) -> dict:
         out["ttft_ms"][n] = statistics.median(times)
     if spec.get("profile_dir") and spec["lengths"][-1] == max(spec["all_lengths"]):
         profile_prompt(llm, prompt(spec["lengths"][-1]), one, spec)
+        if spec["backend"] != "FLASH_ATTN":
+            try:
+                host_profile(llm, prompt(spec["lengths"][-1]), one, spec)
+            except Exception as e:  # a diagnostic: its failure leaves the timings standing
+                print(f"host profile failed: {type(e).__name__}: {e}", flush=True)
     if spec["backend"] != "FLASH_ATTN":
         out["what_ran"] = [what_ran(llm, prompt(n), one) for n in spec["lengths"]]
     try:
@@ -249,6 +260,59 @@ def timed(cls, name: str, kind):
         yield times
     finally:
         setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def profiled(cls, name: str, want, profiler: cProfile.Profile):
+    """Within: the calls of method ``name`` of class ``cls`` for which ``want(positional args)``
+    holds run under ``profiler`` (enabled for those calls only). Yields {"calls": count}."""
+    seen = {"calls": 0}
+    original = getattr(cls, name)
+
+    def profiled_call(self, *args, **kwargs):
+        if not want(args):
+            return original(self, *args, **kwargs)
+        seen["calls"] += 1
+        profiler.enable()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            profiler.disable()
+
+    setattr(cls, name, profiled_call)
+    try:
+        yield seen
+    finally:
+        setattr(cls, name, original)
+
+
+def host_profile(llm, prompt: dict, params, spec: dict, top: int = 40) -> str:
+    """One prompt with FlexPrefill's sparse layer calls and its metadata builds under cProfile
+    (the engine runs in this process); writes ``host-profile-<engine>-<N>.txt`` (functions by
+    cumulative time) and returns its first line."""
+    from vllm_flexprefill.backend import cuda
+
+    profiler = cProfile.Profile()
+    with profiled(cuda.FlexPrefillImpl, "forward", lambda args: call_kind(args[0], args[5]) == "sparse",
+                  profiler) as calls, \
+            profiled(cuda.FlexPrefillMetadataBuilder, "build", lambda args: True, profiler) as builds:
+        wall = wall_ms(llm, prompt, params)
+    return write_host_profile(profiler, calls["calls"], builds["calls"], wall, spec, len(prompt["prompt_token_ids"]),
+                              top)
+
+
+def write_host_profile(profiler: cProfile.Profile, calls: int, builds: int, wall: float, spec: dict, n: int,
+                       top: int) -> str:
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    total_ms = 1000 * stats.total_tt
+    head = (f"{spec['backend']} {spec.get('flexprefill')} N={n}: wall {wall:.1f} ms under cProfile, "
+            f"{calls} sparse layer calls and {builds} builds profiled, {total_ms:.1f} ms of host time in them")
+    stats.sort_stats("cumulative").print_stats(top)
+    path = pathlib.Path(spec["profile_dir"]) / f"host-profile-{spec['backend']}-{n}.txt"
+    path.write_text(head + "\n" + text.getvalue())
+    print(head, flush=True)
+    return head
 
 
 def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:

@@ -1,7 +1,9 @@
 """benchmarks/ttft.py's host timing of attention layer calls: what its "host" lines rest on."""
 
+import cProfile
 import importlib.util
 import pathlib
+import pstats
 import time
 import types
 
@@ -49,3 +51,37 @@ def test_a_layer_and_the_forward_it_delegates_to_are_timed_apart():
         assert Outer().forward(slow, 0, 0, 0, None, None, "out") == "out"
     assert len(outer["dense"]) == 1 and len(inner["flash_attn"]) == 1
     assert inner["flash_attn"][0] >= 0.002 and outer["dense"][0] >= inner["flash_attn"][0] + 0.001
+
+
+def work_of_a_sparse_call():
+    time.sleep(0.001)
+
+
+def work_of_a_dense_call():
+    time.sleep(0.001)
+
+
+class Profiled:
+    def forward(self, layer, *args):
+        (work_of_a_sparse_call if layer == "sparse" else work_of_a_dense_call)()
+        return layer
+
+
+def test_only_the_chosen_calls_run_under_the_profiler(tmp_path):
+    profiler = cProfile.Profile()
+    original = Profiled.forward
+    with ttft.profiled(Profiled, "forward", lambda args: args[0] == "sparse", profiler) as seen:
+        impl = Profiled()
+        assert impl.forward("sparse") == "sparse"
+        assert impl.forward("dense") == "dense"
+        impl.forward("sparse")
+    assert Profiled.forward is original
+    assert seen["calls"] == 2
+    functions = {name: row[0] for (_, _, name), row in pstats.Stats(profiler).stats.items()}
+    assert functions.get("work_of_a_sparse_call") == 2, "each chosen call is profiled"
+    assert "work_of_a_dense_call" not in functions, "the other calls run without the profiler"
+    head = ttft.write_host_profile(profiler, seen["calls"], 0, 12.5, {"backend": "FLEX_PREFILL",
+                                                                       "profile_dir": str(tmp_path)}, 4096, 10)
+    text = (tmp_path / "host-profile-FLEX_PREFILL-4096.txt").read_text()
+    assert text.startswith(head) and "2 sparse layer calls" in head
+    assert "work_of_a_sparse_call" in text
