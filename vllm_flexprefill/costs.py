@@ -52,7 +52,7 @@ CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, esti
 # cost 0.5 against 1.4 in the same run (commit 972bff5): TTFT 1.32x against 1.09x dense, 20 of
 # the 30 second-chunk layers sparse against 5, real-model accuracy equal to dense
 # (docs/benchmarks.md, docs/quality.md). At head_dim 128 it is still the 1.4 ms of the
-# earlier host path (docs/benchmarks.md): not yet measured end to end with the memoised launches
+# earlier host path (docs/benchmarks-history.md): not yet measured end to end with the memoised launches
 CALIBRATED: dict[str, dict[int, Rates]] = {
     "NVIDIA H200": {
         64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,
