@@ -303,12 +303,17 @@ def host_profile(llm, prompt: dict, params, spec: dict, top: int = 40) -> str:
 
 def write_host_profile(profiler: cProfile.Profile, calls: int, builds: int, wall: float, spec: dict, n: int,
                        top: int) -> str:
+    """Writes ``host-profile-<engine>-<N>.txt``: a head line (the counts, and the host time in
+    the profiled calls, which includes cProfile's own cost) and the ``top`` functions by
+    cumulative time; returns the head line."""
     text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    total_ms = 1000 * stats.total_tt
+    profiler.create_stats()
+    stats = pstats.Stats(profiler, stream=text) if profiler.stats else None
+    total_ms = 1000 * stats.total_tt if stats else 0.0
     head = (f"{spec['backend']} {spec.get('flexprefill')} N={n}: wall {wall:.1f} ms under cProfile, "
             f"{calls} sparse layer calls and {builds} builds profiled, {total_ms:.1f} ms of host time in them")
-    stats.sort_stats("cumulative").print_stats(top)
+    if stats:
+        stats.sort_stats("cumulative").print_stats(top)
     path = pathlib.Path(spec["profile_dir"]) / f"host-profile-{spec['backend']}-{n}.txt"
     path.write_text(head + "\n" + text.getvalue())
     print(head, flush=True)

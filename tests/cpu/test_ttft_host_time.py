@@ -85,3 +85,10 @@ def test_only_the_chosen_calls_run_under_the_profiler(tmp_path):
     text = (tmp_path / "host-profile-FLEX_PREFILL-4096.txt").read_text()
     assert text.startswith(head) and "2 sparse layer calls" in head
     assert "work_of_a_sparse_call" in text
+
+
+def test_a_prompt_without_sparse_calls_still_writes_its_profile(tmp_path):
+    head = ttft.write_host_profile(cProfile.Profile(), 0, 0, 3.0, {"backend": "FLEX_PREFILL",
+                                                                  "profile_dir": str(tmp_path)}, 512, 10)
+    assert "0 sparse layer calls" in head and "0.0 ms" in head
+    assert (tmp_path / "host-profile-FLEX_PREFILL-512.txt").read_text().startswith(head)
