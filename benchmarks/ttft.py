@@ -240,26 +240,36 @@ def call_kind(layer, attn_metadata) -> str:
 
 
 @contextlib.contextmanager
+def wrapped(cls, name: str, around):
+    """Within: method ``name`` of class ``cls`` replaced by ``around(original method)``;
+    the original is back on exit."""
+    original = getattr(cls, name)
+    setattr(cls, name, around(original))
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+@contextlib.contextmanager
 def timed(cls, name: str, kind):
     """Within: method ``name`` of class ``cls`` timed on the host per call (perf_counter
     around it; no synchronisation), the seconds kept per ``kind(positional args)``. Yields
     {kind: [seconds, ...]}."""
     times: dict[str, list[float]] = {}
-    original = getattr(cls, name)
 
-    def timed_call(self, *args, **kwargs):
-        label = kind(args)
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            times.setdefault(label, []).append(time.perf_counter() - start)
+    def around(original):
+        def timed_call(self, *args, **kwargs):
+            label = kind(args)
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                times.setdefault(label, []).append(time.perf_counter() - start)
+        return timed_call
 
-    setattr(cls, name, timed_call)
-    try:
+    with wrapped(cls, name, around):
         yield times
-    finally:
-        setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -267,23 +277,21 @@ def profiled(cls, name: str, want, profiler: cProfile.Profile):
     """Within: the calls of method ``name`` of class ``cls`` for which ``want(positional args)``
     holds run under ``profiler`` (enabled for those calls only). Yields {"calls": count}."""
     seen = {"calls": 0}
-    original = getattr(cls, name)
 
-    def profiled_call(self, *args, **kwargs):
-        if not want(args):
-            return original(self, *args, **kwargs)
-        seen["calls"] += 1
-        profiler.enable()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            profiler.disable()
+    def around(original):
+        def profiled_call(self, *args, **kwargs):
+            if not want(args):
+                return original(self, *args, **kwargs)
+            seen["calls"] += 1
+            profiler.enable()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                profiler.disable()
+        return profiled_call
 
-    setattr(cls, name, profiled_call)
-    try:
+    with wrapped(cls, name, around):
         yield seen
-    finally:
-        setattr(cls, name, original)
 
 
 def host_profile(llm, prompt: dict, params, spec: dict, top: int = 40) -> str:
