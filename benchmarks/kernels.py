@@ -30,13 +30,13 @@ import statistics
 import torch
 import triton
 import triton.testing
+from synthetic import paged_cache, planted_inputs, random_block_lists
 
 from vllm_flexprefill.attention import flex_prefill_attention_varlen, plan_cuda, select_blocks
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import Rates, causal_flops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
-from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.testing import paged_cache, planted_inputs, random_block_lists
+from vllm_flexprefill.layout.batch import BatchLayout
 
 # name: (query heads, kv heads, head_dim, default lengths)
 SHAPES = {

@@ -35,13 +35,14 @@ def main() -> None:
 
     import json
 
+    from synthetic import planted_inputs
+
     from vllm_flexprefill.attention import select_blocks, sparse_attention
     from vllm_flexprefill.backend.cost_routing import DensityMemory
     from vllm_flexprefill.backend.routing import plan_batch
     from vllm_flexprefill.backend.sparse import sparse_prefill
     from vllm_flexprefill.config import FlexPrefillConfig
-    from vllm_flexprefill.patterns.layout import paged_rows
-    from vllm_flexprefill.testing import planted_inputs
+    from vllm_flexprefill.layout.paged import paged_rows
 
     hq, h, d = args.shape
     dev = "cuda" if torch.cuda.is_available() else "cpu"

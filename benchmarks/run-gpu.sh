@@ -40,7 +40,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Running pip as" || true
 for stage in "$@"; do
   case "$stage" in
-    model) python -m vllm_flexprefill.hf.smollm2 --yarn 2>&1 | tail -1 ;;
+    model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
     tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
     kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
              for shape in "9 3 64" "32 8 128"; do

@@ -134,13 +134,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for every request")
     args = parser.parse_args()
 
+    import checkpoints
+    from ruler_tasks import Generator
     from transformers import AutoTokenizer
 
-    from vllm_flexprefill.hf import smollm2
-    from vllm_flexprefill.tasks import Generator
-
     yarn = max(args.lengths) > 8192
-    model = str(smollm2.checkpoint(yarn=yarn))
+    model = str(checkpoints.checkpoint("smollm2", yarn=yarn))
     gen = Generator(AutoTokenizer.from_pretrained(model))
     samples = [gen.sample("niah_single_number", args.lengths[i % len(args.lengths)], i, seed=21)
                for i in range(args.requests)]

@@ -3,7 +3,7 @@
 Llama-3.1-8B shapes (all 32 layers; --shape picks Qwen2-7B, GLM-4-9B or Yi-9B-200K shapes
 instead) with random weights (load_format="dummy"), prompts of random token ids, batch 1,
 prefix caching off, 8192-token chunks. ``--shape smollm2`` runs the real pretrained model
-instead (``vllm_flexprefill.hf.smollm2``: native up to 8k, its YaRN variant above) on
+instead (``benchmarks/checkpoints.py``: native up to 8k, its YaRN variant above) on
 RULER-style needle prompts, with chunked prefill as vLLM sets it. Each engine runs in its
 own process; the first prompt warms it up (Triton compiles, the router measures densities).
 
@@ -352,16 +352,15 @@ def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
 def real_model_variants(lengths: list[int], reps: int) -> list[dict]:
     """SmolLM2-135M-Instruct runs: native up to 8k, the YaRN variant above; needle prompts
     (one warm-up, reps timed, three for decode per length), each used once."""
+    import checkpoints
+    from ruler_tasks import Generator
     from transformers import AutoTokenizer
 
-    from vllm_flexprefill.hf import smollm2
-    from vllm_flexprefill.tasks import Generator
-
-    native = smollm2.checkpoint()
+    native = checkpoints.checkpoint("smollm2")
     gen = Generator(AutoTokenizer.from_pretrained(native))
     variants = []
     for model, max_len, ns in ((native, 8192, [n for n in lengths if n <= 8192]),
-                               (smollm2.checkpoint(yarn=True), 32768, [n for n in lengths if n > 8192])):
+                               (checkpoints.checkpoint("smollm2", yarn=True), 32768, [n for n in lengths if n > 8192])):
         if ns:
             prompts = {n: [list(gen.sample("niah_single_number", n, i, seed=11).token_ids) for i in range(reps + 8)]
                        for n in ns}

@@ -14,14 +14,14 @@ import itertools
 
 import torch
 import triton.testing
+from synthetic import paged_cache, planted_inputs, random_block_lists
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.configs import attention_config, probe_config, select_config
 from vllm_flexprefill.kernels.head_select import select_heads
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.layout import BatchLayout
-from vllm_flexprefill.testing import paged_cache, planted_inputs, random_block_lists
+from vllm_flexprefill.layout.batch import BatchLayout
 
 BS = 128
 

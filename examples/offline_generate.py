@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import sys
 import tempfile
 import time
 
@@ -40,7 +42,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_flexprefill import stats
-    from vllm_flexprefill.testing import make_tiny_model, random_text
+
+    # the tiny random model is one of the benchmarks' synthetic inputs
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synthetic import make_tiny_model, random_text
 
     if args.dtype is None:
         args.dtype = "float16" if torch.cuda.is_available() else "float32"

@@ -99,7 +99,7 @@ def make_batch(requests: list[Request], dtype, device, seed: int) -> tuple[Batch
 @functools.cache
 def tiny_model() -> str:
     """A tiny random model directory (config and tokenizer for the engine config), made once."""
-    from vllm_flexprefill.testing import make_tiny_model
+    from synthetic import make_tiny_model
 
     path = tempfile.mkdtemp(prefix="flexprefill-backend-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
@@ -122,8 +122,9 @@ def run_backend(requests: list[Request], flexprefill: dict, dtype: torch.dtype, 
     """The backend's output [Tq, HQ, D] for one batch (poisoned with NaN before the call), the
     batch, and the metadata the builder made."""
     from vllm.config import set_current_vllm_config
-    from vllm.model_executor.layers.attention import Attention
     from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_flexprefill.backend import compat
 
     vllm_config = engine_config(tiny_model(), str(dtype).removeprefix("torch."), flexprefill)
     batch, num_pages = make_batch(requests, dtype, device, seed)
@@ -132,7 +133,7 @@ def run_backend(requests: list[Request], flexprefill: dict, dtype: torch.dtype, 
     torch.set_default_dtype(dtype)  # as the model loader does: layers take the model dtype
     try:
         with set_current_vllm_config(vllm_config):
-            layer = Attention(HQ, D, D ** -0.5, num_kv_heads=H, cache_config=vllm_config.cache_config,
+            layer = compat.attention_layer_class()(HQ, D, D ** -0.5, num_kv_heads=H, cache_config=vllm_config.cache_config,
                               prefix=prefix)
     finally:
         torch.set_default_dtype(default_dtype)
@@ -187,7 +188,7 @@ def new_kv_cache(backend, num_pages: int, dtype, device, seed: int) -> torch.Ten
 
 def reference(batch: Batch, requests: list[Request]) -> torch.Tensor:
     """Causal attention per request over all its positions, float32 [Tq, HQ, D]."""
-    from vllm_flexprefill.testing import dense_reference
+    from reference import dense_reference
 
     return dense_reference(batch.query, torch.cat(batch.keys), torch.cat(batch.values),
                            [r.q_len for r in requests], [r.seq_len for r in requests], D ** -0.5)
@@ -199,7 +200,7 @@ def flexprefill_reference(batch: Batch, requests: list[Request], which: list[int
     backend must give for them."""
     from vllm_flexprefill import FlexPrefillConfig
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
-    from vllm_flexprefill.patterns.layout import BatchLayout
+    from vllm_flexprefill.layout.batch import BatchLayout
     from vllm_flexprefill.patterns.naive import naive_select_blocks
 
     cfg = FlexPrefillConfig.from_dict(flexprefill)
@@ -209,7 +210,7 @@ def flexprefill_reference(batch: Batch, requests: list[Request], which: list[int
     k = torch.cat([batch.keys[i] for i in which]).float().cpu()
     v = torch.cat([batch.values[i] for i in which]).float().cpu()
     selection = naive_select_blocks(q, k, layout, cfg, D ** -0.5)
-    out = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, D ** -0.5)
+    out = naive_block_sparse_attention(q, k, v, *layout.grid(), selection.block_idx, selection.block_cnt, layout.block_size, D ** -0.5)
     return out.to(batch.query.device, batch.query.dtype)
 
 

@@ -13,7 +13,6 @@ is where that choice is made (``triton_ops`` / ``torch_ops``), not patterns/ or 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,9 +20,11 @@ from typing import Any
 import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.patterns.estimate import EstimationOps, estimate_blocks, probe_row
-from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, rows_of
-from vllm_flexprefill.patterns.workspace import buffers, reuse_buffers
+from vllm_flexprefill.estimation import estimate_blocks
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import BlockSelection
+from vllm_flexprefill.layout.workspace import buffers, reuse_buffers
+from vllm_flexprefill.patterns.masses import probe_row
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
@@ -93,67 +94,37 @@ def lengths(cu_seqlens: torch.Tensor, name: str, total: int) -> list[int]:
     return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
-@functools.cache
-def triton_ops() -> EstimationOps:
-    """The estimation's Triton kernels (the GPU path)."""
-    from vllm_flexprefill.kernels.block_lists import pooled_map, write_block_lists
-    from vllm_flexprefill.kernels.head_select import select_heads
-    from vllm_flexprefill.kernels.probe import probe_stats
-
-    return EstimationOps(probe_stats, select_heads, pooled_map, write_block_lists)
-
-
-@functools.cache
-def torch_ops() -> EstimationOps:
-    """The kernels' plain-PyTorch twins, composed the same way (tests hold the two together)."""
-    from vllm_flexprefill.kernels import naive
-
-    return EstimationOps(naive.naive_probe_stats, naive.naive_select_heads, naive.naive_pooled_map,
-                         naive.naive_write_block_lists)
-
-
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: FlexPrefillConfig,
                   scale: float, k_rows: torch.Tensor | None = None,
                   count_into: torch.Tensor | None = None) -> BlockSelection:
-    """Chooses the key blocks of every (query head, query tile): on CUDA with the batched
-    estimation's Triton kernels (four launches for the whole batch), elsewhere with the readable
-    per-head specification (``patterns/naive.py``).
+    """Chooses the key blocks of every (query head, query tile): the batched estimation
+    (``estimation.py``; four Triton launches for the whole batch on CUDA, their PyTorch
+    twins elsewhere).
 
     k: [Tk, H, D] packed as ``layout`` says, or a paged cache view [..., H, D] read at
-    ``k_rows`` [Tk] (element offsets of the key positions' rows, ``patterns.layout.paged_rows``).
+    ``k_rows`` [Tk] (element offsets of the key positions' rows, ``layout.paged.paged_rows``).
     count_into: optional int32 counters [C] whose sum grows by the number of blocks chosen
     (the router's measurement, ``backend.cost_routing.DensityMemory.counter``).
     """
-    if q.is_cuda:
-        return estimate_blocks(q, k, layout, cfg, scale, triton_ops(), k_rows=k_rows, count_into=count_into)
-    from vllm_flexprefill.patterns.naive import naive_select_blocks
-
-    selection = naive_select_blocks(q, k if k_rows is None else rows_of(k, k_rows), layout, cfg, scale)
-    if count_into is not None:
-        count_into[0] += selection.block_cnt.sum().to(count_into.dtype)
-    return selection
+    return estimate_blocks(q, k, layout, cfg, scale, k_rows=k_rows, count_into=count_into)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
                      selection: BlockSelection, scale: float, out: torch.Tensor | None = None,
                      k_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Attends to the selected blocks; see kernels/. k, v as in ``select_blocks``."""
+    """Attends to the selected blocks (``kernels/``: the Triton kernel on CUDA, its twin
+    elsewhere). k, v as in ``select_blocks``."""
+    args = (q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+            selection.block_idx, selection.block_cnt, layout.block_size, scale)
     if q.is_cuda:
         from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 
         with torch.cuda.device(q.device):
-            return block_sparse_attention(
-                q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
-                selection.block_idx, selection.block_cnt, layout.block_size, scale, out=out, k_rows=k_rows,
-                split=segment_plan(layout), workspace=buffers(layout))
+            return block_sparse_attention(*args, out=out, k_rows=k_rows, split=segment_plan(layout),
+                                          workspace=buffers(layout))
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
-    result = naive_block_sparse_attention(q, k, v, layout, selection.block_idx, selection.block_cnt, scale,
-                                          k_rows=k_rows)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return naive_block_sparse_attention(*args, out=out, k_rows=k_rows)
 
 
 def dense_rows(layout: BatchLayout) -> list[int | None]:
@@ -175,7 +146,7 @@ def segment_plan(layout: BatchLayout):
 def plan_cuda(layout: BatchLayout) -> None:
     """Makes the per-layout plans the CUDA kernels read: the segment plan (``segment_plan``)
     and the sparse-sequence table (``BatchLayout.sparse_seqs``), and gives the layout the
-    workspace its layer calls share (``patterns/workspace.py``). The builder calls this once
+    workspace its layer calls share (``layout/workspace.py``). The builder calls this once
     per step: in a layer's forward the plans' host-to-device copies would wait for the layers
     queued before it."""
     segment_plan(layout)
@@ -192,7 +163,7 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexP
     counting its blocks into ``count_slots`` counters as the router's layers do (0: none; the
     count is a variant of the block-list kernel)."""
     from vllm_flexprefill.kernels.configs import SEGMENT_BLOCKS
-    from vllm_flexprefill.patterns.layout import paged_rows
+    from vllm_flexprefill.layout.paged import paged_rows
 
     page, bs, scale = 16, cfg.sparse_block_size, head_dim ** -0.5
     for n in ((2 * SEGMENT_BLOCKS + 2) * bs, 3 * bs):

@@ -40,19 +40,16 @@ class Rates:
     estimate_per_block: float
 
 
-# the block-sparse kernel reaches 0.6-0.7x FlashAttention-3's rate (docs/benchmarks.md); elsewhere
-# assume less, and an estimation of 2 ms, so that sparse runs only where it clearly wins
+# an unknown GPU: a block-sparse rate well below dense and a large fixed cost, so that sparse runs
+# only where it clearly wins
 CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, estimate_fixed=2.0,
                      estimate_per_block=2e-5)
 
-# device name prefix -> head_dim -> Rates: the rates printed by benchmarks/kernels.py; the fixed
-# cost is what a sparse call costs in vLLM beyond its kernels' FLOPs: the estimation (0.24 ms per
-# SmolLM2 32k call) and the host's launches and Python (0.76 ms per call, partly hidden behind
-# the GPU). At head_dim 64 it is the value that measured best end to end: SmolLM2 at 32k, fixed
-# cost 0.5 against 1.4 in the same run (commit 972bff5): TTFT 1.32x against 1.09x dense, 20 of
-# the 30 second-chunk layers sparse against 5, real-model accuracy equal to dense
-# (docs/benchmarks.md, docs/quality.md). At head_dim 128 it is still the 1.4 ms of the
-# earlier host path (docs/benchmarks-history.md): not yet measured end to end with the memoised launches
+# device name prefix -> head_dim -> Rates, as benchmarks/kernels.py prints them for that GPU. The
+# fixed cost is what a sparse call costs inside vLLM beyond its kernels' FLOPs: the estimation and
+# the host's launches and Python, partly hidden behind the GPU; it is chosen end to end, as the
+# value that makes the real model's time to first token best at equal accuracy (the rounds behind
+# each value: docs/benchmarks.md, "the default fixed cost")
 CALIBRATED: dict[str, dict[int, Rates]] = {
     "NVIDIA H200": {
         64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,

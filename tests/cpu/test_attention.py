@@ -5,6 +5,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import ATOL, PLANTED_REL_ERR, dense_reference, rel_err
+from synthetic import planted_inputs
 
 from vllm_flexprefill import (
     FlexPrefillConfig,
@@ -12,7 +14,6 @@ from vllm_flexprefill import (
     flex_prefill_attention_varlen,
     flex_prefill_stats,
 )
-from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, dense_reference, planted_inputs, rel_err
 
 
 def cu(lens):

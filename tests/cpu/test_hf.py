@@ -13,7 +13,7 @@ EXACT = {"min_budget": 1000000, "min_sparse_tokens": 0, "sparse_block_size": 64}
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from vllm_flexprefill.testing import make_tiny_model
+    from synthetic import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-llama", local_attention=True)
 
@@ -67,16 +67,16 @@ def test_bad_config_raises_the_same_clear_error():
 
 
 def test_real_model_exact_mode_equals_sdpa():
-    from vllm_flexprefill.hf import smollm2
+    import checkpoints
 
     try:
-        path = smollm2.checkpoint()
+        path = checkpoints.checkpoint("smollm2")
     except (RuntimeError, ImportError) as e:
         pytest.skip(f"SmolLM2 could not be fetched or converted here: {e}")
     sdpa = load(path, "sdpa")
     flex = patch_model(load(path, "sdpa"), EXACT)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    from vllm_flexprefill.tasks import Generator
+    from ruler_tasks import Generator
 
     ids = torch.tensor([Generator(tokenizer).sample("niah_single_noise", 600, 0).token_ids])
     with torch.no_grad():

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from reference import ATOL, dense_reference
+from synthetic import paged_cache, planted_inputs, random_block_lists
 
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.configs import row_alignment
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.layout import BatchLayout, rows_of
-from vllm_flexprefill.testing import ATOL, dense_reference, paged_cache, planted_inputs, random_block_lists
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.paged import rows_of
 
 CASES = [
     # q_lens, k_lens, block_size, HQ, H, D, density
@@ -33,7 +35,7 @@ def test_block_sparse_attention_matches_naive(q_lens, k_lens, bs, hq, h, d, dens
     lse = torch.full((hq, q.shape[0]), float("nan"))
     block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
                            idx, cnt, bs, 0.11, out=out, lse=lse)
-    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 0.11)
+    ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 0.11)
     assert not out.isnan().any(), "every output row must be written"
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
     assert torch.isfinite(lse).all()
@@ -61,7 +63,7 @@ def test_packed_keys_by_computed_addresses_match_naive(how):
     out = torch.full_like(q, float("nan"))
     block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
                            idx, cnt, bs, 0.11, out=out, config=config)
-    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 0.11)
+    ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 0.11)
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
 
 
@@ -109,7 +111,7 @@ def test_dense_tiles_in_segments_match_naive(paged):
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, q.shape[0]), float("nan"))
     block_sparse_attention(q, keys, values, *args, out=out, lse=lse, k_rows=rows, split=split)
-    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 0.11)
+    ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 0.11)
     assert not out.isnan().any(), "every output row must be written"
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
     whole_lse = torch.full_like(lse, float("nan"))
@@ -177,7 +179,7 @@ def test_kernels_read_a_paged_cache_in_place():
     packed = block_sparse_attention(q, k, v, *args)
     paged = block_sparse_attention(q, key_cache, value_cache, *args, k_rows=rows)
     assert torch.equal(paged, packed)
-    twin = naive_block_sparse_attention(q, key_cache, value_cache, layout, idx, cnt, 0.11, k_rows=rows)
+    twin = naive_block_sparse_attention(q, key_cache, value_cache, *layout.grid(), idx, cnt, layout.block_size, 0.11, k_rows=rows)
     torch.testing.assert_close(paged.float(), twin.float(), atol=ATOL[torch.bfloat16], rtol=0)
     # the probe of both sequences
     for probe in (probe_stats, naive_probe_stats):

@@ -1,4 +1,5 @@
-"""The package import stays cheap, and each third-party dependency stays in its layer."""
+"""The package import stays cheap, each third-party dependency stays in its layer, control
+flows down the floors, and vLLM's internals are reached through the seam only."""
 
 import ast
 import pathlib
@@ -6,6 +7,25 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "vllm_flexprefill"
+
+# each part of the package imports only from its own floor and the floors below it:
+# data and plans, then the math, the kernels, the estimation, the public calls, the integrations
+FLOORS = {
+    "config": 0, "costs": 0, "stats": 0, "layout": 0,
+    "patterns": 1,
+    "kernels": 2,
+    "estimation": 3,
+    "attention": 4,
+    "backend": 5, "hf": 5,
+    "__init__": 6,
+}
+# the public vLLM modules that backend/ subclasses and registers with; anything else of vLLM
+# goes through backend/compat.py (the seam and its ledger)
+PUBLIC_VLLM = {"vllm.v1.attention.backend", "vllm.v1.attention.backends.flash_attn",
+               "vllm.v1.attention.backends.cpu_attn", "vllm.v1.attention.backends.registry"}
+# names of vLLM internals that only the seam may use
+INTERNALS = ("current_platform", "_custom_ops", "seq_lens_cpu_upper_bound", "get_path(", "use_mla",
+             "model_executor", "get_layers_from_vllm_config")
 
 
 def test_import_loads_neither_vllm_nor_transformers_nor_kernels():
@@ -16,28 +36,67 @@ def test_import_loads_neither_vllm_nor_transformers_nor_kernels():
 
 
 def imports_of(path: pathlib.Path) -> set[str]:
+    """Absolute module names a file imports (``from a.b import c`` gives ``a.b``)."""
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def part_of(path: pathlib.Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
 
 
 def test_only_backend_imports_vllm_only_hf_imports_transformers_only_kernels_use_triton():
     files = list(PACKAGE.rglob("*.py"))
     assert files
     for path in files:
-        part = path.relative_to(PACKAGE).parts[0]
-        names = imports_of(path)
+        part = part_of(path)
+        tops = {name.split(".")[0] for name in imports_of(path)}
         if part != "backend":
-            assert "vllm" not in names, f"{path} imports vllm; only backend/ may"
+            assert "vllm" not in tops, f"{path} imports vllm; only backend/ may"
         if part != "hf":
-            assert "transformers" not in names, f"{path} imports transformers; only hf/ may"
-        if part != "kernels":
-            assert "triton" not in names, f"{path} imports triton; only kernels/ may"
-        if part == "patterns":
-            text = path.read_text()
-            assert "vllm_flexprefill.kernels" not in text, f"{path} imports kernels/; attention.py chooses them"
+            assert "transformers" not in tops, f"{path} imports transformers; only hf/ may"
+        # the kernels, and the Triton readers of the plans' tables beside their writers
+        if part != "kernels" and path != PACKAGE / "layout" / "readers.py":
+            assert "triton" not in tops, f"{path} imports triton; only kernels/ and layout/readers.py may"
+
+
+def test_control_flows_down_the_floors():
+    for path in PACKAGE.rglob("*.py"):
+        part = part_of(path)
+        assert part in FLOORS, f"{path}: give {part} a floor in FLOORS"
+        for name in imports_of(path):
+            if not name.startswith("vllm_flexprefill."):
+                continue
+            other = name.split(".")[1]
+            assert FLOORS[other] <= FLOORS[part], f"{path} imports {name}: {part} may not call up into {other}"
+            if FLOORS[other] == FLOORS[part]:
+                assert other == part or FLOORS[part] == 0, f"{path} imports {name}: {part} and {other} are siblings"
+
+
+def test_vllm_internals_go_through_the_seam():
+    seam = PACKAGE / "backend" / "compat.py"
+    for path in (PACKAGE / "backend").glob("*.py"):
+        if path == seam:
+            continue
+        for name in imports_of(path):
+            if name.split(".")[0] == "vllm":
+                assert name in PUBLIC_VLLM, f"{path} imports {name}: reach it through backend/compat.py"
+        text = path.read_text()
+        for internal in INTERNALS:
+            assert internal not in text, f"{path} uses {internal!r}: reach it through backend/compat.py"
+
+
+def test_triton_and_torch_internals_stay_in_the_launcher():
+    """kernels/launch.py holds the one ledger of Triton's internals and torch's raw stream."""
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "kernels" / "launch.py":
+            continue
+        text = path.read_text()
+        for internal in ("torch._C", "packed_metadata", "knobs"):
+            assert internal not in text, f"{path} uses {internal}: only kernels/launch.py may (its ledger)"

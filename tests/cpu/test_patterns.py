@@ -2,15 +2,17 @@
 
 import pytest
 import torch
+from reference import ATOL
+from synthetic import paged_cache, planted_inputs
 
-from vllm_flexprefill.attention import dense_rows, torch_ops, triton_ops
+from vllm_flexprefill.attention import dense_rows
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.estimation import estimate_blocks, torch_ops, triton_ops
 from vllm_flexprefill.kernels.naive import probe_one
+from vllm_flexprefill.layout.batch import BatchLayout
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.estimate import estimate_blocks, probe_masses
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.patterns.masses import probe_masses
 from vllm_flexprefill.patterns.naive import naive_lines, naive_select_blocks
-from vllm_flexprefill.testing import ATOL, paged_cache, planted_inputs
 
 BS = 32
 
@@ -149,7 +151,7 @@ def test_vertical_slash_coverage_reaches_gamma():
 def test_batched_estimator_matches_spec(cfg, ops):
     q, k, layout = batch()
     spec = naive_select_blocks(q, k, layout, cfg, 0.125)
-    got = estimate_blocks(q, k, layout, cfg, 0.125, ops())
+    got = estimate_blocks(q, k, layout, cfg, 0.125, ops=ops())
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
@@ -163,7 +165,7 @@ def test_batched_estimator_reads_a_paged_cache(ops):
     cfg = next(c.values[0] for c in CONFIGS if c.id == "query-aware")
     key_cache, _, rows = paged_cache(k, k, layout.k_lens)
     spec = naive_select_blocks(q, k, layout, cfg, 0.125)
-    got = estimate_blocks(q, key_cache, layout, cfg, 0.125, ops(), k_rows=rows)
+    got = estimate_blocks(q, key_cache, layout, cfg, 0.125, ops=ops(), k_rows=rows)
     assert torch.equal(got.query_aware, spec.query_aware)
     assert torch.equal(got.block_cnt, spec.block_cnt)
     assert torch.equal(got.block_idx, spec.block_idx)
@@ -177,7 +179,7 @@ def test_estimated_probe_rows_run_in_segments():
     q, k, layout = batch()
     v = torch.randn_like(k)
     cfg = next(c.values[0] for c in CONFIGS if c.id == "vertical-slash")
-    sel = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
+    sel = estimate_blocks(q, k, layout, cfg, 0.125, ops=torch_ops())
     rows = dense_rows(layout)
     assert rows == [20, 27, 1]
     for s, row0 in enumerate(rows):
@@ -198,7 +200,7 @@ def test_dense_sequences_keep_every_causal_block():
     q, k, _ = batch()
     layout = BatchLayout.build([700, 300, 90], [700, 900, 90], BS, "cpu", sparse=[False, True, False])
     cfg = FlexPrefillConfig(gamma=0.5, tau=0.0, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
-    sel = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
+    sel = estimate_blocks(q, k, layout, cfg, 0.125, ops=torch_ops())
     density = sel.density(layout)
     assert (density[0] == 1).all() and (density[2] == 1).all()
     assert (density[1] < 1).all()
@@ -237,7 +239,7 @@ def test_estimation_is_one_call_per_operation_for_a_whole_batch():
         return lambda *a, **kw: calls.append(name) or op(*a, **kw)
 
     ops = dataclasses.replace(twins, **{f.name: counted(f.name) for f in dataclasses.fields(twins)})
-    estimate_blocks(q, k, layout, cfg, 0.125, ops)
+    estimate_blocks(q, k, layout, cfg, 0.125, ops=ops)
     assert sorted(calls) == sorted(f.name for f in dataclasses.fields(twins))
 
 
@@ -248,7 +250,7 @@ def test_layer_calls_of_a_step_share_buffers_and_leave_their_counters_at_zero():
     # resets them), also where the previous call left its results in the buffers.
     from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
-    from vllm_flexprefill.patterns.workspace import FRESH, buffers, reuse_buffers
+    from vllm_flexprefill.layout.workspace import FRESH, buffers, reuse_buffers
 
     q_lens, k_lens = [130, 40], [200, 40]
     layout = BatchLayout.build(q_lens, k_lens, BS, "cpu")
@@ -262,14 +264,14 @@ def test_layer_calls_of_a_step_share_buffers_and_leave_their_counters_at_zero():
     for seed in (3, 4):
         q, k, v = planted_inputs(q_lens, k_lens, 4, 2, 32, dtype=torch.bfloat16, seed=seed)
         q, k = (q, k) if seed == 3 else (q.flip(1), k.flip(1))  # other heads, other choices
-        want = estimate_blocks(q, k, layout, cfg, 0.125, torch_ops())
-        got = estimate_blocks(q, k, layout, cfg, 0.125, triton_ops())
+        want = estimate_blocks(q, k, layout, cfg, 0.125, ops=torch_ops())
+        got = estimate_blocks(q, k, layout, cfg, 0.125, ops=triton_ops())
         assert torch.equal(got.block_idx, want.block_idx) and torch.equal(got.block_cnt, want.block_cnt)
         assert torch.equal(got.query_aware, want.query_aware)
         out = block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
                                      layout.tile_row, got.block_idx, got.block_cnt, BS, 0.125, split=split,
                                      workspace=ws)
-        ref = naive_block_sparse_attention(q, k, v, layout, got.block_idx, got.block_cnt, 0.125)
+        ref = naive_block_sparse_attention(q, k, v, *layout.grid(), got.block_idx, got.block_cnt, layout.block_size, 0.125)
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
         counters = {key[0]: t for key, t in ws.tensors.items() if key[0] in ("pooled.done", "attend.seg_done")}
         assert set(counters) == {"pooled.done", "attend.seg_done"}

@@ -9,11 +9,11 @@ compared with causal attention per request.
 import itertools
 
 import torch
+from reference import ATOL, dense_reference
 
 from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
 from vllm_flexprefill.backend.sparse import sparse_prefill
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.testing import ATOL, dense_reference
 
 PAGE = 16
 #          decode   fresh   chunk   prefix-hit  short

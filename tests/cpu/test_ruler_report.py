@@ -1,11 +1,7 @@
 """benchmarks/ruler.py's prompt-by-prompt comparison: the accuracy claims against dense rest on it."""
 
-import importlib.util
-import pathlib
 
-spec = importlib.util.spec_from_file_location("ruler", pathlib.Path(__file__).parents[2] / "benchmarks" / "ruler.py")
-ruler = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ruler)
+import ruler
 
 
 def test_sign_test_is_the_two_sided_binomial_tail():

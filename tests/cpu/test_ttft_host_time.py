@@ -1,15 +1,11 @@
 """benchmarks/ttft.py's host timing of attention layer calls: what its "host" lines rest on."""
 
 import cProfile
-import importlib.util
-import pathlib
 import pstats
 import time
 import types
 
-spec = importlib.util.spec_from_file_location("ttft", pathlib.Path(__file__).parents[2] / "benchmarks" / "ttft.py")
-ttft = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ttft)
+import ttft
 
 
 class Impl:

@@ -28,7 +28,7 @@ SPARSE = {"flexprefill": {"gamma": 0.95, "tau": 0.1, "min_budget": 256, "min_spa
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from vllm_flexprefill.testing import make_tiny_model
+    from synthetic import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 

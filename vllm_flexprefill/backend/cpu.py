@@ -25,7 +25,7 @@ from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
-from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
+from vllm_flexprefill.backend.sparse import FlexPrefillForward
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         # the whole batch's metadata also serves layers FlexPrefill cannot (they run dense)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
-        seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
+        seq_lens = compat.host_seq_lens(cm)
         readable = self.page_layout is not None
         plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor if readable else None,
                           self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable,
@@ -73,43 +73,22 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return extend_metadata(md, FlexPrefillCPUMetadata, plan=plan, runs=runs, kv_positions=positions)
 
 
-class FlexPrefillCPUImpl(CPUAttentionBackendImpl):
+class FlexPrefillCPUImpl(FlexPrefillForward, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
         if self.unsupported:
             compat.say_once(logging.INFO, "FlexPrefill: layers with %s run dense attention", self.unsupported)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        plan = getattr(attn_metadata, "plan", None)
-        name = getattr(layer, "layer_name", "")
-        if plan is None or self.unsupported or not plan.runs_sparse(name):
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                            output_block_scale)
-            if plan is not None and not self.unsupported and plan.measures(name):
-                for group, positions in zip(plan.groups, attn_metadata.kv_positions):
-                    k, _ = self.group_kv(group, positions, key, value, kv_cache)
-                    choose_and_record(query[group.q_rows], k, group, plan, self.scale, name)
-            return output
-        for t0, t1, md in attn_metadata.runs:
-            super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
-                            value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
-        for group, positions in zip(plan.groups, attn_metadata.kv_positions):
-            rows = group.q_rows
-            k, v = self.group_kv(group, positions, key, value, kv_cache)
-            out = sparse_prefill(query[rows], k, v, group, plan, self.scale, layer_name=name)
-            output.view(output.shape[0], self.num_heads, -1)[rows] = out
-        return output
-
-    @staticmethod
-    def group_kv(group, positions, key, value, kv_cache):
+    def group_keys(self, index, group, key, value, kv_cache, attn_metadata):
         """[Tk, H, D] keys and values of every position of the group's requests."""
+        positions = attn_metadata.kv_positions[index]
         if positions is not None:
             # vLLM stored this step's keys and values before forward: the cache holds every position
-            return read_tokens(kv_cache, group.kv_pages, positions)
+            k, v = read_tokens(kv_cache, group.kv_pages, positions)
+            return k, v, None
         # fresh prompts only: their keys and values are this step's inputs
-        return key[group.q_rows], value[group.q_rows]
+        return key[group.q_rows], value[group.q_rows], None
 
 
 class FlexPrefillCPUBackend(CPUAttentionBackend):

@@ -18,9 +18,6 @@ import logging
 import time
 
 import torch
-
-from vllm.config import get_layers_from_vllm_config
-from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -34,8 +31,8 @@ from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cost_routing import COUNT_SLOTS
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
 from vllm_flexprefill.backend.settings import config_from_vllm, make_router, unsupported_layer_reason
-from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
-from vllm_flexprefill.patterns.layout import paged_rows
+from vllm_flexprefill.backend.sparse import FlexPrefillForward
+from vllm_flexprefill.layout.paged import paged_rows
 
 
 @dataclasses.dataclass
@@ -55,7 +52,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.flex_config = config_from_vllm(vllm_config)
-        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        layers = compat.attention_layers(vllm_config, layer_names)
         reasons = {getattr(layer.impl, "unsupported", "a non-FlexPrefill impl") for layer in layers.values()} - {None}
         self.flex_enabled = not reasons
         self.router = None
@@ -79,7 +76,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         cm = common_attn_metadata
         plan = None
         if self.flex_enabled and cm.max_query_len > 1:
-            seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
+            seq_lens = compat.host_seq_lens(cm)
             plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.block_size,
                               self.flex_config, decode_threshold=1, router=self.router)
         if plan is None:
@@ -93,7 +90,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         return extend_metadata(whole, FlexPrefillMetadata, plan=plan, runs=runs)
 
 
-class FlexPrefillImpl(FlashAttentionImpl):
+class FlexPrefillImpl(FlexPrefillForward, FlashAttentionImpl):
     # decode context parallelism would shard the KV cache that FlexPrefill reads whole
     can_return_lse_for_decode = False
     supports_dcp = False
@@ -102,39 +99,11 @@ class FlexPrefillImpl(FlashAttentionImpl):
         super().__init__(*args, **kwargs)
         self.unsupported = unsupported_layer_reason(self, AttentionType.DECODER)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        name = getattr(layer, "layer_name", "")
-        plan = attn_metadata.plan if isinstance(attn_metadata, FlexPrefillMetadata) else None
-        if plan is None or not plan.runs_sparse(name):
-            # (the FlexPrefill metadata holds FlashAttention's for the whole batch)
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                            output_block_scale)
-            if plan is not None and plan.measures(name):
-                key_cache, _ = self.cache_views(kv_cache)
-                for group in plan.groups:
-                    choose_and_record(group_queries(query, group), key_cache, group, plan, self.scale, name,
-                                      cache_rows(key_cache, group))
-            return output
-        for t0, t1, md in attn_metadata.runs:
-            super().forward(layer, query[t0:t1], key[t0:t1] if key is not None else None,
-                            value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
-        key_cache, value_cache = self.cache_views(kv_cache)
-        for group in plan.groups:
-            rows = group.q_rows
-            contiguous = isinstance(rows, slice)
-            out = sparse_prefill(group_queries(query, group), key_cache, value_cache, group, plan, self.scale,
-                                 out=output[rows] if contiguous else None, layer_name=name,
-                                 k_rows=cache_rows(key_cache, group))
-            if not contiguous:
-                output.index_copy_(0, rows, out)
-        return output
-
-    def cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[pages, page_size, H, D] key and value views of the paged cache; the kernels read a
-        group's key positions in place, at the rows ``cache_rows`` gives."""
+    def group_keys(self, index, group, key, value, kv_cache, attn_metadata):
+        """The paged cache's key and value views [pages, page_size, H, D], read in place at
+        the group's rows (the current chunk is written there before attention runs)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        return key_cache, value_cache
+        return key_cache, value_cache, cache_rows(key_cache, group)
 
 
 _compiled: set = set()
@@ -158,12 +127,6 @@ def compile_ahead(cfg, impl, dtype: torch.dtype, device, count_slots: int) -> No
                         "compile at the first long prompt", type(e).__name__, e)
         return
     compat.say_once(logging.INFO, "FlexPrefill: compiled its sparse kernels in %.1f s", time.perf_counter() - start)
-
-
-def group_queries(query: torch.Tensor, group) -> torch.Tensor:
-    """[Tq, HQ, D]: the query rows of a group's requests."""
-    rows = group.q_rows
-    return query[rows] if isinstance(rows, slice) else query.index_select(0, rows)
 
 
 def cache_rows(key_cache: torch.Tensor, group) -> torch.Tensor:

@@ -39,7 +39,7 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, CUDA_CLASSES["CUSTOM"])
-    if hasattr(AttentionBackendEnum, "register"):
+    if compat.can_register_names(AttentionBackendEnum):
         if NAME not in AttentionBackendEnum.__members__:
             register_backend(NAME, CUDA_CLASSES[NAME])
         compat.pickle_by_name(AttentionBackendEnum[NAME], backend_member)
@@ -63,10 +63,7 @@ def ours(backend) -> bool:
     """True when ``backend`` (an AttentionBackendEnum member or None) is FlexPrefill."""
     if backend is None or backend.name not in (NAME, "CUSTOM"):
         return False
-    try:
-        return backend.get_path().startswith("vllm_flexprefill.")
-    except ValueError:  # CUSTOM with nothing registered
-        return False
+    return (compat.backend_path(backend) or "").startswith("vllm_flexprefill.")
 
 
 def selection_from_env():
@@ -86,15 +83,13 @@ def honour_selection(original):
     CPU class when FlexPrefill is selected. On every platform it also applies
     VLLM_ATTENTION_BACKEND when no backend was selected.
     """
-    from vllm.platforms import current_platform
-
-    on_cpu = current_platform.is_cpu()
+    on_cpu = compat.on_cpu()
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if selected_backend is None:
             selected_backend = selection_from_env()
         if ours(selected_backend) and on_cpu:
-            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            if compat.wants_mla_or_sparse(attn_selector_config):
                 raise ValueError("FLEX_PREFILL supports standard (non-MLA, non-sparse) attention only; "
                                  "choose another --attention-backend for this model")
             compat.say_once(logging.INFO, "Using FlexPrefill attention backend (CPU).")

@@ -15,7 +15,7 @@ from vllm_flexprefill.attention import plan_cuda
 from vllm_flexprefill.backend.compat import slice_metadata
 from vllm_flexprefill.backend.cost_routing import DensityMemory, Router, length_bucket
 from vllm_flexprefill.config import FlexPrefillConfig
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.layout.batch import BatchLayout
 
 # key positions of one FlexPrefill call: bounds the CPU path's transient copy of the cached
 # keys and values (on CUDA the kernels read the pages in place); a longer request runs alone

@@ -20,7 +20,7 @@ def config_from_vllm(vllm_config) -> FlexPrefillConfig:
 
     Raises ValueError (which stops the engine from starting) on unknown keys or bad values.
     """
-    extra = getattr(vllm_config, "additional_config", None) or {}
+    extra = compat.additional_config(vllm_config)
     try:
         return FlexPrefillConfig.from_dict(extra.get(KEY))
     except ValueError as e:
@@ -34,16 +34,16 @@ def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:
         return f"attention type {impl.attn_type} (FlexPrefill serves causal decoder attention)"
     if impl.head_size not in SUPPORTED_HEAD_DIMS:
         return f"head size {impl.head_size} (supported: {SUPPORTED_HEAD_DIMS})"
-    window = getattr(impl, "sliding_window", None)
-    if window not in (None, -1, (-1, -1)):
-        return f"sliding window {window}"
-    if getattr(impl, "alibi_slopes", None) is not None:
+    features = compat.layer_features(impl)
+    if features.sliding_window is not None:
+        return f"sliding window {features.sliding_window}"
+    if features.alibi:
         return "ALiBi"
-    if getattr(impl, "logits_soft_cap", None):
+    if features.soft_cap:
         return "logit soft-capping"
-    if getattr(impl, "sinks", None) is not None:
+    if features.sinks:
         return "attention sinks"
-    if getattr(impl, "kv_sharing_target_layer_name", None) is not None:
+    if features.shares_kv_cache:
         return "a KV cache shared with another layer"
     return None
 

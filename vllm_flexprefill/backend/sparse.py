@@ -1,4 +1,4 @@
-"""The FlexPrefill call shared by the CPU and CUDA backends."""
+"""What the CPU and CUDA backends share: the layer's forward, and the FlexPrefill call."""
 
 from __future__ import annotations
 
@@ -10,6 +10,61 @@ from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
 from vllm_flexprefill.backend.compat import logger
 from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
+
+
+class FlexPrefillForward:
+    """The forward of both impls (a mixin before vLLM's FlashAttention or CPU impl, whose
+    ``forward`` runs the dense parts).
+
+    Without a plan, or in a layer the plan keeps dense, the whole batch runs the dense
+    forward (and a measuring layer then runs the estimation of each group alone, for the
+    router). Otherwise the runs of dense requests run the dense forward on their slices
+    and each group of long prefills runs FlexPrefill over all its key positions. Where a
+    group's keys and values are read is the platform's (``group_keys``).
+    """
+
+    unsupported: str | None
+    scale: float
+    num_heads: int
+    head_size: int
+
+    def group_keys(self, index: int, group: SparseGroup, key, value, kv_cache, attn_metadata
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(k, v, k_rows) of every key position of the plan's group ``index``: [Tk, H, D]
+        tensors, or a paged cache's views with the rows ``k_rows`` [Tk] to read them at."""
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        dense = super().forward  # vLLM's impl, next in the method order
+        plan: SparsePlan | None = getattr(attn_metadata, "plan", None)
+        name = getattr(layer, "layer_name", "")
+        if plan is None or self.unsupported or not plan.runs_sparse(name):
+            dense(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+            if plan is not None and not self.unsupported and plan.measures(name):
+                for i, group in enumerate(plan.groups):
+                    k, _, k_rows = self.group_keys(i, group, key, value, kv_cache, attn_metadata)
+                    choose_and_record(group_queries(query, group), k, group, plan, self.scale, name, k_rows)
+            return output
+        for t0, t1, md in attn_metadata.runs:
+            dense(layer, query[t0:t1], key[t0:t1] if key is not None else None,
+                  value[t0:t1] if value is not None else None, kv_cache, md, output[t0:t1])
+        rows_out = output.view(output.shape[0], self.num_heads, self.head_size)
+        for i, group in enumerate(plan.groups):
+            k, v, k_rows = self.group_keys(i, group, key, value, kv_cache, attn_metadata)
+            rows = group.q_rows
+            contiguous = isinstance(rows, slice)
+            out = sparse_prefill(group_queries(query, group), k, v, group, plan, self.scale,
+                                 out=rows_out[rows] if contiguous else None, layer_name=name, k_rows=k_rows)
+            if not contiguous:
+                rows_out.index_copy_(0, rows, out)
+        return output
+
+
+def group_queries(query: torch.Tensor, group: SparseGroup) -> torch.Tensor:
+    """[Tq, HQ, D]: the query rows of a group's requests."""
+    rows = group.q_rows
+    return query[rows] if isinstance(rows, slice) else query.index_select(0, rows)
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, plan: SparsePlan,

@@ -12,7 +12,7 @@ of mean query tile . key block mean over each tile's causal blocks) and the per-
 threshold of its coverage, found by bisection (no sort over the whole block map) by the
 program that finishes the head's last row. Every kernel here serves all sparse sequences
 of the batch in one launch; each reads its sequence's lengths and offsets from
-``patterns.layout.SparseSeqs.table``.
+``layout.plans.SparseSeqs.table``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import interpreted, next_pow2
 from vllm_flexprefill.kernels.launch import launcher
-from vllm_flexprefill.kernels.probe import _sparse_seq
-from vllm_flexprefill.patterns.workspace import buffers
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.readers import sparse_seq
+from vllm_flexprefill.layout.workspace import buffers
 
 
 # the sequence table and the strides carry every length: one compilation serves every batch
@@ -44,7 +44,7 @@ def block_lists_kernel(
     p_out = block_idx + i_h * stride_ih + i_t * stride_it
     # a dense sequence (slot -1) keeps every causal block; so do a sparse one's probe rows.
     # A dense sequence reads row 0 of the table (which always has one) and ignores it.
-    _, _, q_len, _, k_len, kb, p0 = _sparse_seq(table, tl.maximum(i_j, 0))
+    _, _, q_len, _, k_len, kb, p0 = sparse_seq(table, tl.maximum(i_j, 0))
     nb = (k_len + BS - 1) // BS
     i_r = row - (k_len - q_len) // BS
     all_causal = (i_j < 0) | (row >= (k_len - tl.minimum(q_len, BS)) // BS) | DENSE
@@ -95,7 +95,7 @@ def write_block_lists(
             block_cnt: [HQ, NQB] int32.
         keep_v, keep_s: [HQ, NBt] chosen verticals / slash offsets of the sparse sequences
             (``select_heads``); None: every sequence dense. Dense sequences, and a sparse
-            one's probe rows (``patterns.estimate.probe_row``), keep every causal block.
+            one's probe rows (``patterns.masses.probe_row``), keep every causal block.
         query_aware: [N, HQ]; pooled: [HQ, Pt] pooled block maps (``pooled_map``), threshold:
             [N, HQ] (both ``pooled_map``); pooled None when no head may be query-aware.
         count_into: optional int32 counters [C] (contiguous) to which the lists' lengths add
@@ -156,7 +156,7 @@ def pooled_map_kernel(
     i_h = tl.program_id(1).to(tl.int64)
     i_j = tl.program_id(2)
     hq = tl.num_programs(1)
-    seq, q_start, q_len, _, k_len, kb, p0 = _sparse_seq(table, i_j)
+    seq, q_start, q_len, _, k_len, kb, p0 = sparse_seq(table, i_j)
     nb = (k_len + BS - 1) // BS
     ctx = k_len - q_len
     first_row = ctx // BS
@@ -209,7 +209,7 @@ def pooled_map_kernel(
     before = tl.atomic_add(done + i_j * hq + i_h, 1, sem="acq_rel")
     if before == rows - 1:
         _coverage_threshold(p_map, rows * nb, gamma * rows.to(tl.float32), threshold + seq * hq + i_h, ITERS, BLOCK)
-        # every row has counted: the count goes back to zero for the next launch (``patterns/workspace.py``)
+        # every row has counted: the count goes back to zero for the next launch (``layout/workspace.py``)
         tl.store(done + i_j * hq + i_h, 0)
 
 

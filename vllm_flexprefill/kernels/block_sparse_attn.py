@@ -1,7 +1,7 @@
 """Block-sparse causal flash attention over per-(query head, query tile) key-block lists.
 
 One program per (query head, query tile). A tile is up to BS queries of one sequence
-(see ``patterns/layout.py`` for the grid); it walks its sorted key-block list in
+(see ``layout/batch.py`` for the grid); it walks its sorted key-block list in
 sub-tiles of BLOCK_N keys with an online softmax in float32. Only the diagonal block
 (key block == tile row, always the list's last entry) needs the causal mask; it runs
 after the loop, so the loop body has no mask and no branch.
@@ -26,8 +26,9 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import attention_config, interpreted, next_pow2, row_alignment, rows_aligned
 from vllm_flexprefill.kernels.launch import launcher
-from vllm_flexprefill.patterns.layout import TailSplit
-from vllm_flexprefill.patterns.workspace import FRESH, Fresh
+from vllm_flexprefill.layout.plans import TailSplit
+from vllm_flexprefill.layout.readers import segment
+from vllm_flexprefill.layout.workspace import FRESH, Fresh
 
 
 @triton.jit
@@ -170,10 +171,9 @@ def _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, ti
     if ROWS_AHEAD:
         # on a paged cache the block ids are read two blocks ahead and the keys' rows one
         # block ahead: K/V addresses that wait on loads of the same iteration stall the loads'
-        # pipeline (32k keys, head_dim 128, H200: 21.6 -> 18.7 ms at full density). With
-        # addresses computed from the id (packed keys with sub-tiles or unequal K/V strides;
-        # others go through row offsets) the same scheme measured slower (22.0 -> 28.4 ms):
-        # there the id is read in place
+        # pipeline. With addresses computed from the id (packed keys with sub-tiles or unequal
+        # K/V strides; others go through row offsets) the same scheme is slower: there the
+        # id is read in place
         i_c = tl.load(p_idx).to(tl.int64)
         i_n = tl.load(p_idx + tl.minimum(1, last)).to(tl.int64)
         r_c = _rows_ahead(k_rows, k_start, i_c, last > 0, BS, ROW_ALIGN)
@@ -213,9 +213,7 @@ def _segment(q, k, v, k_rows, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, tile
     tile's attention over those keys alone, normalised, with its log-sum-exp.
 
     o_part: [NS, BS, HQ, D] float32; lse_part: [NS, HQ, BS] float32 (natural log)."""
-    i_t = tl.load(segments + i_g).to(tl.int64)
-    b0 = tl.load(segments + num_segments + i_g)
-    b1 = tl.load(segments + 2 * num_segments + i_g)
+    i_t, b0, b1, _ = segment(segments, num_segments, i_g)
     i_kh = i_h // GROUP
     i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_row = tl.arange(0, BS)
@@ -303,7 +301,7 @@ def block_sparse_attn_fwd_kernel(
         # every thread's stores of this part before the count (bar.sync), published by its
         # release; the program that counts the tile's last segment acquires them all and merges
         tl.debug_barrier()
-        i_j = tl.load(segments + 3 * num_segments + i_g).to(tl.int64)
+        i_j = segment(segments, num_segments, i_g)[3].to(tl.int64)
         g0 = tl.load(seg_first + i_j)
         g1 = tl.load(seg_first + i_j + 1)
         before = tl.atomic_add(seg_done + i_j * hq + i_h, 1, sem="acq_rel")
@@ -311,7 +309,7 @@ def block_sparse_attn_fwd_kernel(
             _merge(o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row,
                    tl.load(split_tiles + i_j).to(tl.int64), g0, g1, i_h, hq, stride_ot, stride_oh, stride_lh,
                    D, BD, BS, HAS_LSE)
-            # every segment has counted: back to zero for the next launch (``patterns/workspace.py``)
+            # every segment has counted: back to zero for the next launch (``layout/workspace.py``)
             tl.store(seg_done + i_j * hq + i_h, 0)
     else:
         i_p -= num_segments
@@ -350,7 +348,7 @@ def block_sparse_attention(
         q: [Tq, HQ, D]; k, v: [Tk, H, D] (strided, last dim contiguous), bf16 or fp16; or,
             with ``k_rows``, views of a paged cache [..., H, D] with the same strides.
         k_rows: optional [Tk] int64: where each key position's row starts in k and v, in
-            elements (``patterns.layout.paged_rows``); the kernel reads the pages in place.
+            elements (``layout.paged.paged_rows``); the kernel reads the pages in place.
             Packed k and v with equal strides are read through such offsets as well.
             Each offset must be a sum of multiples of k's strides (as paged_rows makes them):
             the kernel reads rows with the alignment those strides give.
@@ -363,7 +361,7 @@ def block_sparse_attention(
         split: ``BatchLayout.tail_split``: tiles whose lists hold every causal block, run in
             segments of key blocks (programs of their own) and merged; their lists are not read.
         workspace: where the segments' partial results and counters come from
-            (``patterns/workspace.py``; by default allocated for this call).
+            (``layout/workspace.py``; by default allocated for this call).
     Returns:
         out, [Tq, HQ, D] in q's dtype.
     """
@@ -381,10 +379,9 @@ def block_sparse_attention(
     one_sub_tile = cfg["BLOCK_N"] == block_size  # where a block's rows can be read a block ahead
     if k_rows is None and one_sub_tile and k.stride() == v.stride() and k.stride(-1) == 1 and rows_aligned(k):
         # packed keys go through their row offsets too: the paged path reads each block's rows
-        # a block ahead, which measured faster than the packed path's addresses computed in the
-        # iteration (32k keys, full density, H200: 18.7 against 22.2 ms at head_dim 128, 2.90
-        # against 3.31 ms at 64, on shuffled pages). Only with strides the offsets' declared
-        # alignment covers (``rows_aligned``): without it the loads go element by element
+        # a block ahead, which is faster than the packed path's addresses computed in the
+        # iteration. Only with strides the offsets' declared alignment covers
+        # (``rows_aligned``): without it the loads go element by element
         k_rows = torch.arange(0, k.shape[0] * k.stride(0), k.stride(0), dtype=torch.int64, device=k.device)
     common = dict(GROUP=hq // h_kv, D=d, BD=next_pow2(d), BS=block_size, UPCAST=interpreted(q),
                   PAGED=k_rows is not None, ROW_ALIGN=row_alignment(k, k_rows))

@@ -30,7 +30,7 @@ def row_alignment(k: torch.Tensor, k_rows: torch.Tensor | None) -> int:
 
     Offsets loaded from memory carry no alignment the compiler can see, and without one it
     reads K and V an element at a time (a paged 128k call ran at half speed). Offsets made
-    by ``patterns.layout.paged_rows`` are sums of multiples of the view's strides.
+    by ``layout.paged.paged_rows`` are sums of multiples of the view's strides.
     """
     return 16 if k_rows is not None and rows_aligned(k) else 1
 
@@ -40,11 +40,10 @@ def rows_aligned(k: torch.Tensor) -> bool:
     return not any(s % 16 for s in k.stride()[:-1])
 
 
-# (head_dim, block_size) -> launch settings of the block-sparse kernel. The block-128 rows are
-# what benchmarks/tune.py --paged measured best (H200, 32k keys, full density, commit a2dbc65:
-# every setting within 1 % of the best has BLOCK_N 128; at head_dim 128, 4 warps / 2 stages
-# and 8 warps / 3 stages tie); the block-64 rows are not measured yet. Each query tile of
-# block_size rows walks a key block in sub-tiles of BLOCK_N keys.
+# (head_dim, block_size) -> launch settings of the block-sparse kernel: the block-128 rows are
+# the best of benchmarks/tune.py --paged (paged keys, full density; docs/benchmarks.md), the
+# block-64 rows a rule not yet measured. Each query tile of block_size rows walks a key block
+# in sub-tiles of BLOCK_N keys.
 ATTENTION_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
     (64, 128): {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     (128, 128): {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
@@ -71,21 +70,19 @@ def attention_config(head_dim: int, block_size: int) -> dict[str, int]:
 
 # a tile that attends to every causal block (a probe row) runs in segments of at least this
 # many key blocks when it has more than twice as many (``BatchLayout.tail_split``): whole, a
-# 128k row of 1024 blocks is one program of about 2.5 ms, longer than the rest of the grid
+# 128k row of 1024 blocks is one program that outlasts the rest of the grid
 SEGMENT_BLOCKS = 32
 
 
 def probe_config() -> dict[str, int]:
     """Settings of the probe-statistics kernel: BLOCKS key blocks per program, in a loop that
-    keeps the probe's queries. Measured on an H200 at 32k keys (tune.py --estimation): four
-    blocks, four warps, three stages is within 5 % of the best at 9 heads / d64 (0.064 ms)
-    and 32 heads / d128 (0.295 ms); eight warps cost 1.7x at d128 (0.51 ms)."""
+    keeps the probe's queries: the setting tune.py --estimation finds within a few percent of
+    the best at head_dim 64 and 128 (more warps are slower at 128)."""
     return {"BLOCKS": 4, "num_warps": 4, "num_stages": 3}
 
 
 def select_config(block_size: int) -> dict[str, int]:
     """Settings of the head-selection kernel: BC key blocks per step of its passes over the
-    probe statistics (BC x block_size values of each array per step). Measured on an H200
-    (tune.py --estimation, 32 heads, block size 128): 64 blocks per step, 8 warps took
-    0.045 / 0.163 ms at 32k / 128k keys, 32 blocks 0.077 / 0.222 ms."""
+    probe statistics (BC x block_size values of each array per step): at block size 128,
+    64 blocks per step, the best of tune.py --estimation."""
     return {"BC": max(1, min(64, 8192 // block_size)), "num_warps": 8}

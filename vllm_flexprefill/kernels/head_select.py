@@ -4,7 +4,7 @@ From the probe statistics (``kernels/probe.py``) each program recovers the head'
 and slash masses and runs the Jensen-Shannon pattern test against the pooled estimate;
 one then chooses the vertical blocks, the other the slash offsets that cover ``gamma`` of
 their masses within the budget. It replaces about a hundred small PyTorch launches, whose
-host cost (about 2 ms per sequence and layer) dominated the estimation below 64k tokens.
+host cost dominated the estimation below 64k tokens.
 Up to 1024 blocks (128k tokens at block size 128) the coverage choice sorts the masses in
 registers; beyond, it bisects over order keys in fixed chunks. Either way one compilation
 serves every length.
@@ -20,9 +20,9 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import next_pow2, select_config
 from vllm_flexprefill.kernels.launch import launcher
-from vllm_flexprefill.kernels.probe import _sparse_seq
-from vllm_flexprefill.patterns.workspace import buffers
-from vllm_flexprefill.patterns.layout import BatchLayout
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.readers import sparse_seq
+from vllm_flexprefill.layout.workspace import buffers
 
 # larger than every order key (a key is at most 0x7F800000 << 32 | 0x7FFFFFFF)
 NO_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -146,7 +146,7 @@ def head_select_kernel(
     i_j = tl.program_id(1)
     i_w = tl.program_id(2)
     hq = tl.num_programs(0)
-    seq, _, q_len, _, k_len, kb, _ = _sparse_seq(table, i_j)
+    seq, _, q_len, _, k_len, kb, _ = sparse_seq(table, i_j)
     nb = (k_len + BS - 1) // BS
     n_probe = tl.minimum(q_len, BS)
     # the budgets: max_blocks 0 means every block; query-aware heads keep the floor
@@ -254,7 +254,7 @@ def select_heads(
 
     Args:
         m, l, k_bar, q_probe_bar: ``probe_stats`` of the batch ([HQ, NBt, BS], [NBt, H, D],
-            [S, HQ, D]; ``patterns.layout.SparseSeqs`` says where each sequence's part is).
+            [S, HQ, D]; ``layout.plans.SparseSeqs`` says where each sequence's part is).
         min_blocks, max_blocks: budget of vertical-slash heads (max None: every block); a
             query-aware head keeps the floor, min(min_blocks, max_blocks).
         chunk: blocks per step of the coverage choice (a power of two; in-register sort up to it).

@@ -1,9 +1,8 @@
 """Triton launches at a small host cost: the compiled kernel memoised on what selects it.
 
 ``kernel[grid](*args)`` binds every argument, builds Triton's specialisation key and looks
-it up on each call: about 50 us of host time per launch of these kernels, with their
-dozens of arguments (SmolLM2 shape, H200, Triton 3.6, under cProfile), five launches per
-sparse layer call: more than the estimation's device time.
+it up on each call: with these kernels' dozens of arguments, and five launches per sparse
+layer call, more host time than the estimation's device time.
 ``Launcher`` keys its own cache on the few facts Triton specialises on (tensor dtype and
 16-byte alignment, integer 1 / multiple of 16 / 32-bit range, the constexprs and launch
 options) and calls the compiled kernel directly. A key it has not seen goes through
@@ -13,6 +12,17 @@ is launched through its own launcher (``CompiledKernel.run``) with the arguments
 runner gives it, which skips the runner's device, stream and hook lookups (``direct``);
 where a Triton lays these out otherwise, or launch hooks are set, the runner launches it.
 The interpreter (CPU tensors) always takes Triton's path.
+
+Ledger: what this module uses beyond Triton's and torch's public API, for which versions,
+and the test that catches a break (like ``backend/compat.py`` for vLLM).
+
+- ``CompiledKernel.run / function / packed_metadata`` and ``triton.knobs.runtime``'s launch
+  hooks: the compiled kernel's own launcher, called as Triton's runner calls it. Triton
+  3.3-3.6; where they are missing or take other arguments, ``direct`` returns None or the
+  launch falls back to the runner. tests/cpu/test_launch.py (stand-ins for each form), the
+  GPU tier (every kernel test launches through it).
+- ``torch._C._cuda_getCurrentRawStream``: the current stream's raw handle, which the runner
+  reads the same way. torch 2.4-2.13. The GPU tier.
 """
 
 from __future__ import annotations
@@ -114,7 +124,7 @@ class Launcher:
 
 
 # kernel id -> its Launcher; keyed by id because hashing a JITFunction hashes its source's
-# key, about 1.6 us per launch
+# key on every launch
 _launchers: dict[int, Launcher] = {}
 
 

@@ -4,55 +4,81 @@ from __future__ import annotations
 
 import torch
 
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import mask_to_lists
+from vllm_flexprefill.layout.paged import rows_of
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.estimate import probe_masses, probe_row
-from vllm_flexprefill.patterns.layout import BatchLayout, block_means, mask_to_lists, rows_of
+from vllm_flexprefill.patterns.masses import block_means, probe_masses, probe_row
 
 
 def naive_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BatchLayout,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    tile_seq: torch.Tensor,
+    tile_row: torch.Tensor,
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
+    block_size: int,
     scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
     k_rows: torch.Tensor | None = None,
+    split=None,
+    workspace=None,
 ) -> torch.Tensor:
-    """Causal attention restricted to the listed key blocks of every (query head, tile).
+    """Twin of ``kernels.block_sparse_attn.block_sparse_attention`` (same arguments): causal
+    attention restricted to the listed key blocks of every (query head, tile).
 
     Args:
-        q: [Tq, HQ, D]; k, v: [Tk, H, D] packed as ``layout`` says, or views of a paged
+        q: [Tq, HQ, D]; k, v: [Tk, H, D] packed as cu_seqlens_k says, or views of a paged
             cache with ``k_rows`` [Tk] (``paged_rows``) saying where each key position is.
-        block_idx: [HQ, NQB, NB] int32 sorted key-block ids, -1 padded.
-        block_cnt: [HQ, NQB] int32.
+        cu_seqlens_q, cu_seqlens_k: [N + 1]; tile_seq, tile_row: [NQB] (``BatchLayout``).
+        block_idx: [HQ, NQB, NB] int32 sorted key-block ids, -1 padded; block_cnt: [HQ, NQB].
+        out: optional [Tq, HQ, D] written in place; lse: optional [HQ, Tq] float32 that
+            receives each row's natural-log log-sum-exp.
+        config, split, workspace: the kernel's launch settings; every tile is computed whole
+            here, which gives the same result.
     Returns:
-        [Tq, HQ, D] in q's dtype.
+        out, [Tq, HQ, D] in q's dtype.
     """
     if k_rows is not None:
         k, v = rows_of(k, k_rows), rows_of(v, k_rows)
-    bs = layout.block_size
+    bs = block_size
     hq, group = q.shape[1], q.shape[1] // k.shape[1]
-    out = torch.empty(q.shape[0], hq, v.shape[2], dtype=q.dtype, device=q.device)
-    for s in range(layout.num_seqs):
-        q_len, k_len = layout.q_lens[s], layout.k_lens[s]
-        lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
-        nb = layout.num_key_blocks(s)
+    if out is None:
+        out = torch.empty(q.shape[0], hq, v.shape[2], dtype=q.dtype, device=q.device)
+    q_starts, k_starts = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    seq_of_tile = tile_seq.tolist()
+    for s in range(len(q_starts) - 1):
+        q_len, k_len = q_starts[s + 1] - q_starts[s], k_starts[s + 1] - k_starts[s]
+        tiles = [t for t, x in enumerate(seq_of_tile) if x == s]
+        if not tiles:
+            continue
+        lo, hi = tiles[0], tiles[-1] + 1
+        first_row = int(tile_row[lo])
+        nb = -(-k_len // bs)
         q_pos = torch.arange(k_len - q_len, k_len, device=q.device)
         k_pos = torch.arange(k_len, device=q.device)
         # [HQ, R, NB] -> [HQ, q_len, k_len] token mask
         tile_mask = torch.zeros(hq, hi - lo, nb + 1, dtype=torch.bool, device=q.device)
         ids = block_idx[:, lo:hi, :].long()
         in_list = torch.arange(ids.shape[-1], device=q.device) < block_cnt[:, lo:hi, None]
-        tile_mask.scatter_(-1, torch.where(in_list & (ids >= 0), ids, nb), True)
-        tile_of_query = q_pos // bs - layout.first_row(s)
+        tile_mask.scatter_(-1, torch.where(in_list & (ids >= 0) & (ids < nb), ids, nb), True)
+        tile_of_query = q_pos // bs - first_row
         token_mask = tile_mask[:, tile_of_query][:, :, k_pos // bs]
         token_mask &= k_pos[None, None, :] <= q_pos[None, :, None]
-        qs = q[layout.q_range(s)].float().transpose(0, 1)
-        ks = k[layout.k_range(s)].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        vs = v[layout.k_range(s)].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        rows, keys = slice(q_starts[s], q_starts[s + 1]), slice(k_starts[s], k_starts[s + 1])
+        qs = q[rows].float().transpose(0, 1)
+        ks = k[keys].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[keys].float().repeat_interleave(group, dim=1).transpose(0, 1)
         scores = (scale * qs @ ks.transpose(1, 2)).masked_fill(~token_mask, float("-inf"))
-        out[layout.q_range(s)] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+        out[rows] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(out.dtype)
+        if lse is not None:
+            lse[:, rows] = torch.logsumexp(scores, dim=-1)
     return out
 
 
@@ -60,7 +86,7 @@ def naive_probe_stats(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of ``kernels.probe.probe_stats``: ``probe_one`` of each sparse sequence, laid end
-    to end (``patterns.layout.SparseSeqs``).
+    to end (``layout.plans.SparseSeqs``).
 
     Args:
         q: [Tq, HQ, D], k: [Tk, H, D] packed as ``layout`` says (or a paged cache view, with

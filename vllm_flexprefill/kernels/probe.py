@@ -3,7 +3,7 @@
 One program per (query head, run of key blocks, sparse sequence). It scores the probe (the
 chunk's last ``NP = min(BS, q_len)`` queries) against each of its key blocks and writes, per
 probe row and block, the row maximum and the sum of exponentials, from which
-``patterns/estimate.py`` recovers the exact vertical and slash masses without materialising
+``patterns/masses.py`` recovers the exact vertical and slash masses without materialising
 the probe's attention matrix ([HQ, BS, N] float32 would be 2 GiB at 128k). The same programs
 write the means the pattern test and the query-aware map need, from the tiles they load
 anyway: the key blocks' means (first head of each group) and the probe's mean query (first
@@ -20,18 +20,9 @@ import triton.language as tl
 
 from vllm_flexprefill.kernels.configs import cdiv, interpreted, next_pow2, probe_config, row_alignment
 from vllm_flexprefill.kernels.launch import launcher
-from vllm_flexprefill.patterns.workspace import buffers
-from vllm_flexprefill.patterns.layout import BatchLayout
-
-
-@triton.jit
-def _sparse_seq(table, i_j):
-    """Sparse sequence i_j of the batch (``patterns.layout.SparseSeqs.table``): its batch
-    index, first query row, query count, first key position, key count, and its offsets in
-    the concatenated key blocks and pooled maps."""
-    row = table + i_j * 7  # SparseSeqs.COLUMNS
-    return (tl.load(row), tl.load(row + 1).to(tl.int64), tl.load(row + 2), tl.load(row + 3).to(tl.int64),
-            tl.load(row + 4), tl.load(row + 5).to(tl.int64), tl.load(row + 6).to(tl.int64))
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.readers import sparse_seq
+from vllm_flexprefill.layout.workspace import buffers
 
 
 @triton.jit
@@ -57,7 +48,7 @@ def probe_kernel(
     c0 = tl.program_id(1).to(tl.int64) * BLOCKS
     i_j = tl.program_id(2)
     hq = tl.num_programs(0)
-    _, q_start, q_len, k_start, k_len, kb, _ = _sparse_seq(table, i_j)
+    _, q_start, q_len, k_start, k_len, kb, _ = sparse_seq(table, i_j)
     if c0 * BS >= k_len:  # the grid covers the longest sequence's blocks
         return
     c1 = tl.minimum(c0 + BLOCKS, tl.cdiv(k_len, BS))
@@ -119,7 +110,7 @@ def probe_stats(
         q: [Tq, HQ, D] packed as ``layout`` says; k: [Tk, H, D] likewise, or with ``k_rows``
             a view of a paged cache [..., H, D]; last dims contiguous.
         k_rows: optional [Tk] int64: where each key's row starts in k, in elements
-            (``patterns.layout.paged_rows``: sums of multiples of k's strides).
+            (``layout.paged.paged_rows``: sums of multiples of k's strides).
         config: launch settings (BLOCKS, num_warps, num_stages); default from kernels/configs.py.
     Returns (sparse sequence j's part at its offsets in ``layout.sparse_seqs()``):
         m, l: [HQ, NBt, BS] float32 per (key block, probe row) maximum score (natural log

@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import BlockSelection, causal_mask, mask_to_lists
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
-from vllm_flexprefill.patterns.estimate import probe_row
-from vllm_flexprefill.patterns.layout import BatchLayout, BlockSelection, block_means, causal_mask, mask_to_lists
+from vllm_flexprefill.patterns.masses import block_means, probe_row
 
 
 def naive_lines(

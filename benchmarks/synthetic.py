@@ -1,7 +1,6 @@
-"""Shared test helpers: tolerances, random packed batches, inputs with planted attention.
-
-Used by tests/ and benchmarks/; nothing here runs at import of the package.
-"""
+"""Synthetic inputs for tests, benchmarks and examples: packed batches with planted
+attention structure, random block lists, a shuffled paged cache, random text and tiny
+random models (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,39 +8,11 @@ import math
 
 import torch
 
-# max |kernel - twin| on identical block lists, by dtype (fp32 math on both sides; the
-# kernel rounds P to the input dtype before the PV product, as flash attention does)
-ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
-# relative error ||sparse - dense|| / ||dense|| allowed on inputs with planted structure
-# gamma = 0.95 leaves up to 5 % of the probe rows' attention mass out, which moves outputs by a
-# similar share; 0.06 allows that and catches a missed structure (errors of 0.1 and more)
-PLANTED_REL_ERR = 0.06
+from vllm_flexprefill.layout.lists import mask_to_lists
+from vllm_flexprefill.layout.paged import paged_rows
+
+# peak logit of the planted local window (``planted_inputs``)
 LOCAL_PEAK = 8.0
-
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens, k_lens, scale: float) -> torch.Tensor:
-    """Causal attention of packed sequences in float32 (queries are the last q_len of k_len).
-
-    q: [Tq, HQ, D]; k, v: [Tk, H, D]. Returns [Tq, HQ, D] float32.
-    """
-    group = q.shape[1] // k.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    qo = ko = 0
-    for ql, kl in zip(q_lens, k_lens):
-        qs = q[qo:qo + ql].float().transpose(0, 1)
-        ks = k[ko:ko + kl].float().repeat_interleave(group, 1).transpose(0, 1)
-        vs = v[ko:ko + kl].float().repeat_interleave(group, 1).transpose(0, 1)
-        mask = torch.arange(kl, device=q.device)[None, :] <= torch.arange(kl - ql, kl, device=q.device)[:, None]
-        scores = (scale * qs @ ks.transpose(1, 2)).masked_fill(~mask, float("-inf"))
-        out[qo:qo + ql] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
-        qo += ql
-        ko += kl
-    return out
 
 
 def random_block_lists(
@@ -51,7 +22,6 @@ def random_block_lists(
 
     Returns block_idx [HQ, NQB, NB_max] int32 (-1 padded) and block_cnt [HQ, NQB] int32.
     """
-    from vllm_flexprefill.patterns.layout import mask_to_lists
 
     nb = layout.max_key_blocks
     rows = layout.tile_row.long().cpu()
@@ -262,6 +232,4 @@ def paged_cache(keys: torch.Tensor, values: torch.Tensor, k_lens: list[int], pag
     pages, offsets = torch.cat(pages).to(keys.device), torch.cat(offsets).to(keys.device)
     key_cache[pages, offsets] = keys
     value_cache[pages, offsets] = values
-    from vllm_flexprefill.patterns.layout import paged_rows
-
     return key_cache, value_cache, paged_rows(key_cache, pages, offsets)

@@ -1,8 +1,8 @@
 """Device buffers that the layer calls of one step share, instead of allocating their own.
 
 A sparse layer call needs about fifteen scratch tensors (probe statistics, chosen blocks,
-pooled maps, block lists, segment partials, counters). Allocating them costs the host about
-2 us each, and 8 us for each zeroed counter: a tenth of a layer call's host time. The
+pooled maps, block lists, segment partials, counters). Allocating them costs the host
+microseconds each, more for each zeroed counter: a tenth of a layer call's host time. The
 layers of one step run one after another on one stream with the same layout, so a buffer
 that one call writes and reads is free again when the next call's first kernel runs. The
 builder gives each step's layouts a ``Workspace`` (``attention.plan_cuda``); the kernels'

@@ -1,0 +1,116 @@
+"""Plans that kernels read, derived from a ``BatchLayout`` once per batch: where the dense
+tiles run in segments (``TailSplit``) and where each sparse sequence's data sits in the
+batched estimation's arrays (``SparseSeqs``). Each table's Triton reader is in
+``layout/readers.py``, beside the column order it reads (``SparseSeqs.COLUMN``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_flexprefill.layout.batch import int32_on
+
+if TYPE_CHECKING:
+    from vllm_flexprefill.layout.batch import BatchLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class TailSplit:
+    """The dense tiles cut into segments, and the other tiles (``BatchLayout.tail_split``).
+
+    main_tiles: [NT'] int32 tiles run whole by the block-sparse kernel, last tile first.
+    segments: [4, NS] int32, one column per segment, rows as ``FIELDS`` names them: its
+        tile, first key block, end key block and the index of its tile in ``split_tiles``;
+        the segments of one tile are adjacent and the last one holds its diagonal block
+        (read by ``layout.readers.segment``).
+    split_tiles: [ND] int32 the cut tiles; seg_first: [ND + 1] int32 where each one's
+        segments start in ``segments``.
+    """
+
+    FIELDS = ("tile", "first_block", "end_block", "split_index")
+
+    main_tiles: torch.Tensor
+    segments: torch.Tensor
+    split_tiles: torch.Tensor
+    seg_first: torch.Tensor
+
+    @staticmethod
+    def plan(layout: BatchLayout, dense_from: Sequence[int | None], seg_blocks: int, max_segments: int
+             ) -> TailSplit | None:
+        main, segments, split, seg_first = [], [], [], [0]
+        for s in range(layout.num_seqs):
+            row0 = layout.first_row(s)
+            for t in range(layout.first_tile[s], layout.first_tile[s + 1]):
+                row = row0 + t - layout.first_tile[s]
+                blocks = row + 1
+                if dense_from[s] is None or row < dense_from[s] or blocks <= 2 * seg_blocks:
+                    main.append(t)
+                    continue
+                n = min(max_segments, blocks // seg_blocks)
+                bounds = [blocks * i // n for i in range(n + 1)]
+                segments += [(t, a, b, len(split)) for a, b in zip(bounds, bounds[1:])]
+                split.append(t)
+                seg_first.append(len(segments))
+        if not split:
+            return None
+        columns = [x for column in zip(*segments) for x in column]  # [len(FIELDS), NS] row-major
+        main_tiles, flat, split_tiles, first = int32_on(layout.tile_seq.device, main[::-1], columns, split, seg_first)
+        return TailSplit(main_tiles=main_tiles, segments=flat.view(len(TailSplit.FIELDS), len(segments)),
+                         split_tiles=split_tiles,
+                         seg_first=first)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSeqs:
+    """The sparse sequences of a batch, laid end to end for the batched estimation.
+
+    Sparse sequence j (batch sequence ``seqs[j]``) owns key blocks ``kb_start[j] ..
+    + NB_j`` of the concatenated per-block arrays (probe statistics, block means, chosen
+    blocks) and entries ``p_start[j] .. + R_j * NB_j`` of the concatenated pooled maps (R_j:
+    its query tiles).
+
+    table: [max(S, 1), len(COLUMNS)] int32, one row per sparse sequence with the columns
+        ``COLUMNS`` names: what the kernels read (``layout.readers.sparse_seq``).
+    slot: [N] int32 row of each batch sequence in ``table``, -1 for a dense one.
+    """
+
+    COLUMNS = ("seq", "q_start", "q_len", "k_start", "k_len", "kb_start", "p_start")
+
+    seqs: tuple[int, ...]
+    kb_start: tuple[int, ...]
+    p_start: tuple[int, ...]
+    num_blocks: int
+    """Key blocks of all sparse sequences (NBt)."""
+    pooled_size: int
+    """Entries of all their pooled maps."""
+    max_blocks: int
+    max_rows: int
+    table: torch.Tensor
+    slot: torch.Tensor
+
+    @staticmethod
+    def plan(layout: BatchLayout) -> SparseSeqs:
+        seqs = [s for s in range(layout.num_seqs) if layout.sparse[s]]
+        nbs = [layout.num_key_blocks(s) for s in seqs]
+        rows = [layout.first_tile[s + 1] - layout.first_tile[s] for s in seqs]
+        kb_start = (0, *itertools.accumulate(nbs))
+        p_start = (0, *itertools.accumulate(r * nb for r, nb in zip(rows, nbs)))
+        table = [x for j, s in enumerate(seqs) for x in (s, layout.q_starts[s], layout.q_lens[s], layout.k_starts[s],
+                                                          layout.k_lens[s], kb_start[j], p_start[j])]  # COLUMNS
+        slot = [-1] * layout.num_seqs
+        for j, s in enumerate(seqs):
+            slot[s] = j
+        # a batch without sparse sequences still gets one (unused) row for the lists kernel
+        width = len(SparseSeqs.COLUMNS)
+        flat, slots = int32_on(layout.tile_seq.device, table or [0] * width, slot)
+        return SparseSeqs(seqs=tuple(seqs), kb_start=kb_start[:-1], p_start=p_start[:-1],
+                          num_blocks=kb_start[-1], pooled_size=p_start[-1],
+                          max_blocks=max(nbs, default=0), max_rows=max(rows, default=0),
+                          table=flat.view(-1, width), slot=slots)
+
+
