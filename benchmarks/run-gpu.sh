@@ -27,7 +27,7 @@
 #   bash benchmarks/run-gpu.sh launch     # host time of one launch by way of launching, and of small torch ops
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
-#                                         # Ray from benchmarks/ray-parts.sh)
+#                                         # Ray from benchmarks/gpu/ray-parts.sh)
 #   bash benchmarks/run-gpu.sh ttft       # TTFT and decode, FLASH_ATTN vs FLEX_10 -> $OUT/ttft.json (LENGTHS)
 #   bash benchmarks/run-gpu.sh ttft-default  # the same, FLASH_ATTN vs FLEX_PREFILL default settings (LENGTHS, RATES;
 #                                            # SHAPE=qwen2-7b etc. for another shape)

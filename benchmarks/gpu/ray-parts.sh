@@ -2,7 +2,7 @@
 # Ray for the GPU test machine, in parts that travel one per call (the wheel is ~79 MB,
 # over one call's limit). Run here, from the project root:
 #
-#     bash benchmarks/ray-parts.sh                # -> .gpu-bundle/ray-part-aa, ray-part-ab
+#     bash benchmarks/gpu/ray-parts.sh                # -> .gpu-bundle/ray-part-aa, ray-part-ab
 #
 # then, after the two vLLM bundle calls, carry one Ray part per call (each call may carry
 # 64 MiB in all), and on the GPU machine:
