@@ -110,8 +110,7 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
         g = torch.Generator().manual_seed(1)
         idx, cnt = random_block_lists(layout, hq, density, g)
         actual = cnt.sum().item() / (causal_blocks * hq)
-        ms = bench(lambda: block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
-                                                  layout.tile_row, idx, cnt, BS, scale, out=out), reps_ms)
+        ms = bench(lambda: block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, BS, scale, out=out), reps_ms)
         key = f"sparse{round(density * 100)}"
         row[f"{key}_ms"], row[f"{key}_density"] = ms, actual
         del idx, cnt
@@ -120,8 +119,7 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     for density in DENSITIES[:2]:
         idx, cnt = random_block_lists(layout, hq, density, torch.Generator().manual_seed(1))
         row[f"paged{round(density * 100)}_ms"] = bench(
-            lambda: block_sparse_attention(q, keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
-                                           layout.tile_row, idx, cnt, BS, scale, out=out, k_rows=rows), reps_ms)
+            lambda: block_sparse_attention(q, keys, values, *layout.grid(), idx, cnt, BS, scale, out=out, k_rows=rows), reps_ms)
         del idx, cnt
     del keys, values, rows
     dense_ms = row["sparse100_ms"]

@@ -87,7 +87,7 @@ def kept_mask(selection: BlockSelection, layout: BatchLayout, seq: int) -> torch
     """[HQ, R, NB] bool: the blocks each (head, tile) of sequence ``seq`` computes."""
     lo, hi = layout.first_tile[seq], layout.first_tile[seq + 1]
     nb = layout.num_key_blocks(seq)
-    idx = selection.block_idx[:, lo:hi].long()
+    idx = selection.padded(layout)[:, lo:hi].long()
     listed = torch.arange(idx.shape[-1], device=idx.device) < selection.block_cnt[:, lo:hi, None]
     mask = torch.zeros(idx.shape[0], hi - lo, nb + 1, dtype=torch.bool, device=idx.device)
     mask.scatter_(-1, torch.where(listed & (idx >= 0), idx, nb), True)

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from vllm_flexprefill.layout.lists import mask_to_lists
+from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import selection_from_mask
 from vllm_flexprefill.layout.paged import paged_rows
 
 # peak logit of the planted local window (``planted_inputs``)
@@ -20,7 +21,8 @@ def random_block_lists(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random sorted key-block lists that always hold the sink and the diagonal.
 
-    Returns block_idx [HQ, NQB, NB_max] int32 (-1 padded) and block_cnt [HQ, NQB] int32.
+    Returns block_idx [HQ, L] int32 (laid out as ``layout.tile_list`` says) and block_cnt
+    [HQ, NQB] int32.
     """
 
     nb = layout.max_key_blocks
@@ -30,8 +32,9 @@ def random_block_lists(
     pick = torch.rand(num_heads, len(rows), nb, generator=generator) < density
     forced = (cols[None, :] == 0) | (cols[None, :] == rows[:, None])
     mask = causal & (pick | forced)
-    idx, cnt = mask_to_lists(mask)
-    return idx.to(layout.tile_row.device), cnt.to(layout.tile_row.device)
+    cpu = BatchLayout.build(layout.q_lens, layout.k_lens, layout.block_size, "cpu", layout.sparse)
+    sel = selection_from_mask(mask, cpu)
+    return sel.block_idx.to(layout.tile_row.device), sel.block_cnt.to(layout.tile_row.device)
 
 
 def planted_inputs(

@@ -93,7 +93,7 @@ def main() -> None:
                 cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
                 try:
                     times.append((bench(lambda: block_sparse_attention(
-                        q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx,
+                        q, k, v, *layout.grid(), idx,
                         cnt, BS, D ** -0.5, out=out, config=cfg, k_rows=k_rows)), cfg))
                 except Exception as e:  # out of shared memory and the like
                     print(f"  {cfg}: {type(e).__name__}", flush=True)

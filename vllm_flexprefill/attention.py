@@ -114,7 +114,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      k_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attends to the selected blocks (``kernels/``: the Triton kernel on CUDA, its twin
     elsewhere). k, v as in ``select_blocks``."""
-    args = (q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+    args = (q, k, v, *layout.grid(),
             selection.block_idx, selection.block_cnt, layout.block_size, scale)
     if q.is_cuda:
         from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention

@@ -82,12 +82,13 @@ def estimate_blocks(
     hq = q.shape[1]
     ws = buffers(layout)
     # every entry is written by write_block_lists (ids, then -1): no fill
-    block_idx = ws.empty("lists.idx", (hq, layout.num_tiles, layout.max_key_blocks), torch.int32, q.device)
+    block_idx = ws.empty("lists.idx", (hq, layout.list_size), torch.int32, q.device)
     block_cnt = ws.empty("lists.cnt", (hq, layout.num_tiles), torch.int32, q.device)
+    off_diagonal = ws.empty("lists.off_diagonal", (hq, layout.num_tiles), torch.int32, q.device)
     if not any(layout.sparse):
-        ops.write_block_lists(block_idx, block_cnt, layout, count_into=count_into)
+        ops.write_block_lists(block_idx, block_cnt, off_diagonal, layout, count_into=count_into)
         query_aware = ws.zeros("lists.query_aware", (layout.num_seqs, hq), torch.bool, q.device)
-        return BlockSelection(block_idx, block_cnt, query_aware)
+        return BlockSelection(block_idx, block_cnt, off_diagonal, query_aware)
     m, l, k_bar, q_probe_bar = ops.probe(q, k, layout, scale, k_rows=k_rows)
     keep_v, keep_s, query_aware = ops.select_heads(m, l, k_bar, q_probe_bar, layout, scale, cfg.gamma, cfg.tau,
                                                    cfg.min_blocks, cfg.max_blocks)
@@ -95,7 +96,7 @@ def estimate_blocks(
     if cfg.tau > 0:
         # query-aware heads keep the blocks of their pooled map that cover gamma of its mass
         pooled, threshold = ops.pooled_map(q, k_bar, query_aware, layout, scale, cfg.gamma)
-    ops.write_block_lists(block_idx, block_cnt, layout, keep_v, keep_s, query_aware, pooled, threshold,
+    ops.write_block_lists(block_idx, block_cnt, off_diagonal, layout, keep_v, keep_s, query_aware, pooled, threshold,
                           count_into=count_into)
     # the kernels' 0/1 int8 flags read as bool without a conversion launch
-    return BlockSelection(block_idx, block_cnt, query_aware.view(torch.bool))
+    return BlockSelection(block_idx, block_cnt, off_diagonal, query_aware.view(torch.bool))

@@ -10,6 +10,7 @@ from vllm_flexprefill.kernels.configs import row_alignment
 from vllm_flexprefill.kernels.naive import naive_block_sparse_attention, naive_probe_stats
 from vllm_flexprefill.kernels.probe import probe_stats
 from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import BlockSelection
 from vllm_flexprefill.layout.paged import rows_of
 
 CASES = [
@@ -33,7 +34,7 @@ def test_block_sparse_attention_matches_naive(q_lens, k_lens, bs, hq, h, d, dens
     idx, cnt = random_block_lists(layout, hq, density)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, q.shape[0]), float("nan"))
-    block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+    block_sparse_attention(q, k, v, *layout.grid(),
                            idx, cnt, bs, 0.11, out=out, lse=lse)
     ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 0.11)
     assert not out.isnan().any(), "every output row must be written"
@@ -61,7 +62,7 @@ def test_packed_keys_by_computed_addresses_match_naive(how):
         v = torch.randn(sum(k_lens), 3, 64, dtype=torch.bfloat16)[:, :2]  # rows of 3 heads: other strides
     idx, cnt = random_block_lists(layout, 4, 0.5)
     out = torch.full_like(q, float("nan"))
-    block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+    block_sparse_attention(q, k, v, *layout.grid(),
                            idx, cnt, bs, 0.11, out=out, config=config)
     ref = naive_block_sparse_attention(q, k, v, *layout.grid(), idx, cnt, layout.block_size, 0.11)
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
@@ -74,7 +75,7 @@ def test_block_sparse_attention_lse_is_row_logsumexp():
     k = torch.randn(110, 1, 64, dtype=torch.float16)
     idx, cnt = random_block_lists(layout, 2, 1.0)
     lse = torch.full((2, 70), float("nan"))
-    block_sparse_attention(q, k, k, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row,
+    block_sparse_attention(q, k, k, *layout.grid(),
                            idx, cnt, 16, 0.2, lse=lse)
     expect = []
     for qs, ks, ctx in ((q[:20], k[:60], 40), (q[20:], k[60:], 0)):
@@ -102,12 +103,14 @@ def test_dense_tiles_in_segments_match_naive(paged):
     assert split.split_tiles.tolist() == [2, 3, 4] and split.segments.shape[1] == 9
     assert split.segments[0].tolist() == [2] * 3 + [3] * 3 + [4] * 3
     assert split.segments[2, 2::3].tolist() == [17, 18, 19]  # each tile's last segment ends at its diagonal
+    nb = layout.num_key_blocks(0)
     for t in (2, 3, 4):  # the cut tiles' lists: every causal block
-        idx[:, t] = -1
-        idx[:, t, :t + 15] = torch.arange(t + 15)
+        start = int(layout.tile_list[t])
+        idx[:, start:start + nb] = -1
+        idx[:, start:start + t + 15] = torch.arange(t + 15)
         cnt[:, t] = t + 15
     keys, values, rows = (k, v, None) if not paged else paged_cache(k, v, k_lens)
-    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, 0.11)
+    args = (*layout.grid(), idx, cnt, bs, 0.11)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, q.shape[0]), float("nan"))
     block_sparse_attention(q, keys, values, *args, out=out, lse=lse, k_rows=rows, split=split)
@@ -175,7 +178,7 @@ def test_kernels_read_a_paged_cache_in_place():
     key_cache, value_cache, rows = paged_cache(k, v, k_lens)
     assert torch.equal(rows_of(key_cache, rows), k) and torch.equal(rows_of(value_cache, rows), v)
     idx, cnt = random_block_lists(layout, hq, 0.5)
-    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, idx, cnt, bs, 0.11)
+    args = (*layout.grid(), idx, cnt, bs, 0.11)
     packed = block_sparse_attention(q, k, v, *args)
     paged = block_sparse_attention(q, key_cache, value_cache, *args, k_rows=rows)
     assert torch.equal(paged, packed)
@@ -276,18 +279,24 @@ def test_block_lists_match_naive(pooled):
                     threshold=torch.rand(layout.num_seqs, hq))
     for kw in (args, {}):  # the estimation's lists; every sequence dense
         # poisoned: every entry must be written, the lists' -1 padding included
-        idx = torch.full((hq, layout.num_tiles, layout.max_key_blocks), -7, dtype=torch.int32)
+        idx = torch.full((hq, layout.list_size), -7, dtype=torch.int32)
         cnt = torch.full((hq, layout.num_tiles), 77, dtype=torch.int32)
-        ref_idx, ref_cnt = idx.clone(), cnt.clone()
+        off = torch.full((hq, layout.num_tiles), 77, dtype=torch.int32)
+        ref_idx, ref_cnt, ref_off = idx.clone(), cnt.clone(), off.clone()
         # the router's counters: the lists' lengths add up in them, over every counter
         counts, ref_counts = torch.full((5,), 3, dtype=torch.int32), torch.full((5,), 3, dtype=torch.int32)
-        write_block_lists(idx, cnt, layout, **kw, count_into=counts)
-        naive_write_block_lists(ref_idx, ref_cnt, layout, **kw, count_into=ref_counts)
-        assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+        write_block_lists(idx, cnt, off, layout, **kw, count_into=counts)
+        naive_write_block_lists(ref_idx, ref_cnt, ref_off, layout, **kw, count_into=ref_counts)
+        assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx) and torch.equal(off, ref_off)
+        assert torch.equal(off, cnt - 1), "the count without the diagonal"
         assert counts.sum() == ref_counts.sum() == 15 + cnt.sum() and (counts > 3).sum() > 1, counts
         assert not (idx == -7).any()
+        padded = BlockSelection(idx, cnt, off, torch.zeros(1)).padded(layout)
         pos = torch.arange(layout.max_key_blocks)
-        assert torch.equal(idx < 0, pos[None, None, :] >= cnt[:, :, None]), "ids, then -1 to the width"
+        width = torch.tensor([layout.num_key_blocks(int(s)) for s in layout.tile_seq])
+        assert torch.equal(padded < 0, pos[None, None, :] >= cnt[:, :, None]), "ids, then -1 to the width"
+        for t in range(layout.num_tiles):
+            assert (idx[:, layout.tile_list[t]:layout.tile_list[t] + width[t]] >= -1).all()
         assert (cnt[:, layout.first_tile[1]:layout.first_tile[2]] == layout.tile_row[
             layout.first_tile[1]:layout.first_tile[2]] + 1).all(), "the dense sequence keeps every causal block"
 

@@ -103,7 +103,7 @@ def batch():
 def test_selection_invariants(cfg):
     q, k, layout = batch()
     sel = naive_select_blocks(q, k, layout, cfg, 0.125)
-    idx, cnt = sel.block_idx, sel.block_cnt
+    idx, cnt = sel.padded(layout), sel.block_cnt
     rows = layout.tile_row.long()
     for t in range(layout.num_tiles):
         r = rows[t].item()
@@ -189,7 +189,7 @@ def test_estimated_probe_rows_run_in_segments():
                 assert (sel.block_cnt[:, t] == row + 1).all()
     split = layout.tail_split(rows, seg_blocks=4)
     assert split.split_tiles.tolist() == [20, 21, 31, 32]  # the short third sequence stays whole
-    args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq, layout.tile_row, sel.block_idx,
+    args = (*layout.grid(), sel.block_idx,
             sel.block_cnt, BS, 0.125)
     whole = block_sparse_attention(q, k, v, *args)
     cut = block_sparse_attention(q, k, v, *args, out=torch.full_like(q, float("nan")), split=split)
@@ -216,8 +216,9 @@ def test_selection_grows_with_gamma(tau):
     for gamma in (0.5, 0.8, 0.9, 0.95, 0.99):
         cfg = FlexPrefillConfig(gamma=gamma, tau=tau, min_budget=None, sparse_block_size=BS, min_sparse_tokens=0)
         sel = naive_select_blocks(q, k, layout, cfg, 0.125)
-        mask = torch.zeros(*sel.block_idx.shape[:2], layout.max_key_blocks + 1, dtype=torch.bool)
-        mask.scatter_(-1, torch.where(sel.block_idx >= 0, sel.block_idx, layout.max_key_blocks).long(), True)
+        idx = sel.padded(layout)
+        mask = torch.zeros(*idx.shape[:2], layout.max_key_blocks + 1, dtype=torch.bool)
+        mask.scatter_(-1, torch.where(idx >= 0, idx, layout.max_key_blocks).long(), True)
         chosen.append(mask[..., :-1])
     for smaller, larger in zip(chosen, chosen[1:]):
         assert (larger | ~smaller).all(), "a block kept at a lower gamma was dropped at a higher one"
@@ -268,8 +269,7 @@ def test_layer_calls_of_a_step_share_buffers_and_leave_their_counters_at_zero():
         got = estimate_blocks(q, k, layout, cfg, 0.125, ops=triton_ops())
         assert torch.equal(got.block_idx, want.block_idx) and torch.equal(got.block_cnt, want.block_cnt)
         assert torch.equal(got.query_aware, want.query_aware)
-        out = block_sparse_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.tile_seq,
-                                     layout.tile_row, got.block_idx, got.block_cnt, BS, 0.125, split=split,
+        out = block_sparse_attention(q, k, v, *layout.grid(), got.block_idx, got.block_cnt, BS, 0.125, split=split,
                                      workspace=ws)
         ref = naive_block_sparse_attention(q, k, v, *layout.grid(), got.block_idx, got.block_cnt, layout.block_size, 0.125)
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)

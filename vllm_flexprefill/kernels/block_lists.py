@@ -5,7 +5,9 @@ when offset ``r - c`` is a chosen slash, or (query-aware heads only) when the po
 block map ``P[r, c]`` reaches the head's threshold. Dense sequences, and the tiles from
 row ``dense_from`` on (those holding the probe queries), keep every ``c <= r``.
 One program per (tile, head), over the tiles of every sequence, compacts the chosen ids
-with a prefix sum and pads its list with -1 to the batch's width (no fill launch before).
+with a prefix sum into the tile's list (``layout/lists.py``) and pads it with -1 to its
+sequence's width (no fill launch before); it writes the list's count with and without the
+diagonal block (FlashAttention-4 reads the latter).
 
 Also here, for the query-aware heads, in one launch: their pooled block map (the softmax
 of mean query tile . key block mean over each tile's causal blocks) and the per-head
@@ -29,10 +31,10 @@ from vllm_flexprefill.layout.workspace import buffers
 
 
 # the sequence table and the strides carry every length: one compilation serves every batch
-@triton.jit(do_not_specialize=["width", "stride_vh", "stride_ph", "stride_ih", "stride_it", "stride_ch"])
+@triton.jit(do_not_specialize=["stride_vh", "stride_ph", "stride_ih", "stride_ch"])
 def block_lists_kernel(
-    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, block_idx, block_cnt,
-    count_into, width, stride_vh, stride_ph, stride_ih, stride_it, stride_ch,
+    keep_v, keep_s, pooled, threshold, query_aware, table, slot, tile_seq, tile_row, tile_list, block_idx, block_cnt,
+    off_diagonal, count_into, stride_vh, stride_ph, stride_ih, stride_ch,
     BS: tl.constexpr, DENSE: tl.constexpr, HAS_POOLED: tl.constexpr, BC: tl.constexpr, SLOTS: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
@@ -41,7 +43,9 @@ def block_lists_kernel(
     s = tl.load(tile_seq + i_t)
     row = tl.load(tile_row + i_t)
     i_j = tl.load(slot + s)
-    p_out = block_idx + i_h * stride_ih + i_t * stride_it
+    start = tl.load(tile_list + i_t)
+    width = tl.load(tile_list + i_t + 1) - start  # its sequence's key blocks
+    p_out = block_idx + i_h * stride_ih + start
     # a dense sequence (slot -1) keeps every causal block; so do a sparse one's probe rows.
     # A dense sequence reads row 0 of the table (which always has one) and ignores it.
     _, _, q_len, _, k_len, kb, p0 = sparse_seq(table, tl.maximum(i_j, 0))
@@ -70,6 +74,7 @@ def block_lists_kernel(
         tl.store(p_out + pos, o_c.to(tl.int32), mask=sel)
         n += tl.sum(b_sel, axis=0)
     tl.store(block_cnt + i_h * stride_ch + i_t, n)
+    tl.store(off_diagonal + i_h * stride_ch + i_t, n - 1)
     if SLOTS > 0:  # the call's computed blocks, spread over SLOTS counters
         tl.atomic_add(count_into + (i_t * hq + i_h) % SLOTS, n, sem="relaxed")
     for c0 in range(n, width, BC):
@@ -80,6 +85,7 @@ def block_lists_kernel(
 def write_block_lists(
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
+    off_diagonal: torch.Tensor,
     layout: BatchLayout,
     keep_v: torch.Tensor | None = None,
     keep_s: torch.Tensor | None = None,
@@ -91,8 +97,9 @@ def write_block_lists(
     """Writes the lists of every tile of the batch, in one launch.
 
     Args:
-        block_idx: [HQ, NQB, NB_max] int32, every entry written: each tile's ids, then -1;
-            block_cnt: [HQ, NQB] int32.
+        block_idx: [HQ, L] int32, every entry written: each tile's ids, then -1
+            (``layout/lists.py``); block_cnt, off_diagonal: [HQ, NQB] int32 (contiguous), the
+            count of each list with and without its diagonal block.
         keep_v, keep_s: [HQ, NBt] chosen verticals / slash offsets of the sparse sequences
             (``select_heads``); None: every sequence dense. Dense sequences, and a sparse
             one's probe rows (``patterns.masses.probe_row``), keep every causal block.
@@ -112,10 +119,10 @@ def write_block_lists(
         keep_v if keep_v is not None else dummy, keep_s if keep_s is not None else dummy,
         pooled if has_pooled else dummy, threshold if has_pooled else dummy,
         query_aware if has_pooled else dummy, seqs.table, seqs.slot,
-        layout.tile_seq, layout.tile_row, block_idx, block_cnt, count_into if count_into is not None else dummy,
-        block_idx.shape[2],
+        layout.tile_seq, layout.tile_row, layout.tile_list, block_idx, block_cnt, off_diagonal,
+        count_into if count_into is not None else dummy,
         keep_v.stride(0) if keep_v is not None else 0, pooled.stride(0) if has_pooled else 0,
-        block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
+        block_idx.stride(0), block_cnt.stride(0),
         BS=layout.block_size, DENSE=keep_v is None, HAS_POOLED=has_pooled, BC=128,
         SLOTS=count_into.shape[0] if count_into is not None else 0, num_warps=4,
     )

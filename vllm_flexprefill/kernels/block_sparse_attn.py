@@ -154,7 +154,7 @@ def _rows_ahead(k_rows, k_start, i_c, valid, BS: tl.constexpr, ROW_ALIGN: tl.con
 @triton.jit
 def _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
                i_h, i_t, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-               stride_oh, stride_ih, stride_it, stride_ch, stride_lh,
+               stride_oh, stride_ih, tile_list, stride_ch, stride_lh,
                GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
                ROWS_AHEAD: tl.constexpr):
@@ -162,7 +162,7 @@ def _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, ti
     i_kh = i_h // GROUP
     i_r, o_pos, m_row, o_q, k_start, k_len = _tile(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, i_t, BS)
     o_d, m_d, b_q, b_m, b_l, b_acc = _tile_start(q, o_q, m_row, i_h, stride_qt, stride_qh, D, BD, BS, UPCAST)
-    p_idx = block_idx + i_h * stride_ih + i_t * stride_it
+    p_idx = block_idx + i_h * stride_ih + tl.load(tile_list + i_t)
     n_blocks = tl.load(block_cnt + i_h * stride_ch + i_t)
     # the list is sorted and always ends with the diagonal block (key block == tile row):
     # every block before it is wholly visible, so the loop needs no causal mask
@@ -274,13 +274,13 @@ def _merge(o_part, lse_part, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_
 
 # lengths, and the strides that follow them, vary per call: not specialised on, so one compilation
 # serves every prompt (a new variant would compile in the middle of serving)
-@triton.jit(do_not_specialize=["num_tiles", "num_segments", "stride_ih", "stride_it", "stride_ch", "stride_lh"])
+@triton.jit(do_not_specialize=["num_tiles", "num_segments", "stride_ih", "stride_ch", "stride_lh"])
 def block_sparse_attn_fwd_kernel(
     q, k, v, k_rows, o, lse, o_part, lse_part,
     cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt, tile_ids, segments,
     split_tiles, seg_first, seg_done, num_tiles, num_segments, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ih, stride_it, stride_ch, stride_lh,
+    stride_ih, tile_list, stride_ch, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, ROW_ALIGN: tl.constexpr,
     INDIRECT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
@@ -319,7 +319,7 @@ def block_sparse_attn_fwd_kernel(
             i_t = (num_tiles - 1 - i_p).to(tl.int64)
         _list_tile(q, k, v, k_rows, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, block_idx, block_cnt,
                    i_h, i_t, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-                   stride_oh, stride_ih, stride_it, stride_ch, stride_lh, GROUP, D, BD, BS, BLOCK_N, HAS_LSE,
+                   stride_oh, stride_ih, tile_list, stride_ch, stride_lh, GROUP, D, BD, BS, BLOCK_N, HAS_LSE,
                    UPCAST, PAGED, ROW_ALIGN, ROWS_AHEAD)
 
 
@@ -331,6 +331,7 @@ def block_sparse_attention(
     cu_seqlens_k: torch.Tensor,
     tile_seq: torch.Tensor,
     tile_row: torch.Tensor,
+    tile_list: torch.Tensor,
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
     block_size: int,
@@ -352,9 +353,11 @@ def block_sparse_attention(
             Packed k and v with equal strides are read through such offsets as well.
             Each offset must be a sum of multiples of k's strides (as paged_rows makes them):
             the kernel reads rows with the alignment those strides give.
-        cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32.
-        block_idx: [HQ, NQB, S] int32 sorted key-block ids, each list ending with the tile's
-            diagonal block (its row); block_cnt: [HQ, NQB] int32, at least 1.
+        cu_seqlens_q, cu_seqlens_k: [N + 1] int32; tile_seq, tile_row: [NQB] int32; tile_list:
+            [NQB + 1] int32 (``BatchLayout.grid``).
+        block_idx: [HQ, L] int32 sorted key-block lists laid out as tile_list says, each
+            ending with the tile's diagonal block (its row); block_cnt: [HQ, NQB] int32, at
+            least 1 (``layout/lists.py``).
         out: optional [Tq, HQ, D] buffer written in place.
         lse: optional [HQ, Tq] float32 buffer that receives each row's log-sum-exp.
         config: launch settings (BLOCK_N, num_warps, num_stages); default from kernels/configs.py.
@@ -403,7 +406,7 @@ def block_sparse_attention(
         split.split_tiles if split is not None else tile_seq, split.seg_first if split is not None else tile_seq,
         seg_done, num_tiles, n_seg, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(-2), v.stride(0), v.stride(-2), out.stride(0),
-        out.stride(1), block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
+        out.stride(1), block_idx.stride(0), tile_list, block_cnt.stride(0),
         lse.stride(0) if lse is not None else 0,
         HAS_LSE=lse is not None, INDIRECT=split is not None,
         ROWS_AHEAD=k_rows is not None and one_sub_tile, **common, **cfg,

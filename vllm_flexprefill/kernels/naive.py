@@ -19,6 +19,7 @@ def naive_block_sparse_attention(
     cu_seqlens_k: torch.Tensor,
     tile_seq: torch.Tensor,
     tile_row: torch.Tensor,
+    tile_list: torch.Tensor,
     block_idx: torch.Tensor,
     block_cnt: torch.Tensor,
     block_size: int,
@@ -36,8 +37,9 @@ def naive_block_sparse_attention(
     Args:
         q: [Tq, HQ, D]; k, v: [Tk, H, D] packed as cu_seqlens_k says, or views of a paged
             cache with ``k_rows`` [Tk] (``paged_rows``) saying where each key position is.
-        cu_seqlens_q, cu_seqlens_k: [N + 1]; tile_seq, tile_row: [NQB] (``BatchLayout``).
-        block_idx: [HQ, NQB, NB] int32 sorted key-block ids, -1 padded; block_cnt: [HQ, NQB].
+        cu_seqlens_q, cu_seqlens_k: [N + 1]; tile_seq, tile_row: [NQB]; tile_list: [NQB + 1]
+            (``BatchLayout.grid``).
+        block_idx: [HQ, L] int32 sorted key-block lists (``layout/lists.py``); block_cnt: [HQ, NQB].
         out: optional [Tq, HQ, D] written in place; lse: optional [HQ, Tq] float32 that
             receives each row's natural-log log-sum-exp.
         config, split, workspace: the kernel's launch settings; every tile is computed whole
@@ -65,8 +67,9 @@ def naive_block_sparse_attention(
         k_pos = torch.arange(k_len, device=q.device)
         # [HQ, R, NB] -> [HQ, q_len, k_len] token mask
         tile_mask = torch.zeros(hq, hi - lo, nb + 1, dtype=torch.bool, device=q.device)
-        ids = block_idx[:, lo:hi, :].long()
-        in_list = torch.arange(ids.shape[-1], device=q.device) < block_cnt[:, lo:hi, None]
+        start = int(tile_list[lo])
+        ids = block_idx[:, start:start + (hi - lo) * nb].view(hq, hi - lo, nb).long()
+        in_list = torch.arange(nb, device=q.device) < block_cnt[:, lo:hi, None]
         tile_mask.scatter_(-1, torch.where(in_list & (ids >= 0) & (ids < nb), ids, nb), True)
         tile_of_query = q_pos // bs - first_row
         token_mask = tile_mask[:, tile_of_query][:, :, k_pos // bs]
@@ -230,7 +233,8 @@ def pooled_one(
 
 
 def naive_write_block_lists(
-    block_idx: torch.Tensor, block_cnt: torch.Tensor, layout: BatchLayout, keep_v: torch.Tensor | None = None,
+    block_idx: torch.Tensor, block_cnt: torch.Tensor, off_diagonal: torch.Tensor, layout: BatchLayout,
+    keep_v: torch.Tensor | None = None,
     keep_s: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None, count_into: torch.Tensor | None = None,
 ) -> None:
@@ -241,7 +245,8 @@ def naive_write_block_lists(
     slot = {s: j for j, s in enumerate(seqs.seqs)}
     for s in range(layout.num_seqs):
         where = dict(first_tile=layout.first_tile[s], first_row=layout.first_row(s),
-                     num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s))
+                     num_rows=layout.first_tile[s + 1] - layout.first_tile[s], nb=layout.num_key_blocks(s),
+                     list_start=layout.list_starts[s])
         if not layout.sparse[s] or keep_v is None:
             lists_one(block_idx, block_cnt, **where)
             continue
@@ -254,19 +259,21 @@ def naive_write_block_lists(
                        query_aware=query_aware[s])
         lists_one(block_idx, block_cnt, **where, keep_v=keep_v[:, blocks], keep_s=keep_s[:, blocks], **own,
                   dense_from=probe_row(layout.q_lens[s], layout.k_lens[s], layout.block_size))
+    off_diagonal.copy_(block_cnt - 1)
     if count_into is not None:
         count_into[0] += block_cnt.sum().to(count_into.dtype)
 
 
 def lists_one(
     block_idx: torch.Tensor, block_cnt: torch.Tensor, first_tile: int, first_row: int, num_rows: int, nb: int,
-    keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+    list_start: int, keep_v: torch.Tensor | None = None, keep_s: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None, query_aware: torch.Tensor | None = None, dense_from: int | None = None,
 ) -> None:
     """Builds the block mask of one sequence's tiles and compacts it into its lists.
 
     Args:
-        first_tile, first_row, num_rows, nb: where the sequence's tiles sit.
+        first_tile, first_row, num_rows, nb, list_start: where the sequence's tiles and
+            their lists ([num_rows, nb] entries from list_start of each head's lists) sit.
         keep_v, keep_s: [HQ, NB] chosen verticals / slash offsets; None for a dense sequence.
         pooled: [HQ, R * NB] pooled block map, threshold: [HQ], query_aware: [HQ]; or None.
         dense_from: block row from which tiles keep every causal block (None: none).
@@ -288,10 +295,8 @@ def lists_one(
         if dense_from is not None:
             mask = mask | (causal & (rows >= dense_from)[None, :, None])
     idx, cnt = mask_to_lists(mask)
-    tiles = slice(first_tile, first_tile + num_rows)
-    block_idx[:, tiles, :nb] = idx
-    block_idx[:, tiles, nb:] = -1
-    block_cnt[:, tiles] = cnt
+    block_idx[:, list_start:list_start + num_rows * nb] = idx.reshape(hq, -1)
+    block_cnt[:, first_tile:first_tile + num_rows] = cnt
 
 
 def naive_coverage_threshold(pooled: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout,

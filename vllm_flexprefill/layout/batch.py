@@ -10,6 +10,10 @@ positions ``[c*BS, (c+1)*BS)``. Query tiles use the same grid: tile row ``r`` ho
 sequence's queries whose positions fall in ``[r*BS, (r+1)*BS)``, so the first tile of a
 chunk may be partial, and key block ``r`` is always the tile's diagonal block. Only the
 diagonal block needs a causal mask.
+
+Block lists (``layout/lists.py``) sit end to end per sequence: the R tiles of sequence s own
+R x NB_s entries from ``list_starts[s]``, tile by tile (``tile_list``), so that a sequence's
+lists form an [R, NB_s] matrix, as FlashAttention-4's varlen block sparsity reads them.
 """
 
 from __future__ import annotations
@@ -45,8 +49,17 @@ class BatchLayout:
     """[NQB] int32: sequence of each query tile."""
     tile_row: torch.Tensor
     """[NQB] int32: block row of each query tile on its sequence's grid."""
+    tile_list: torch.Tensor
+    """[NQB + 1] int32: where each tile's list starts in the block lists (the last entry:
+    their total size); a tile's list has room for its sequence's NB key blocks."""
+    cu_tiles: torch.Tensor
+    """[N + 1] int32: device copy of ``first_tile``."""
+    cu_lists: torch.Tensor
+    """[N + 1] int32: device copy of ``list_starts``."""
     first_tile: tuple[int, ...]
     """Index of each sequence's first tile; ``first_tile[N]`` = NQB."""
+    list_starts: tuple[int, ...]
+    """Where each sequence's lists start in the block lists; ``list_starts[N]`` = their size."""
     q_starts: tuple[int, ...]
     """Host copy of cu_seqlens_q."""
     k_starts: tuple[int, ...]
@@ -54,10 +67,19 @@ class BatchLayout:
     memo: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
     """Plans derived from the layout (``tail_split``), made once per layout, not per layer."""
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row): where the tiles sit, as the
-        block-sparse kernels take it."""
-        return self.cu_seqlens_q, self.cu_seqlens_k, self.tile_seq, self.tile_row
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, tile_list): where the tiles and
+        their lists sit, as the block-sparse kernels take it."""
+        return self.cu_seqlens_q, self.cu_seqlens_k, self.tile_seq, self.tile_row, self.tile_list
+
+    @property
+    def list_size(self) -> int:
+        """Entries of one head's block lists (every tile's NB)."""
+        return self.list_starts[-1]
+
+    def aligned(self, seq: int) -> bool:
+        """Whether the sequence's queries start on a block boundary (its first tile is whole)."""
+        return (self.k_lens[seq] - self.q_lens[seq]) % self.block_size == 0
 
     def q_range(self, seq: int) -> slice:
         """Rows of a sequence's queries in the packed queries."""
@@ -144,16 +166,22 @@ class BatchLayout:
         sparse = tuple(bool(x) for x in sparse) if sparse is not None else (True,) * len(q_lens)
         tile_seq: list[int] = []
         tile_row: list[int] = []
-        first_tile = [0]
+        tile_list: list[int] = []
+        first_tile, list_starts = [0], [0]
         for s, (ql, kl) in enumerate(zip(q_lens, k_lens)):
-            rows = range((kl - ql) // block_size, -(-kl // block_size))
+            nb = -(-kl // block_size)
+            rows = range((kl - ql) // block_size, nb)
             tile_seq += [s] * len(rows)
             tile_row += list(rows)
+            tile_list += range(list_starts[-1], list_starts[-1] + len(rows) * nb, nb)
             first_tile.append(len(tile_seq))
+            list_starts.append(list_starts[-1] + len(rows) * nb)
+        tile_list.append(list_starts[-1])
 
         q_starts = (0, *itertools.accumulate(q_lens))
         k_starts = (0, *itertools.accumulate(k_lens))
-        cu_q, cu_k, seq, row = int32_on(device, q_starts, k_starts, tile_seq, tile_row)
+        cu_q, cu_k, seq, row, lists, cu_tiles, cu_lists = int32_on(
+            device, q_starts, k_starts, tile_seq, tile_row, tile_list, first_tile, list_starts)
         return BatchLayout(
             block_size=block_size,
             q_lens=q_lens,
@@ -163,7 +191,11 @@ class BatchLayout:
             cu_seqlens_k=cu_k,
             tile_seq=seq,
             tile_row=row,
+            tile_list=lists,
+            cu_tiles=cu_tiles,
+            cu_lists=cu_lists,
             first_tile=tuple(first_tile),
+            list_starts=tuple(list_starts),
             q_starts=q_starts,
             k_starts=k_starts,
         )

@@ -28,7 +28,7 @@ import torch
 
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.layout.batch import BatchLayout
-from vllm_flexprefill.layout.lists import BlockSelection, causal_mask, mask_to_lists
+from vllm_flexprefill.layout.lists import BlockSelection, causal_mask, selection_from_mask
 from vllm_flexprefill.patterns.coverage import coverage_select, js_distance
 from vllm_flexprefill.patterns.masses import block_means, probe_row
 
@@ -140,5 +140,4 @@ def naive_select_blocks(
             mask[h, tiles, :nb] = head_mask.to(mask.device)
             mask[h, tiles, nb:] = False
             query_aware[s, h] = qa
-    block_idx, block_cnt = mask_to_lists(mask)
-    return BlockSelection(block_idx, block_cnt, query_aware)
+    return selection_from_mask(mask, layout, query_aware)
