@@ -12,6 +12,7 @@ is where that choice is made (``triton_ops`` / ``torch_ops``), not patterns/ or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -109,11 +110,38 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, cfg: Fl
     return estimate_blocks(q, k, layout, cfg, scale, k_rows=k_rows, count_into=count_into)
 
 
+def choose_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int, block_size: int,
+                  requested: str = "auto") -> tuple[str, str | None]:
+    """Which block-sparse kernel runs ("fa4" or "triton"; on the CPU, its PyTorch twin), and
+    why not FlashAttention-4 when it does not (None when it does or was not asked for).
+
+    Raises ValueError when "fa4" is requested where it cannot run."""
+    device = torch.device(device)
+    if requested == "triton":
+        return "triton", None
+    if device.type != "cuda":
+        return ("fa4", None) if requested == "fa4" else ("triton", None)
+    from vllm_flexprefill.kernels.fa4 import unavailable
+
+    reason = unavailable(device, dtype, head_dim, block_size)
+    if reason is None:
+        return "fa4", None
+    if requested == "fa4":
+        raise ValueError(f"kernel='fa4' was asked for, but FlashAttention-4 cannot run here: {reason}. "
+                         f"Set kernel to 'auto' (FA4 where it can run, else Triton) or 'triton'.")
+    return "triton", reason
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
                      selection: BlockSelection, scale: float, out: torch.Tensor | None = None,
-                     k_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Attends to the selected blocks (``kernels/``: the Triton kernel on CUDA, its twin
-    elsewhere). k, v as in ``select_blocks``."""
+                     k_rows: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
+    """Attends to the selected blocks with the kernel ``choose_kernel`` picks (``kernels/``;
+    on the CPU, the kernels' twins). k, v as in ``select_blocks``; with ``k_rows`` (a paged
+    cache), k_new, v_new [Tq, H, D] may give the layout's own keys and values when every
+    sequence is a fresh prompt (FA4 then reads them instead of a copy out of the cache)."""
+    if choose_kernel(q.device, q.dtype, q.shape[-1], layout.block_size, kernel)[0] == "fa4":
+        return fa4_attention(q, k, v, layout, selection, scale, out, k_rows, k_new, v_new)
     args = (q, k, v, *layout.grid(),
             selection.block_idx, selection.block_cnt, layout.block_size, scale)
     if q.is_cuda:
@@ -125,6 +153,49 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     from vllm_flexprefill.kernels.naive import naive_block_sparse_attention
 
     return naive_block_sparse_attention(*args, out=out, k_rows=k_rows)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
+                  selection: BlockSelection, scale: float, out: torch.Tensor | None, k_rows: torch.Tensor | None,
+                  k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> torch.Tensor:
+    """The selection through FlashAttention-4's block-sparse forward (``kernels/fa4.py``; its
+    twin on the CPU): keys and values made contiguous (the layout's own when every sequence
+    is fresh, else copied out of the paged cache), queries padded where a chunk starts inside
+    a block (``layout.plans.QueryBlocks``)."""
+    from vllm_flexprefill.kernels import naive
+
+    if q.is_cuda:
+        from vllm_flexprefill.kernels.fa4 import flash_attn_block_sparse as flash
+        from vllm_flexprefill.kernels.gather import gather_rows as gather
+    else:
+        flash, gather = naive.naive_flash_attn_block_sparse, naive.naive_gather_rows
+    qb, ws = layout.query_blocks(), buffers(layout)
+    hq, d = q.shape[1], q.shape[2]
+    if k_rows is not None:
+        if k_new is not None and layout.fresh:
+            k, v = k_new, v_new
+        else:
+            shape = (k_rows.shape[0], k.shape[-2], k.shape[-1])
+            k_out, v_out = ws.empty("fa4.k", shape, k.dtype, k.device), ws.empty("fa4.v", shape, v.dtype, v.device)
+            gather(k, v, k_rows, k_out, v_out)
+            k, v = k_out, v_out
+    if out is None:
+        out = torch.empty(q.shape[0], hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lists = dict(max_seqlen_q=qb.max_seqlen_q, max_seqlen_k=qb.max_seqlen_k, mask_cnt=qb.ones.expand(hq, -1),
+                 mask_idx=qb.diagonal.expand(hq, -1), full_cnt=selection.off_diagonal, full_idx=selection.block_idx,
+                 cu_tiles=layout.cu_tiles, cu_lists=layout.cu_lists, block_size=layout.block_size, scale=scale)
+    on = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    if not qb.padded:
+        with on:
+            return flash(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, **lists, out=out)
+    # the padding rows stay zero: only the queries' rows are ever written
+    q_pad = ws.zeros("fa4.q", (qb.num_rows, hq, d), q.dtype, q.device)
+    q_pad.index_copy_(0, qb.q_rows, q)
+    out_pad = ws.empty("fa4.out", (qb.num_rows, hq, out.shape[-1]), out.dtype, out.device)
+    with on:
+        flash(q_pad, k, v, qb.cu_seqlens_q, layout.cu_seqlens_k, **lists, out=out_pad)
+    torch.index_select(out_pad, 0, qb.q_rows, out=out)
+    return out
 
 
 def dense_rows(layout: BatchLayout) -> list[int | None]:
@@ -143,13 +214,17 @@ def segment_plan(layout: BatchLayout):
     return layout.tail_split(dense_rows(layout), SEGMENT_BLOCKS)
 
 
-def plan_cuda(layout: BatchLayout) -> None:
-    """Makes the per-layout plans the CUDA kernels read: the segment plan (``segment_plan``)
-    and the sparse-sequence table (``BatchLayout.sparse_seqs``), and gives the layout the
-    workspace its layer calls share (``layout/workspace.py``). The builder calls this once
-    per step: in a layer's forward the plans' host-to-device copies would wait for the layers
-    queued before it."""
-    segment_plan(layout)
+def plan_cuda(layout: BatchLayout, kernel: str = "triton") -> None:
+    """Makes the per-layout plans the CUDA kernels read: the sparse-sequence table
+    (``BatchLayout.sparse_seqs``) and the attention kernel's (the segment plan,
+    ``segment_plan``, for "triton"; the query blocks, ``BatchLayout.query_blocks``, for
+    "fa4"), and gives the layout the workspace its layer calls share (``layout/workspace.py``).
+    The builder calls this once per step: in a layer's forward the plans' host-to-device
+    copies would wait for the layers queued before it."""
+    if kernel == "fa4":
+        layout.query_blocks()
+    else:
+        segment_plan(layout)
     layout.sparse_seqs()
     reuse_buffers(layout)
 
@@ -158,7 +233,8 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexP
                     device: torch.device | str, count_slots: int = 0) -> None:
     """Runs the CUDA path's Triton kernels once on small inputs laid out like vLLM's paged
     cache, so that they compile at start-up rather than in the first long prompt. The kernels
-    are not specialised on lengths: these compilations serve every prompt. Two calls: one long
+    are not specialised on lengths: these compilations serve every prompt; nor is
+    FlashAttention-4 (``kernels/fa4.py``), which runs where ``cfg.kernel`` picks it. Two calls: one long
     enough for the probe's rows to run in segments (``BatchLayout.tail_split``), one not; each
     counting its blocks into ``count_slots`` counters as the router's layers do (0: none; the
     count is a variant of the block-list kernel)."""
@@ -174,7 +250,7 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int, cfg: FlexP
         layout = BatchLayout.build([n], [n], bs, device)
         counter = torch.zeros(count_slots, dtype=torch.int32, device=device) if count_slots else None
         selection = select_blocks(q, cache[0], layout, cfg, scale, rows, count_into=counter)
-        sparse_attention(q, cache[0], cache[1], layout, selection, scale, k_rows=rows)
+        sparse_attention(q, cache[0], cache[1], layout, selection, scale, k_rows=rows, kernel=cfg.kernel)
 
 
 def plan_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -201,12 +277,12 @@ def scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
 
 
 def plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale
-                    ) -> tuple[BatchLayout, BlockSelection, float]:
+                    ) -> tuple[BatchLayout, BlockSelection, float, FlexPrefillConfig]:
     """Validated config, batch plan and block selection shared by the public functions."""
     cfg = as_config(config)
     scale = scale_or_default(softmax_scale, q.shape[-1])
     layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, cfg)
-    return layout, select_blocks(q, k, layout, cfg, scale), scale
+    return layout, select_blocks(q, k, layout, cfg, scale), scale, cfg
 
 
 def flex_prefill_attention_varlen(
@@ -236,8 +312,8 @@ def flex_prefill_attention_varlen(
         [Tq, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, packed=True)
-    layout, selection, scale = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
-    return sparse_attention(q, k, v, layout, selection, scale, out=out)
+    layout, selection, scale, cfg = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
+    return sparse_attention(q, k, v, layout, selection, scale, out=out, kernel=cfg.kernel)
 
 
 def flex_prefill_attention(
@@ -285,5 +361,5 @@ def flex_prefill_stats(
         q, k = q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:])
     elif cu_seqlens_k is None:
         raise ValueError("cu_seqlens_k is required with cu_seqlens_q")
-    layout, selection, _ = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
+    layout, selection, _, _ = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
     return FlexPrefillStats(selection.density(layout), selection.query_aware, layout.sparse)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+KERNELS = ("auto", "fa4", "triton")
 
 # Reference-code keys (bytedance/FlexPrefill ``patch_model_config``) -> our field names.
 REFERENCE_ALIASES = {
@@ -63,6 +64,11 @@ class FlexPrefillConfig:
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
     sequence. None (default): the cost model decides. An integer is a fixed rule."""
 
+    kernel: str = "auto"
+    """The block-sparse attention kernel: "fa4" (vLLM's own FlashAttention-4, on Hopper),
+    "triton" (this package's kernel, every CUDA GPU), or "auto" (default): FA4 where it
+    can run, else Triton. On the CPU both run as their PyTorch twins."""
+
     def __post_init__(self) -> None:
         where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
@@ -80,6 +86,8 @@ class FlexPrefillConfig:
         if self.sparse_block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"sparse_block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.sparse_block_size!r} {where}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r} {where}")
         for name in ("min_sparse_tokens", "min_sparse_query_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

@@ -7,7 +7,9 @@ floating-point operations. The model predicts, in milliseconds:
     dense  = F / dense_rate + dense_fixed
     sparse = estimate_fixed + estimate_per_block * HQ * ceil(k / BS) + density * F / sparse_rate
 
-``density`` is the share of causal key blocks FlexPrefill computes (measured per layer by
+(plus, on the FlashAttention-4 path, ``gather_per_key`` per key position and KV head of a
+chunk whose earlier keys are copied out of the paged cache). ``density`` is the share of
+causal key blocks FlexPrefill computes (measured per layer by
 the backend, ``backend/cost_routing.py``). Sparse runs where it is predicted faster than
 dense by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/kernels.py``
 measures them, and ``CALIBRATED`` below holds what it printed. An unknown device gets
@@ -31,6 +33,9 @@ class Rates:
         and of the block-sparse kernel on the blocks it computes.
     dense_fixed, estimate_fixed: ms per call whatever the size.
     estimate_per_block: ms per (query head, key block) of the estimation.
+    gather_per_key: ms per (key position, KV head) of copying a chunk's keys and values out
+        of the paged cache (FlashAttention-4 reads them contiguous; 0 for the Triton kernel,
+        which reads the pages in place, and for whole prompts, whose keys are the step's own).
     """
 
     dense_rate: float
@@ -38,6 +43,7 @@ class Rates:
     dense_fixed: float
     estimate_fixed: float
     estimate_per_block: float
+    gather_per_key: float = 0.0
 
 
 # an unknown GPU: a block-sparse rate well below dense and a large fixed cost, so that sparse runs
@@ -45,17 +51,25 @@ class Rates:
 CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, estimate_fixed=2.0,
                      estimate_per_block=2e-5)
 
-# device name prefix -> head_dim -> Rates, as benchmarks/kernels.py prints them for that GPU. The
-# fixed cost is what a sparse call costs inside vLLM beyond its kernels' FLOPs: the estimation and
-# the host's launches and Python, partly hidden behind the GPU; it is chosen end to end, as the
-# value that makes the real model's time to first token best at equal accuracy (the rounds behind
-# each value: docs/benchmarks.md, "the default fixed cost")
-CALIBRATED: dict[str, dict[int, Rates]] = {
+# device name prefix -> kernel -> head_dim -> Rates, as benchmarks/kernels.py prints them for
+# that GPU. The fixed cost is what a sparse call costs inside vLLM beyond its kernels' FLOPs: the
+# estimation and the host's launches and Python, partly hidden behind the GPU; it is chosen end to
+# end, as the value that makes the real model's time to first token best at equal accuracy (the
+# rounds behind each value: docs/benchmarks.md, "the default fixed cost")
+CALIBRATED: dict[str, dict[str, dict[int, Rates]]] = {
     "NVIDIA H200": {
-        64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,
-                  estimate_per_block=0.0),
-        128: Rates(dense_rate=668.8, sparse_rate=425.4, dense_fixed=0.0586, estimate_fixed=1.4,
-                   estimate_per_block=0.0),
+        "triton": {
+            64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,
+                      estimate_per_block=0.0),
+            128: Rates(dense_rate=668.8, sparse_rate=425.4, dense_fixed=0.0586, estimate_fixed=1.4,
+                       estimate_per_block=0.0),
+        },
+        "fa4": {
+            64: Rates(dense_rate=503.3, sparse_rate=423.0, dense_fixed=0.0236, estimate_fixed=0.5,
+                      estimate_per_block=0.0, gather_per_key=8e-8),
+            128: Rates(dense_rate=668.8, sparse_rate=622.0, dense_fixed=0.0586, estimate_fixed=1.4,
+                       estimate_per_block=0.0, gather_per_key=1.5e-7),
+        },
     },
 }
 
@@ -66,17 +80,18 @@ CPU = Rates(dense_rate=0.2, sparse_rate=0.01, dense_fixed=0.0, estimate_fixed=50
 RATES_ENV = "VLLM_FLEXPREFILL_RATES"
 
 
-def rates_for(device_name: str | None, head_dim: int) -> Rates:
-    """The calibrated rates of a device (by name prefix, e.g. "NVIDIA H100"), or conservative
-    ones; fields given in ``VLLM_FLEXPREFILL_RATES`` replace them."""
-    return with_overrides(calibrated(device_name, head_dim), os.environ.get(RATES_ENV))
+def rates_for(device_name: str | None, head_dim: int, kernel: str = "triton") -> Rates:
+    """The calibrated rates of a device (by name prefix, e.g. "NVIDIA H100") and attention
+    kernel, or conservative ones; fields given in ``VLLM_FLEXPREFILL_RATES`` replace them."""
+    return with_overrides(calibrated(device_name, head_dim, kernel), os.environ.get(RATES_ENV))
 
 
-def calibrated(device_name: str | None, head_dim: int) -> Rates:
+def calibrated(device_name: str | None, head_dim: int, kernel: str = "triton") -> Rates:
     if device_name is None:
         return CPU
-    for prefix, by_dim in CALIBRATED.items():
-        if device_name.startswith(prefix):
+    for prefix, by_kernel in CALIBRATED.items():
+        by_dim = by_kernel.get(kernel)
+        if device_name.startswith(prefix) and by_dim:
             if head_dim in by_dim:
                 return by_dim[head_dim]
             return by_dim[min(by_dim, key=lambda d: abs(d - head_dim))]
@@ -116,6 +131,8 @@ class CostModel:
     block_size: int
     margin: float = 0.95
     """Sparse must be predicted at most this share of dense: room for the model's error."""
+    num_kv_heads: int | None = None
+    """KV heads (default: num_heads), for the copy of a chunk's keys and values."""
 
     def flops(self, q_lens, k_lens) -> float:
         return sum(causal_flops(q, k, self.num_heads, self.head_dim) for q, k in zip(q_lens, k_lens))
@@ -126,7 +143,9 @@ class CostModel:
     def sparse_ms(self, q_lens, k_lens, density: float) -> float:
         r = self.rates
         blocks = sum(-(-k // self.block_size) for k in k_lens) * self.num_heads
-        return (r.estimate_fixed * len(q_lens) + r.estimate_per_block * blocks
+        # chunks after the first (keys beyond their own) copy every key out of the paged cache
+        copied = sum(k for q, k in zip(q_lens, k_lens) if q < k) * (self.num_kv_heads or self.num_heads)
+        return (r.estimate_fixed * len(q_lens) + r.estimate_per_block * blocks + r.gather_per_key * copied
                 + density * self.flops(q_lens, k_lens) / (r.sparse_rate * 1e9))
 
     def pays(self, q_lens, k_lens, density: float) -> bool:

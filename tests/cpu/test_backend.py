@@ -26,10 +26,13 @@ def test_exact_mode_equals_causal_attention(case):
     torch.testing.assert_close(out, reference(batch, requests), atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "fa4"])
 @pytest.mark.parametrize("case", [c for c in CASES if c != "decode-only"])
-def test_sparse_config_long_prefills_equal_the_spec(case):
+def test_sparse_config_long_prefills_equal_the_spec(case, kernel):
+    # kernel "fa4": FlashAttention-4's lists, padding and keys, through their PyTorch twins
     requests = CASES[case]
-    out, batch, _ = run_backend(requests, SPARSE, torch.float32, "cpu", seed=1)
+    out, batch, metadata = run_backend(requests, {**SPARSE, "kernel": kernel}, torch.float32, "cpu", seed=1)
+    assert metadata.plan.kernel == kernel
     sparse = long_prefills(requests)
     dense = [i for i in range(len(requests)) if i not in sparse]
     want = flexprefill_reference(batch, requests, sparse, SPARSE)
@@ -86,7 +89,7 @@ def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):
     from vllm_flexprefill.costs import Rates
 
     eager = Rates(dense_rate=1.0, sparse_rate=1000.0, dense_fixed=0.0, estimate_fixed=0.0, estimate_per_block=0.0)
-    monkeypatch.setattr(settings, "rates_for", lambda name, head_dim: eager)
+    monkeypatch.setattr(settings, "rates_for", lambda name, head_dim, kernel="triton": eager)
     requests = CASES["mixed"]
     out, batch, metadata = run_backend(requests, {}, torch.float32, "cpu", seed=4)
     plan, name = metadata.plan, "model.layers.4.self_attn.attn"

@@ -172,7 +172,8 @@ def test_start_up_says_when_flexprefill_can_never_run(caplog):
 
     from vllm_flexprefill.backend.settings import make_router
 
-    model = types.SimpleNamespace(get_num_attention_heads=lambda parallel: 9, get_head_size=lambda: 64,
+    model = types.SimpleNamespace(get_num_attention_heads=lambda parallel: 9, get_num_kv_heads=lambda parallel: 3,
+                                  get_head_size=lambda: 64,
                                   max_model_len=8192)
     vllm_config = types.SimpleNamespace(model_config=model, parallel_config=None)
     with caplog.at_level(logging.INFO, logger="vllm.flexprefill"):

@@ -310,9 +310,9 @@ def test_compile_kernels_runs_a_long_and_a_short_paged_call(monkeypatch):
     calls, counted = [], []
     real, real_select = attention.sparse_attention, attention.select_blocks
 
-    def spy(q, k, v, layout, selection, scale, out=None, k_rows=None):
-        calls.append((layout.q_lens, layout.k_lens, k_rows is not None, tuple(k.shape)))
-        return real(q, k, v, layout, selection, scale, out=out, k_rows=k_rows)
+    def spy(q, k, v, layout, selection, scale, out=None, k_rows=None, kernel="auto"):
+        calls.append((layout.q_lens, layout.k_lens, k_rows is not None, tuple(k.shape), kernel))
+        return real(q, k, v, layout, selection, scale, out=out, k_rows=k_rows, kernel=kernel)
 
     def select_spy(*args, count_into=None, **kwargs):
         counted.append(None if count_into is None else tuple(count_into.shape))
@@ -320,8 +320,8 @@ def test_compile_kernels_runs_a_long_and_a_short_paged_call(monkeypatch):
 
     monkeypatch.setattr(attention, "sparse_attention", spy)
     monkeypatch.setattr(attention, "select_blocks", select_spy)
-    attention.compile_kernels(4, 2, 64, FlexPrefillConfig(sparse_block_size=16, min_sparse_tokens=0),
+    attention.compile_kernels(4, 2, 64, FlexPrefillConfig(sparse_block_size=16, min_sparse_tokens=0, kernel="fa4"),
                               torch.float32, "cpu", count_slots=32)
     n = (2 * SEGMENT_BLOCKS + 2) * 16
-    assert calls == [((n,), (n,), True, (-(-n // 16), 16, 2, 64)), ((48,), (48,), True, (3, 16, 2, 64))]
+    assert calls == [((n,), (n,), True, (-(-n // 16), 16, 2, 64), "fa4"), ((48,), (48,), True, (3, 16, 2, 64), "fa4")]
     assert counted == [(32,)] * 2, "the estimation counts as the router's layers count (a variant of its own)"

@@ -49,7 +49,9 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         isa, cache_dtype, page_size, head_size = compat.cpu_builder_facts(self)
         self.page_layout = learn_page_layout(isa, cache_dtype, page_size, head_size)
         compat.say_once(logging.INFO, "FlexPrefill active (CPU): %s", self.flex_config)
-        self.router = make_router(self.flex_config, vllm_config, layer_names, device)
+        # the kernels' PyTorch twins: FlashAttention-4's only where asked for (kernel "fa4")
+        self.kernel = "fa4" if self.flex_config.kernel == "fa4" else "triton"
+        self.router = make_router(self.flex_config, vllm_config, layer_names, device, self.kernel)
         if self.page_layout is None:
             compat.say_once(logging.INFO, "FlexPrefill (CPU): the %s KV cache layout of %s cannot be read back; chunk "
                              "continuations and prefix-cache hits run dense", isa, cache_dtype)
@@ -62,7 +64,7 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         readable = self.page_layout is not None
         plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor if readable else None,
                           self.block_size, self.flex_config, decode_threshold=1, fresh_only=not readable,
-                          router=self.router)
+                          router=self.router, kernel=self.kernel)
         if plan is None:
             return md
         build = super().build

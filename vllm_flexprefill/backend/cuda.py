@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_flexprefill.attention import compile_kernels
+from vllm_flexprefill.attention import choose_kernel, compile_kernels
 from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cost_routing import COUNT_SLOTS
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
@@ -56,14 +56,24 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         reasons = {getattr(layer.impl, "unsupported", "a non-FlexPrefill impl") for layer in layers.values()} - {None}
         self.flex_enabled = not reasons
         self.router = None
+        self.kernel = "triton"
         if reasons:
             compat.say_once(logging.INFO, "FlexPrefill: a KV-cache group with %s runs FlashAttention only",
                              ", ".join(sorted(reasons)))
         else:
             compat.say_once(logging.INFO, "FlexPrefill active: %s", self.flex_config)
-            self.router = make_router(self.flex_config, vllm_config, layer_names, device)
+            cfg = self.flex_config
+            self.kernel, why = choose_kernel(device, kv_cache_spec.dtype, kv_cache_spec.head_size,
+                                             cfg.sparse_block_size, cfg.kernel)
+            if self.kernel == "fa4":
+                compat.say_once(logging.INFO, "FlexPrefill: sparse attention runs on vLLM's FlashAttention-4 "
+                                "(block-sparse forward of vllm.vllm_flash_attn.cute)")
+            else:
+                compat.say_once(logging.INFO, "FlexPrefill: sparse attention runs on its Triton kernel%s",
+                                f" (FlashAttention-4 does not run here: {why})" if why else "")
+            self.router = make_router(cfg, vllm_config, layer_names, device, self.kernel)
             if layers and (self.router is None or self.router.sparse_from is not None):
-                compile_ahead(self.flex_config, next(iter(layers.values())).impl, kv_cache_spec.dtype, device,
+                compile_ahead(cfg, next(iter(layers.values())).impl, kv_cache_spec.dtype, device,
                               COUNT_SLOTS if self.router is not None else 0)
 
     @classmethod
@@ -78,7 +88,7 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         if self.flex_enabled and cm.max_query_len > 1:
             seq_lens = compat.host_seq_lens(cm)
             plan = plan_batch(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor, self.block_size,
-                              self.flex_config, decode_threshold=1, router=self.router)
+                              self.flex_config, decode_threshold=1, router=self.router, kernel=self.kernel)
         if plan is None:
             return super().build(common_prefix_len, cm, fast_build)
         # ahead-of-time scheduling writes one persistent buffer: a step with dense runs builds
@@ -110,9 +120,10 @@ _compiled: set = set()
 
 
 def compile_ahead(cfg, impl, dtype: torch.dtype, device, count_slots: int) -> None:
-    """Compiles the sparse path's Triton kernels for this layer shape, once per process, so
-    that start-up pays for it instead of the first long prompt (``attention.compile_kernels``;
-    count_slots: the router's counters per layer call, 0 without a router)."""
+    """Compiles the sparse path's kernels (Triton's, and FlashAttention-4's variant where it
+    runs) for this layer shape, once per process, so that start-up pays for it instead of the
+    first long prompt (``attention.compile_kernels``; count_slots: the router's counters per
+    layer call, 0 without a router)."""
     key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, cfg, count_slots)
     if key in _compiled:
         return

@@ -61,6 +61,8 @@ class SparsePlan:
     measure_layers: rows of the layers that run the whole batch dense and, for the
         groups, the estimation alone, to measure their density.
     memory: where the layers record the density they measure (None: nowhere).
+    kernel: the block-sparse attention kernel the groups run ("fa4" or "triton",
+        ``attention.choose_kernel``; on the CPU, its twin).
     """
 
     requests: tuple[int, ...]
@@ -70,6 +72,7 @@ class SparsePlan:
     sparse_layers: frozenset[int] | None = None
     memory: DensityMemory | None = None
     measure_layers: frozenset[int] = frozenset()
+    kernel: str = "triton"
 
     def runs_sparse(self, layer_name: str) -> bool:
         """Whether this layer runs the plan's groups sparse (else the whole batch runs dense)."""
@@ -118,6 +121,7 @@ def plan_batch(
     fresh_only: bool = False,
     max_gather_tokens: int | None = None,
     router: Router | None = None,
+    kernel: str = "triton",
 ) -> SparsePlan | None:
     """Plans a batch; None when no request runs FlexPrefill (the dense delegate takes all).
 
@@ -129,6 +133,7 @@ def plan_batch(
         max_gather_tokens: key positions per group (default MAX_GATHER_TOKENS).
         router: the cost model and measured densities that decide which requests and
             layers run sparse; None: the config's fixed thresholds, every layer sparse.
+        kernel: the attention kernel the groups run (its plans are made here).
     """
     starts = query_start_loc_cpu.tolist()
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
@@ -160,14 +165,15 @@ def plan_batch(
         current.append(i)
         gathered += seq_lens[i]
     groups.append(current)
-    built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg) for g in groups)
+    built = tuple(plan_group(g, starts, q_lens, seq_lens, block_table, page_size, cfg, kernel) for g in groups)
     if route is None:
-        return SparsePlan(requests, built, dense_runs(sparse), cfg)
-    return SparsePlan(requests, built, dense_runs(sparse), cfg, route.sparse, router.memory, route.measure)
+        return SparsePlan(requests, built, dense_runs(sparse), cfg, kernel=kernel)
+    return SparsePlan(requests, built, dense_runs(sparse), cfg, route.sparse, router.memory, route.measure, kernel)
 
 
 def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_lens: list[int],
-               block_table: torch.Tensor | None, page_size: int, cfg: FlexPrefillConfig) -> SparseGroup:
+               block_table: torch.Tensor | None, page_size: int, cfg: FlexPrefillConfig,
+               kernel: str = "triton") -> SparseGroup:
     """Layout, query rows and cache positions of one group of sparse requests."""
     device = block_table.device if block_table is not None else "cpu"
     sk = [seq_lens[i] for i in requests]
@@ -184,7 +190,7 @@ def plan_group(requests: list[int], starts: list[int], q_lens: list[int], seq_le
         kv_pages = torch.cat([block_table[i, pos // page_size].long() for i, pos in zip(requests, positions)])
         kv_offsets = torch.cat([pos % page_size for pos in positions])
     if layout.tile_seq.is_cuda:
-        plan_cuda(layout)
+        plan_cuda(layout, kernel)
     return SparseGroup(layout, q_rows, kv_pages, kv_offsets, tuple(requests), layout.causal_blocks(),
                        length_bucket(max(sk)))
 

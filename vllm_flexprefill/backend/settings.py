@@ -48,7 +48,7 @@ def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:
     return None
 
 
-def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Router | None:
+def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device, kernel: str = "triton") -> Router | None:
     """The cost-model router of one KV-cache group (None where the config fixes thresholds).
 
     Says once at start-up from which prompt length sparse attention may pay on this device,
@@ -62,7 +62,9 @@ def make_router(cfg: FlexPrefillConfig, vllm_config, layer_names, device) -> Rou
     heads, head_dim = model.get_num_attention_heads(vllm_config.parallel_config), model.get_head_size()
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    cost = CostModel(rates_for(name, head_dim), heads, head_dim, cfg.sparse_block_size)
+    kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
+    cost = CostModel(rates_for(name, head_dim, kernel), heads, head_dim, cfg.sparse_block_size,
+                     num_kv_heads=kv_heads)
     router = Router(cfg, cost, DensityMemory(list(layer_names), device))
     first = next((n for n in (2 ** (i / 4) for i in range(40, 81)) if router.candidate(int(n), int(n))
                   and cost.pays([int(n)], [int(n)], TYPICAL_DENSITY)), None)

@@ -54,26 +54,32 @@ class FlexPrefillForward:
             k, v, k_rows = self.group_keys(i, group, key, value, kv_cache, attn_metadata)
             rows = group.q_rows
             contiguous = isinstance(rows, slice)
+            new = {}
+            if plan.kernel == "fa4" and k_rows is not None and key is not None and group.layout.fresh:
+                # whole prompts: FA4 reads this step's own keys and values (no copy out of the cache)
+                new = dict(k_new=group_queries(key, group), v_new=group_queries(value, group))
             out = sparse_prefill(group_queries(query, group), k, v, group, plan, self.scale,
-                                 out=rows_out[rows] if contiguous else None, layer_name=name, k_rows=k_rows)
+                                 out=rows_out[rows] if contiguous else None, layer_name=name, k_rows=k_rows, **new)
             if not contiguous:
                 rows_out.index_copy_(0, rows, out)
         return output
 
 
 def group_queries(query: torch.Tensor, group: SparseGroup) -> torch.Tensor:
-    """[Tq, HQ, D]: the query rows of a group's requests."""
+    """[Tq, HQ, D]: the query rows of a group's requests (also their new keys' and values')."""
     rows = group.q_rows
     return query[rows] if isinstance(rows, slice) else query.index_select(0, rows)
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SparseGroup, plan: SparsePlan,
                    scale: float, out: torch.Tensor | None = None, layer_name: str = "",
-                   k_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """FlexPrefill over one group's packed requests.
+                   k_rows: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+                   v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """FlexPrefill over one group's packed requests, with the plan's attention kernel.
 
     q: [Tq, HQ, D] their new tokens; k, v: [Tk, H, D] all their key positions, or the paged
-    cache's views read at ``k_rows`` [Tk] (``attention.select_blocks``).
+    cache's views read at ``k_rows`` [Tk] (``attention.select_blocks``); k_new, v_new: their
+    new keys and values [Tq, H, D] where every request is a whole prompt (or None).
     Returns out [Tq, HQ, D] (written in place when given).
     """
     selection = choose_and_record(q, k, group, plan, scale, layer_name, k_rows)
@@ -85,8 +91,9 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
                      [f"{a}/{b}" for a, b in zip(group.layout.q_lens, group.layout.k_lens)], density.mean().item(),
                      [round(x, 3) for x in density.mean(1).tolist()], int(selection.query_aware.sum()))
     if stats.path() is not None:
-        record_layer(selection, group, layer_name)
-    return sparse_attention(q, k, v, group.layout, selection, scale, out=out, k_rows=k_rows)
+        record_layer(selection, group, layer_name, plan.kernel)
+    return sparse_attention(q, k, v, group.layout, selection, scale, out=out, k_rows=k_rows, k_new=k_new, v_new=v_new,
+                            kernel=plan.kernel)
 
 
 def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan: SparsePlan, scale: float,
@@ -100,7 +107,7 @@ def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan
     return select_blocks(q, k, group.layout, plan.config, scale, k_rows, count_into=counter)
 
 
-def record_layer(selection, group: SparseGroup, layer_name: str) -> None:
+def record_layer(selection, group: SparseGroup, layer_name: str, kernel: str) -> None:
     """One statistics record for this layer call (a host synchronisation; only when asked for)."""
     layout = group.layout
     counts = selection.block_cnt.sum(0).tolist()  # [NQB] blocks over the heads
@@ -111,4 +118,4 @@ def record_layer(selection, group: SparseGroup, layer_name: str) -> None:
         lo, hi = layout.first_tile[s], layout.first_tile[s + 1]
         requests.append({"new": layout.q_lens[s], "all": layout.k_lens[s], "computed": int(sum(counts[lo:hi])),
                          "causal": layout.causal_blocks_of(s) * heads, "query_aware": int(query_aware[s])})
-    stats.append({"kind": "layer", "layer": layer_name, "heads": heads, "requests": requests})
+    stats.append({"kind": "layer", "layer": layer_name, "heads": heads, "kernel": kernel, "requests": requests})

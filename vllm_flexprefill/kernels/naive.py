@@ -320,3 +320,63 @@ def threshold_one(pooled: torch.Tensor, query_aware: torch.Tensor, target: float
     count = (before < target).sum(-1).clamp_min(1)
     crossing = torch.gather(values, -1, (count - 1)[:, None])[:, 0]
     return torch.where(query_aware.bool(), crossing, 2.0)
+
+
+def naive_flash_attn_block_sparse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, mask_cnt: torch.Tensor, mask_idx: torch.Tensor, full_cnt: torch.Tensor,
+    full_idx: torch.Tensor, cu_tiles: torch.Tensor, cu_lists: torch.Tensor, block_size: int, scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of ``kernels.fa4.flash_attn_block_sparse`` (same arguments): FlashAttention-4's
+    varlen block-sparse causal forward as it reads its arguments.
+
+    Sequence b's queries [Lq] and keys [Lk] are causal bottom-right (query i sees keys up to
+    Lk - Lq + i). Its query block i (rows i*BS ..) is tile ``cu_tiles[b] + i``; its lists
+    start at ``cu_lists[b] + i * NB`` (NB = ceil(Lk / BS)) of each head's row of mask_idx and
+    full_idx. The first mask_cnt[h, tile] "mask" blocks are computed with the causal mask,
+    the first full_cnt[h, tile] "full" blocks without any. A row that sees no key gives 0.
+
+    Args:
+        q: [Tq, HQ, D]; k, v: [Tk, H, D]; mask_cnt, full_cnt: [HQ, NQB]; mask_idx, full_idx:
+            [HQ, L] (broadcast views work as well).
+    """
+    hq, group = q.shape[1], q.shape[1] // k.shape[1]
+    if out is None:
+        out = torch.empty(q.shape[0], hq, v.shape[2], dtype=q.dtype, device=q.device)
+    qs_, ks_ = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    tiles, lists = cu_tiles.tolist(), cu_lists.tolist()
+    for b in range(len(qs_) - 1):
+        lq, lk = qs_[b + 1] - qs_[b], ks_[b + 1] - ks_[b]
+        nb = -(-lk // block_size)
+        rows = torch.arange(lq, device=q.device)
+        q_pos = lk - lq + rows
+        k_pos = torch.arange(lk, device=q.device)
+        tile = tiles[b] + rows // block_size  # [Lq]
+        start = lists[b] + (rows // block_size) * nb  # [Lq]
+        token_mask = torch.zeros(hq, lq, lk, dtype=torch.bool, device=q.device)
+        for cnt, idx, causal in ((mask_cnt, mask_idx, True), (full_cnt, full_idx, False)):
+            entry = torch.arange(nb, device=q.device)
+            ids = idx.expand(hq, -1)[:, (start[:, None] + entry[None, :])].long()  # [HQ, Lq, NB]
+            listed = entry[None, None, :] < cnt.expand(hq, -1)[:, tile][:, :, None]
+            blocks = torch.zeros(hq, lq, nb + 1, dtype=torch.bool, device=q.device)
+            blocks.scatter_(-1, torch.where(listed & (ids >= 0) & (ids < nb), ids, nb), True)
+            key_ok = blocks[..., :nb][:, :, k_pos // block_size]  # [HQ, Lq, Lk]
+            if causal:
+                key_ok &= k_pos[None, None, :] <= q_pos[None, :, None]
+            token_mask |= key_ok
+        qb = q[qs_[b]:qs_[b + 1]].float().transpose(0, 1)
+        kb = k[ks_[b]:ks_[b + 1]].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vb = v[ks_[b]:ks_[b + 1]].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (scale * qb @ kb.transpose(1, 2)).masked_fill(~token_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[qs_[b]:qs_[b + 1]] = (probs @ vb).transpose(0, 1).to(out.dtype)
+    return out
+
+
+def naive_gather_rows(k: torch.Tensor, v: torch.Tensor, k_rows: torch.Tensor, k_out: torch.Tensor,
+                      v_out: torch.Tensor) -> None:
+    """Twin of ``kernels.gather.gather_rows`` (same arguments): the rows of a paged cache's
+    key and value views at ``k_rows`` [Tk], copied into k_out, v_out [Tk, H, D]."""
+    k_out.copy_(rows_of(k, k_rows))
+    v_out.copy_(rows_of(v, k_rows))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from vllm_flexprefill.layout.plans import SparseSeqs, TailSplit
+    from vllm_flexprefill.layout.plans import QueryBlocks, SparseSeqs, TailSplit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,11 @@ class BatchLayout:
     def list_size(self) -> int:
         """Entries of one head's block lists (every tile's NB)."""
         return self.list_starts[-1]
+
+    @property
+    def fresh(self) -> bool:
+        """Whether every sequence is a whole prompt (its queries are all its keys)."""
+        return self.q_lens == self.k_lens
 
     def aligned(self, seq: int) -> bool:
         """Whether the sequence's queries start on a block boundary (its first tile is whole)."""
@@ -135,6 +140,14 @@ class BatchLayout:
         if key not in self.memo:
             self.memo[key] = TailSplit.plan(self, dense_from, seg_blocks, max_segments)
         return self.memo[key]
+
+    def query_blocks(self) -> QueryBlocks:
+        """The batch as FlashAttention-4's block-sparse forward reads it (made once per layout)."""
+        from vllm_flexprefill.layout.plans import QueryBlocks
+
+        if "query_blocks" not in self.memo:
+            self.memo["query_blocks"] = QueryBlocks.plan(self)
+        return self.memo["query_blocks"]
 
     def sparse_seqs(self) -> SparseSeqs:
         """The sequences that run the estimation, as its batched kernels read them (made once

@@ -1,7 +1,8 @@
 """Plans that kernels read, derived from a ``BatchLayout`` once per batch: where the dense
-tiles run in segments (``TailSplit``) and where each sparse sequence's data sits in the
-batched estimation's arrays (``SparseSeqs``). Each table's Triton reader is in
-``layout/readers.py``, beside the column order it reads (``SparseSeqs.COLUMN``).
+tiles run in segments (``TailSplit``), where each sparse sequence's data sits in the
+batched estimation's arrays (``SparseSeqs``), and how the batch's tiles map onto
+FlashAttention-4's query blocks (``QueryBlocks``). Each table's Triton reader is in
+``layout/readers.py``, beside the column order it reads (``SparseSeqs.COLUMNS``).
 """
 
 from __future__ import annotations
@@ -114,3 +115,57 @@ class SparseSeqs:
                           table=flat.view(-1, width), slot=slots)
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryBlocks:
+    """The batch as FlashAttention-4's varlen block sparsity reads it (``BatchLayout.query_blocks``).
+
+    FA4 cuts each sequence's queries into blocks of BS from its first query; the tiles of
+    ``BatchLayout`` start at block boundaries of the key positions. They coincide where a
+    sequence's queries start on a boundary. Elsewhere the sequence's queries are padded in
+    front with ``ctx % BS`` rows (positions ctx - pad .. ctx - 1: they attend causally like
+    any query and their output is dropped), so that FA4's query block i is tile i. Each
+    sequence's lists are then FA4's [R, NB] matrix at ``BatchLayout.cu_lists``; the diagonal
+    block, the only one that needs the causal mask, is FA4's one "mask" block per tile
+    (``diagonal``), the blocks before it its "full" blocks (``BlockSelection.off_diagonal``).
+
+    padded: whether any sequence is padded (else q and the output are used as they are).
+    cu_seqlens_q: [N + 1] int32 offsets of the (padded) queries.
+    q_rows: [Tq] int64 row of each query in the padded queries (None when not padded).
+    num_rows: rows of the padded queries.
+    max_seqlen_q, max_seqlen_k: the longest (padded) query and key ranges.
+    diagonal: [1, L] int32 each tile's diagonal block at its list's start (0 elsewhere);
+        ones: [1, NQB] int32 (one mask block per tile). Both broadcast over the heads.
+    """
+
+    padded: bool
+    cu_seqlens_q: torch.Tensor
+    q_rows: torch.Tensor | None
+    num_rows: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    diagonal: torch.Tensor
+    ones: torch.Tensor
+
+    @staticmethod
+    def plan(layout: BatchLayout) -> QueryBlocks:
+        bs = layout.block_size
+        pads = [(k - q) % bs for q, k in zip(layout.q_lens, layout.k_lens)]
+        padded = any(pads)
+        device = layout.tile_row.device
+        q_rows = None
+        cu_q = layout.cu_seqlens_q
+        lens = [q + p for q, p in zip(layout.q_lens, pads)]
+        if padded:
+            starts = (0, *itertools.accumulate(lens))
+            (cu_q,) = int32_on(device, starts)
+            q_rows = torch.cat([torch.arange(a + p, b, device=device) for a, b, p in zip(starts, starts[1:], pads)])
+        # each tile's diagonal block at the start of its list: made on the device (two launches
+        # per batch; the lists hold a million entries at 128k keys)
+        diagonal = torch.zeros(1, layout.list_size, dtype=torch.int32, device=device)
+        diagonal[0, layout.tile_list[:-1].long()] = layout.tile_row
+        ones = torch.ones(1, layout.num_tiles, dtype=torch.int32, device=device)
+        return QueryBlocks(padded=padded, cu_seqlens_q=cu_q, q_rows=q_rows, num_rows=sum(lens),
+                           max_seqlen_q=max(lens, default=0), max_seqlen_k=max(layout.k_lens, default=0),
+                           diagonal=diagonal, ones=ones)
