@@ -6,13 +6,17 @@ For each shape and length N, in one process on one GPU:
     and diagonal), its rate relative to FA3, and per computed block relative to its own
     dense rate (eta); at 100 and 50 % also on a paged cache read in place (the backend's
     path, whose rate the cost model takes);
+  - where it runs (Hopper, vLLM's FlashAttention-4 importable), the same lists through FA4's
+    block-sparse forward (``kernel="fa4"``: contiguous keys, as a fresh prompt reads them), at
+    50 % also with the keys first copied out of the paged cache (a later chunk), and that
+    copy alone;
   - the estimation alone, per layer call, for a fresh prompt of N tokens, for an 8k chunk
     at the end of N keys, and for four prompts of N / 4 tokens in one call (default
     settings, inputs with planted structure); the fresh prompt's also replayed from a CUDA
     graph: its device time without the host's launches;
   - the whole FlexPrefill call at default settings and at a forced ~10 % density.
 Then it fits the cost model's rates (``vllm_flexprefill/costs.py``) per head_dim and prints
-them in the form CALIBRATED takes. Prints tables, writes JSON and a plot.
+them in the form CALIBRATED takes, per kernel. Prints tables, writes JSON and a plot.
 
     python benchmarks/kernels.py --out bench-results                      # Llama-3.1-8B and SmolLM2 shapes
     python benchmarks/kernels.py --shapes smollm2 --lengths 4096 8192 16384 32768
@@ -21,6 +25,7 @@ them in the form CALIBRATED takes. Prints tables, writes JSON and a plot.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -32,11 +37,19 @@ import triton
 import triton.testing
 from synthetic import paged_cache, planted_inputs, random_block_lists
 
-from vllm_flexprefill.attention import flex_prefill_attention_varlen, plan_cuda, select_blocks
+from vllm_flexprefill.attention import (
+    choose_kernel,
+    flex_prefill_attention_varlen,
+    plan_cuda,
+    select_blocks,
+    sparse_attention,
+)
 from vllm_flexprefill.config import FlexPrefillConfig
 from vllm_flexprefill.costs import Rates, causal_flops
 from vllm_flexprefill.kernels.block_sparse_attn import block_sparse_attention
+from vllm_flexprefill.kernels.gather import gather_rows
 from vllm_flexprefill.layout.batch import BatchLayout
+from vllm_flexprefill.layout.lists import BlockSelection
 
 # name: (query heads, kv heads, head_dim, default lengths)
 SHAPES = {
@@ -121,6 +134,22 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
         row[f"paged{round(density * 100)}_ms"] = bench(
             lambda: block_sparse_attention(q, keys, values, *layout.grid(), idx, cnt, BS, scale, out=out, k_rows=rows), reps_ms)
         del idx, cnt
+    if fa4_runs():
+        plan_cuda(layout, "fa4")
+        for density in DENSITIES:
+            sel = lists_of(layout, hq, density)
+            key = f"fa4_{round(density * 100)}"
+            row[f"{key}_ms"] = bench(lambda: sparse_attention(q, k, v, layout, sel, scale, out=out, kernel="fa4"),
+                                     reps_ms)
+            if density == 0.5:
+                row["fa4_paged50_ms"] = bench(lambda: sparse_attention(q, keys, values, layout, sel, scale, out=out,
+                                                                       k_rows=rows, kernel="fa4"), reps_ms)
+            del sel
+        k_copy, v_copy = torch.empty_like(k), torch.empty_like(v)
+        row["gather_ms"] = bench(lambda: gather_rows(keys, values, rows, k_copy, v_copy), reps_ms)
+        del k_copy, v_copy
+        row["fa4_vs_fa3"] = ref_ms / row["fa4_100_ms"]
+        row["fa4_speedup10"] = ref_ms / row["fa4_10_ms"]
     del keys, values, rows
     dense_ms = row["sparse100_ms"]
     row["ours_vs_fa3"] = ref_ms / dense_ms
@@ -157,14 +186,30 @@ def run(shape: str, n: int, reps_ms: int) -> dict:
     forced = FlexPrefillConfig(min_sparse_tokens=0, tau=0.0, min_budget=None, max_budget=max(BS, n // 40))
     row["forced_density"] = select_blocks(q, k, layout, forced, scale).density(layout).mean().item()
     row["whole_forced_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, forced), reps_ms)
+    if fa4_runs():  # the defaults run FA4 here: the Triton kernel beside it
+        triton_forced = dataclasses.replace(forced, kernel="triton")
+        row["whole_forced_triton_ms"] = bench(lambda: flex_prefill_attention_varlen(q, k, v, cu, cu, triton_forced),
+                                              reps_ms)
     row["estimate_share"] = row["estimate_ms"] / ref_ms
     row["speedup_default"] = ref_ms / row["whole_default_ms"]
     row["speedup_forced"] = ref_ms / row["whole_forced_ms"]
     return row
 
 
-def fit(rows: list[dict]) -> dict[int, Rates]:
-    """Cost-model rates per head_dim from the measured rows (rates in TFLOP/s = 1e9 FLOP per ms)."""
+def fa4_runs() -> bool:
+    """Whether FlashAttention-4's block-sparse forward runs on this GPU (bf16, blocks of 128)."""
+    return choose_kernel("cuda", torch.bfloat16, 128, BS)[0] == "fa4"
+
+
+def lists_of(layout: BatchLayout, hq: int, density: float) -> BlockSelection:
+    idx, cnt = random_block_lists(layout, hq, density, torch.Generator().manual_seed(1))
+    return BlockSelection(idx, cnt, cnt - 1, torch.zeros(1, hq, dtype=torch.bool, device=idx.device))
+
+
+def fit(rows: list[dict], kernel: str = "triton") -> dict[int, Rates]:
+    """Cost-model rates per head_dim from the measured rows (rates in TFLOP/s = 1e9 FLOP per ms),
+    for the Triton kernel or FlashAttention-4 (``kernel="fa4"``: its rate on contiguous keys,
+    and the copy of the keys out of the paged cache per key position and KV head)."""
     out = {}
     for d in sorted({r["D"] for r in rows}):
         rs = [r for r in rows if r["D"] == d]
@@ -175,7 +220,11 @@ def fit(rows: list[dict]) -> dict[int, Rates]:
         dense_fixed = max(0.005, small[ref] - small["flops"] / dense_rate / 1e9)
         # the kernel's rate on the blocks it computes at half density (near the usual break-even),
         # reading a paged cache in place as in vLLM
-        sparse_rate = statistics.median(r["sparse50_density"] * r["flops"] / r["paged50_ms"] / 1e9 for r in big)
+        sparse_key = "fa4_50_ms" if kernel == "fa4" else "paged50_ms"
+        if not all(sparse_key in r for r in big):
+            continue
+        sparse_rate = statistics.median(r["sparse50_density"] * r["flops"] / r[sparse_key] / 1e9 for r in big)
+        gather = statistics.median(r["gather_ms"] / (r["N"] * r["H"]) for r in big) if kernel == "fa4" else 0.0
         # estimation: fixed + per (query head, key block); least squares over the rows
         xs = [r["HQ"] * -(-r["N"] // BS) for r in rs]
         ys = [r["estimate_ms"] for r in rs]
@@ -184,7 +233,7 @@ def fit(rows: list[dict]) -> dict[int, Rates]:
         per_block = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
         fixed = max(0.01, my - per_block * mx)
         out[d] = Rates(round(dense_rate, 1), round(sparse_rate, 1), round(dense_fixed, 4), round(fixed, 4),
-                       float(f"{per_block:.3g}"))
+                       float(f"{per_block:.3g}"), float(f"{gather:.3g}"))
     return out
 
 
@@ -192,13 +241,17 @@ COLUMNS = [("shape", "shape", "{}"), ("N", "N", "{}"), ("cudnn_ms", "cuDNN", "{:
            ("sparse100_ms", "ours100%", "{:.3f}"), ("ours_vs_fa3", "ours/FA3", "{:.2f}"),
            ("paged100_ms", "paged100%", "{:.3f}"), ("paged50_ms", "paged50%", "{:.3f}"),
            ("sparse50_ms", "50%", "{:.3f}"), ("sparse25_ms", "25%", "{:.3f}"), ("sparse10_ms", "10%", "{:.3f}"),
-           ("eta10", "eta10", "{:.2f}"), ("estimate_ms", "est", "{:.3f}"),
+           ("eta10", "eta10", "{:.2f}"), ("fa4_100_ms", "FA4 100%", "{:.3f}"), ("fa4_vs_fa3", "FA4/FA3", "{:.2f}"),
+           ("fa4_50_ms", "FA4 50%", "{:.3f}"), ("fa4_paged50_ms", "FA4 50% +copy", "{:.3f}"),
+           ("fa4_25_ms", "FA4 25%", "{:.3f}"), ("fa4_10_ms", "FA4 10%", "{:.3f}"),
+           ("fa4_speedup10", "FA3/FA4 10%", "{:.2f}"), ("gather_ms", "copy", "{:.3f}"),
+           ("estimate_ms", "est", "{:.3f}"),
            ("estimate_graph_ms", "est(graph)", "{:.3f}"), ("estimate_chunk_ms", "est(8k)", "{:.3f}"),
            ("estimate_4req_ms", "est(4 req)", "{:.3f}"),
            ("estimate_share", "est/FA3", "{:.3f}"), ("default_density", "dens", "{:.3f}"),
            ("whole_default_ms", "whole", "{:.3f}"), ("speedup_default", "x", "{:.2f}"),
            ("forced_density", "dens(f)", "{:.3f}"), ("whole_forced_ms", "whole(f)", "{:.3f}"),
-           ("speedup_forced", "x(f)", "{:.2f}")]
+           ("speedup_forced", "x(f)", "{:.2f}"), ("whole_forced_triton_ms", "whole(f) Triton", "{:.3f}")]
 
 
 def print_row(row: dict) -> None:
@@ -218,7 +271,8 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
         rs = [r for r in results if r["shape"] == shape]
         ns = [r["N"] for r in rs]
         for key, label in (("fa3_ms", "FA3 (vLLM)"), ("cudnn_ms", "cuDNN SDPA"), ("sparse100_ms", "ours, 100 %"),
-                           ("sparse10_ms", "ours, 10 % blocks"), ("whole_forced_ms", "FlexPrefill, ~10 %"),
+                           ("sparse10_ms", "ours, 10 % blocks"), ("fa4_100_ms", "FA4 lists, 100 %"),
+                           ("fa4_10_ms", "FA4 lists, 10 %"), ("whole_forced_ms", "FlexPrefill, ~10 %"),
                            ("whole_default_ms", "FlexPrefill, default")):
             if all(key in r for r in rs):
                 ax.loglog(ns, [r[key] for r in rs], marker="o", label=label)
@@ -255,13 +309,16 @@ def main() -> None:
             results.append(run(shape, n, args.reps_ms))
             print_row(results[-1])
             torch.cuda.empty_cache()
-    rates = fit(results)
+    rates = {kernel: fit(results, kernel) for kernel in ("triton", "fa4")}
     print(f"CALIBRATED[{env['gpu']!r}] = {{")
-    for d, r in rates.items():
-        print(f"    {d}: {r!r},")
+    for kernel, by_dim in rates.items():
+        print(f"    {kernel!r}: {{")
+        for d, r in by_dim.items():
+            print(f"        {d}: {r!r},")
+        print("    },")
     print("}")
-    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results,
-                                                  "rates": {d: vars(r) for d, r in rates.items()}}, indent=1))
+    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results, "rates": {
+        kernel: {d: vars(r) for d, r in by_dim.items()} for kernel, by_dim in rates.items()}}, indent=1))
     plot(results, out / "kernels.png")
 
 

@@ -2,8 +2,9 @@
 
 Llama-3.1-8B shapes (all 32 layers; --shape picks Qwen2-7B, GLM-4-9B or Yi-9B-200K shapes
 instead) with random weights (load_format="dummy"), prompts of random token ids, batch 1,
-prefix caching off, 8192-token chunks. ``--shape smollm2`` runs the real pretrained model
-instead (``benchmarks/checkpoints.py``: native up to 8k, its YaRN variant above) on
+prefix caching off, 8192-token chunks. ``--shape smollm2`` or ``--shape qwen2.5-coder-1.5b`` runs a real
+pretrained model instead (``benchmarks/checkpoints.py``: native up to its context, its YaRN
+variant above) on
 RULER-style needle prompts, with chunked prefill as vLLM sets it. Each engine runs in its
 own process; the first prompt warms it up (Triton compiles, the router measures densities).
 
@@ -17,6 +18,8 @@ random-weight attention; one engine per length); "FLEX_FLOOR" (tau = 0, max_budg
 min_budget = 1024: every head keeps exactly the default floor, which is what the default
 settings cost on attention concentrated enough to need no more); "FLEX_SPARSE" (default
 settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query_tokens = 0``).
+``NAME:triton`` or ``NAME:fa4`` runs engine NAME with that block-sparse kernel (``kernel`` in
+the config; the default picks FlashAttention-4 where it runs).
 ``--rates NAME='{"estimate_fixed": 0.5}'`` adds an engine NAME: default settings with the
 cost model's rates replaced as the JSON says (``VLLM_FLEXPREFILL_RATES``, costs.py), to try
 a calibration side by side with the current one.
@@ -87,6 +90,9 @@ SHAPES = {
         "rms_norm_eps": 1e-6, "rope_theta": 10000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"},
 }
+
+# real pretrained models (benchmarks/checkpoints.py)
+REAL_MODELS = ("smollm2", "qwen2.5-coder-1.5b")
 
 
 def engine_run(spec: dict) -> dict:
@@ -322,7 +328,7 @@ def write_host_profile(profiler: cProfile.Profile, calls: int, builds: int, wall
             f"{calls} sparse layer calls and {builds} builds profiled, {total_ms:.1f} ms of host time in them")
     if stats:
         stats.sort_stats("cumulative").print_stats(top)
-    path = pathlib.Path(spec["profile_dir"]) / f"host-profile-{spec['backend']}-{n}.txt"
+    path = pathlib.Path(spec["profile_dir"]) / f"host-profile-{spec['backend'].replace(':', '-')}-{n}.txt"
     path.write_text(head + "\n" + text.getvalue())
     print(head, flush=True)
     return head
@@ -344,28 +350,32 @@ def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
     text = (f"{spec['backend']} {spec.get('flexprefill')} N={n}: wall {wall:.1f} ms (under the profiler), "
             f"GPU busy {busy:.1f} ms\n"
             + events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
-    path = pathlib.Path(spec["profile_dir"]) / f"profile-{spec['backend']}-{n}.txt"
+    path = pathlib.Path(spec["profile_dir"]) / f"profile-{spec['backend'].replace(':', '-')}-{n}.txt"
     path.write_text(text)
     print(text.splitlines()[0], flush=True)
 
 
-def real_model_variants(lengths: list[int], reps: int) -> list[dict]:
-    """SmolLM2-135M-Instruct runs: native up to 8k, the YaRN variant above; needle prompts
-    (one warm-up, reps timed, three for decode per length), each used once."""
+def real_model_variants(name: str, lengths: list[int], reps: int) -> list[dict]:
+    """A real model's runs (``checkpoints.MODELS[name]``): native up to its context, the YaRN
+    variant above; needle prompts (one warm-up, reps timed, three for decode per length),
+    each used once."""
     import checkpoints
     from ruler_tasks import Generator
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    native = checkpoints.checkpoint("smollm2")
+    spec = checkpoints.MODELS[name]
+    native = checkpoints.checkpoint(name)
     gen = Generator(AutoTokenizer.from_pretrained(native))
+    vocab = AutoConfig.from_pretrained(native).vocab_size
+    ctx, longest = spec.native_context, spec.native_context * spec.yarn_factor
     variants = []
-    for model, max_len, ns in ((native, 8192, [n for n in lengths if n <= 8192]),
-                               (checkpoints.checkpoint("smollm2", yarn=True), 32768, [n for n in lengths if n > 8192])):
+    for model, max_len, ns in ((native, ctx, [n for n in lengths if n <= ctx]),
+                               (checkpoints.checkpoint(name, yarn=True), longest, [n for n in lengths if n > ctx])):
         if ns:
             prompts = {n: [list(gen.sample("niah_single_number", n, i, seed=11).token_ids) for i in range(reps + 8)]
                        for n in ns}
             variants.append(dict(model=str(model), lengths=ns, max_model_len=max_len, prompts=prompts,
-                                 vocab_size=49152))
+                                 vocab_size=vocab))
     return variants
 
 
@@ -381,8 +391,8 @@ def main() -> None:
                         help="run every engine this many times, each in a fresh process, alternating engines; "
                              "the table shows the median and range over rounds (engine processes vary)")
     parser.add_argument("--decode-length", type=int, default=8192)
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + ["smollm2"],
-                        help="model shape (all layers, random weights), or smollm2: the real model")
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + sorted(REAL_MODELS),
+                        help="model shape (all layers, random weights), or a real model (checkpoints.py)")
     parser.add_argument("--min-sparse-tokens", type=int, default=None,
                         help="min_sparse_tokens for the FLEX engines (default: the config's)")
     parser.add_argument("--rates", nargs="+", default=[], metavar="NAME=JSON",
@@ -398,8 +408,8 @@ def main() -> None:
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.shape == "smollm2":
-        variants = real_model_variants(args.lengths, args.reps)
+    if args.shape in REAL_MODELS:
+        variants = real_model_variants(args.shape, args.lengths, args.reps)
     else:
         model = pathlib.Path(tempfile.mkdtemp()) / f"{args.shape}-shapes"
         model.mkdir()
@@ -413,17 +423,21 @@ def main() -> None:
     for rnd, chunked, compilation in itertools.product(range(args.rounds), args.chunked, args.compilation):
         for engine in args.engines:
             specs = []
+            # NAME:triton / NAME:fa4 runs engine NAME with that block-sparse attention kernel
+            base, _, kernel = engine.partition(":")
+            extra = {**routing, **({"kernel": kernel} if kernel else {})}
             for variant in variants:
                 lengths = variant["lengths"]
-                if engine == "FLEX_10":
+                if base == "FLEX_10":
                     specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40,
-                                                         **routing}, lengths=[n]) for n in lengths]
-                elif engine == "FLEX_PREFILL" or engine in rates:
-                    specs.append(dict(variant, flexprefill=routing or None, rates=rates.get(engine)))
-                elif engine == "FLEX_SPARSE":
-                    specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}))
-                elif engine == "FLEX_FLOOR":
-                    specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **routing}))
+                                                         **extra}, lengths=[n]) for n in lengths]
+                elif base == "FLEX_PREFILL" or base in rates:
+                    specs.append(dict(variant, flexprefill=extra or None, rates=rates.get(base)))
+                elif base == "FLEX_SPARSE":
+                    specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0,
+                                                            **extra}))
+                elif base == "FLEX_FLOOR":
+                    specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **extra}))
                 else:
                     specs.append(dict(variant, flexprefill=None))
             for spec in specs:

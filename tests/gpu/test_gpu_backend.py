@@ -98,3 +98,24 @@ def test_density_memory_folds_measurements_after_the_copy_lands():
             memory.refresh()
         torch.cuda.synchronize()
     assert not [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("kernel", ["fa4", "triton"])
+@pytest.mark.parametrize("case", ["chunked", "prefix-hits", "mixed"])
+def test_blocks_of_128_through_either_kernel(case, kernel):
+    # the backend with sparse_block_size 128: FlashAttention-4 (where it runs) or Triton; exact
+    # mode equals causal attention, and both kernels give the same sparse output
+    from vllm_flexprefill.attention import choose_kernel
+
+    if kernel == "fa4" and choose_kernel("cuda", BF16, 64, 128)[0] != "fa4":
+        pytest.skip(f"FlashAttention-4 does not run here: {choose_kernel('cuda', BF16, 64, 128)[1]}")
+    requests = CASES[case]
+    exact = {**EXACT, "sparse_block_size": 128, "kernel": kernel}
+    out, batch, metadata = run_backend(requests, exact, BF16, "cuda")
+    assert metadata.plan.kernel == kernel
+    torch.testing.assert_close(out.float(), reference(batch, requests), atol=ATOL[BF16], rtol=0)
+    sparse = {**SPARSE, "sparse_block_size": 128, "kernel": kernel}
+    got, _, _ = run_backend(requests, sparse, BF16, "cuda", seed=1)
+    other, _, _ = run_backend(requests, {**sparse, "kernel": "triton"}, BF16, "cuda", seed=1)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), other.float(), atol=ATOL[BF16], rtol=0)
