@@ -57,6 +57,22 @@ CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, esti
 # end, as the value that makes the real model's time to first token best at equal accuracy (the
 # rounds behind each value: docs/benchmarks.md, "the default fixed cost")
 CALIBRATED: dict[str, dict[str, dict[int, Rates]]] = {
+    "NVIDIA H100": {
+        "triton": {
+            64: Rates(dense_rate=507.6, sparse_rate=400.6, dense_fixed=0.005, estimate_fixed=0.5,
+                      estimate_per_block=0.0),
+            128: Rates(dense_rate=678.7, sparse_rate=421.1, dense_fixed=0.0755, estimate_fixed=1.4,
+                       estimate_per_block=0.0),
+        },
+        "fa4": {
+            64: Rates(dense_rate=507.6, sparse_rate=431.8, dense_fixed=0.005, estimate_fixed=0.5,
+                      estimate_per_block=0.0, gather_per_key=2.51e-7),
+            128: Rates(dense_rate=678.7, sparse_rate=589.6, dense_fixed=0.0755, estimate_fixed=1.4,
+                       estimate_per_block=0.0, gather_per_key=3.75e-7),
+        },
+    },
+    # FA4 on the H200: its dense rates times FA4's ratio to them measured on the H100, and the
+    # H100's copy cost scaled by the two memories' bandwidth, until kernels.py runs on an H200
     "NVIDIA H200": {
         "triton": {
             64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,
@@ -65,10 +81,10 @@ CALIBRATED: dict[str, dict[str, dict[int, Rates]]] = {
                        estimate_per_block=0.0),
         },
         "fa4": {
-            64: Rates(dense_rate=503.3, sparse_rate=423.0, dense_fixed=0.0236, estimate_fixed=0.5,
-                      estimate_per_block=0.0, gather_per_key=8e-8),
-            128: Rates(dense_rate=668.8, sparse_rate=622.0, dense_fixed=0.0586, estimate_fixed=1.4,
-                       estimate_per_block=0.0, gather_per_key=1.5e-7),
+            64: Rates(dense_rate=503.3, sparse_rate=428.0, dense_fixed=0.0236, estimate_fixed=0.5,
+                      estimate_per_block=0.0, gather_per_key=1.75e-7),
+            128: Rates(dense_rate=668.8, sparse_rate=580.0, dense_fixed=0.0586, estimate_fixed=1.4,
+                       estimate_per_block=0.0, gather_per_key=2.6e-7),
         },
     },
 }

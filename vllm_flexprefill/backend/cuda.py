@@ -72,7 +72,10 @@ class FlexPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                 compat.say_once(logging.INFO, "FlexPrefill: sparse attention runs on its Triton kernel%s",
                                 f" (FlashAttention-4 does not run here: {why})" if why else "")
             self.router = make_router(cfg, vllm_config, layer_names, device, self.kernel)
-            if layers and (self.router is None or self.router.sparse_from is not None):
+            # every variant the layers can launch, whatever the router expects: a layer may run
+            # sparse at lengths the start-up estimate did not foresee, and a variant compiled in
+            # the middle of a request costs that request seconds
+            if layers:
                 compile_ahead(cfg, next(iter(layers.values())).impl, kv_cache_spec.dtype, device,
                               COUNT_SLOTS if self.router is not None else 0)
 
