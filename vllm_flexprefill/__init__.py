@@ -1,7 +1,7 @@
 """vllm-flexprefill: FlexPrefill context-aware sparse prefill attention for vLLM.
 
 Importing the package is cheap: it loads neither vLLM, transformers nor the Triton kernels.
-The public names below are imported on first use.
+The public names below are imported on first use (``patch_model`` loads transformers).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _PUBLIC = {
     "flex_prefill_attention": "vllm_flexprefill.attention",
     "flex_prefill_attention_varlen": "vllm_flexprefill.attention",
     "flex_prefill_stats": "vllm_flexprefill.attention",
+    "patch_model": "vllm_flexprefill.hf.attention",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         flex_prefill_stats,
     )
     from vllm_flexprefill.config import FlexPrefillConfig
+    from vllm_flexprefill.hf.attention import patch_model
 
 
 def __getattr__(name: str) -> Any:

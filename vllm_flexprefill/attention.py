@@ -316,28 +316,81 @@ def flex_prefill_attention_varlen(
     return sparse_attention(q, k, v, layout, selection, scale, out=out, kernel=cfg.kernel)
 
 
+# the reference code's keyword arguments that were not given (None is a value there)
+_UNSET: Any = object()
+
+
 def flex_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    config: FlexPrefillConfig | Mapping[str, Any] | None = None,
+    config: FlexPrefillConfig | Mapping[str, Any] | float | None = None,
+    tau: float | None = None,
+    min_budget: int | None = _UNSET,
+    max_budget: int | None = _UNSET,
+    gqa_interleave: bool = False,
     softmax_scale: float | None = None,
-) -> torch.Tensor:
+    block_size: int | None = None,
+    return_computational_ratio: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Causal FlexPrefill attention for a batch of equal-length prompts.
+
+    Two forms. This package's: ``flex_prefill_attention(q, k, v, config)`` with a
+    ``FlexPrefillConfig`` or a dictionary of its fields (default: ``FlexPrefillConfig()``).
+    The original FlexPrefill's, as its README writes it: ``flex_prefill_attention(q, k, v,
+    gamma, tau, min_budget=512, max_budget=None)``, with that code's defaults for what is not
+    given (tau 0, min_budget None: one block, block_size 128). The keywords ``tau``,
+    ``min_budget``, ``max_budget`` and ``block_size`` also refine a config of the first form.
 
     Args:
         q: [B, N, HQ, D]; k, v: [B, N, H, D]; bf16 or fp16 (fp32 too on the CPU).
-        config, softmax_scale: as in ``flex_prefill_attention_varlen``.
+        config: the settings, or gamma (a number: the original's form).
+        gqa_interleave: query head h reads KV head h % H (the original's option) instead of
+            h // (HQ / H).
+        softmax_scale: default 1 / sqrt(D).
+        return_computational_ratio: also return the share of causal key blocks computed
+            (the mean over sequences and heads; 1.0 for prompts too short to run sparse).
     Returns:
-        [B, N, HQ, D] in q's dtype.
+        [B, N, HQ, D] in q's dtype; with return_computational_ratio, (output, ratio).
     """
     check_inputs(q, k, v, packed=False)
-    b, n = q.shape[:2]
+    cfg = reference_config(config, tau, min_budget, max_budget, block_size)
+    b, n, hq = q.shape[:3]
+    h = k.shape[2]
+    if gqa_interleave and hq != h:
+        # query head h reads KV head h % H: reorder the query heads so that the grouped rule
+        # (h // G) pairs them the same way, and put the output back in the caller's order
+        order = torch.arange(hq, device=q.device).view(hq // h, h).t().reshape(-1)
+        q = q[:, :, order]
     cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
-    out = flex_prefill_attention_varlen(
-        q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]), v.reshape(b * n, *v.shape[2:]),
-        cu, cu, config, softmax_scale)
-    return out.view(b, n, *out.shape[1:])
+    flat = (q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]), v.reshape(b * n, *v.shape[2:]))
+    layout, selection, scale, cfg = plan_and_select(flat[0], flat[1], cu, cu, cfg, softmax_scale)
+    out = sparse_attention(*flat, layout, selection, scale, kernel=cfg.kernel).view(b, n, hq, -1)
+    if gqa_interleave and hq != h:
+        out = out[:, :, torch.argsort(order)]
+    if return_computational_ratio:
+        return out, selection.density(layout).mean().item()
+    return out
+
+
+def reference_config(config, tau, min_budget, max_budget, block_size) -> FlexPrefillConfig:
+    """The settings of either form of ``flex_prefill_attention`` (see there), validated."""
+    given: dict[str, Any] = {}
+    if tau is not None:
+        given["tau"] = tau
+    if block_size is not None:
+        given["sparse_block_size"] = block_size
+    # None is a budget (none at all): only the keywords left out take the defaults
+    if min_budget is not _UNSET:
+        given["min_budget"] = min_budget
+    if max_budget is not _UNSET:
+        given["max_budget"] = max_budget
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        # the original's positional gamma, with its defaults for what is not given
+        settings = {"gamma": config, "tau": 0.0, "min_budget": None, "max_budget": None}
+        return FlexPrefillConfig.from_dict({**settings, **given})
+    base = as_config(config)
+    return dataclasses.replace(base, **given) if given else base
 
 
 def flex_prefill_stats(

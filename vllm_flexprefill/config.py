@@ -9,6 +9,7 @@ accepted as aliases.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -130,7 +131,9 @@ class FlexPrefillConfig:
             name = REFERENCE_ALIASES.get(key, key)
             if name not in fields:
                 allowed = sorted(fields) + sorted(REFERENCE_ALIASES)
-                raise ValueError(f"unknown flexprefill config key {key!r}; allowed keys: {', '.join(allowed)}")
+                near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"unknown flexprefill config key {key!r}; {hint}allowed keys: {', '.join(allowed)}")
             if name in kwargs:
                 raise ValueError(f"flexprefill config sets {name!r} twice (as {key!r} and under another name)")
             kwargs[name] = value

@@ -23,7 +23,7 @@ def test_reference_keys_are_accepted():
 
 
 def test_unknown_key_lists_allowed_keys():
-    with pytest.raises(ValueError, match="unknown flexprefill config key 'gama'; allowed keys: .*gamma.*tau"):
+    with pytest.raises(ValueError, match=r"unknown flexprefill config key 'gama'; did you mean 'gamma'\? allowed keys: .*gamma.*tau"):
         FlexPrefillConfig.from_dict({"gama": 0.9})
     with pytest.raises(ValueError, match="sets 'gamma' twice"):
         FlexPrefillConfig.from_dict({"gamma": 0.9, "flex_prefill_gamma": 0.8})

@@ -108,3 +108,22 @@ def test_supported_range_is_stated_once_and_the_readme_and_setup_read_it():
     assert compat.supported_range() in (root / "README.md").read_text()
     setup = (root / "setup.py").read_text()
     assert "vllm>=0" not in setup and re.search(r"SUPPORTED = ", setup), "setup.py reads compat.SUPPORTED"
+
+
+def test_bad_settings_raise_our_sentence_not_the_configs_validation_error(tmp_path):
+    # LLM(...) builds its config from engine arguments; the plugin checks them first, so the
+    # caller's exception is ours alone: key, value, what is allowed, where to set it
+    out = run(
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "for settings in ({'gamma': 2}, {'gama': 0.9}):\n"
+        "    try:\n"
+        f"        EngineArgs(model='{tmp_path}', additional_config={{'flexprefill': settings}}).create_engine_config()\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, '|', str(e).replace(chr(10), ' '), end=' || ')\n"
+        "print()")
+    first, second = out.split(" || ")[:2]
+    assert first.startswith("FlexPrefillSettingsError | invalid FlexPrefill setting: gamma must be a number in (0, 1], "
+                            "got 2"), first
+    assert "additional_config={'flexprefill': {'gamma': 2}}" in first and "--additional-config" in first
+    assert "pydantic" not in first and "ValidationError" not in first and "ArgsKwargs" not in first
+    assert "unknown flexprefill config key 'gama'; did you mean 'gamma'?" in second

@@ -17,6 +17,10 @@ Ledger: each use of vLLM internals, why, for which versions, and the test that c
 - ``wrap_platform("check_and_update_config")``: validates ``additional_config
   ["flexprefill"]`` in the caller's process, where vLLM checks its own config. All
   versions. e2e test_bad_config_fails_in_the_callers_process.
+- ``wrap_engine_config`` wraps ``EngineArgs.create_engine_config`` to validate the same
+  settings before vLLM builds its config, whose validation would wrap our error in its own
+  (pydantic's ``ValidationError``). All versions. tests/cpu/test_plugin.py, e2e
+  test_bad_config_fails_in_the_callers_process.
 - ``slice_metadata`` copies ``CommonAttentionMetadata`` and slices its per-request and
   per-token fields: dense runs of a mixed batch get the metadata of their request range.
   All versions. tests/cpu/test_routing.py, tests/cpu/test_backend.py.
@@ -50,6 +54,7 @@ that the README states it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 
@@ -138,6 +143,23 @@ def wrap_platform(method: str, make_wrapper) -> None:
     wrapper = make_wrapper(original)
     setattr(wrapper, MARK, True)
     setattr(platform, method, classmethod(wrapper))
+
+
+def wrap_engine_config(check) -> None:
+    """Runs ``check(engine_args)`` before ``EngineArgs.create_engine_config``; once per process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        check(self)
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, MARK, True)
+    EngineArgs.create_engine_config = create_engine_config
 
 
 # per-request and per-token fields of CommonAttentionMetadata (where a vLLM version has them)

@@ -48,6 +48,7 @@ def register() -> None:
         compat.alias_enum_name(AttentionBackendEnum, NAME, "CUSTOM")
     compat.wrap_platform("get_attn_backend_cls", honour_selection)
     compat.wrap_platform("check_and_update_config", check_config_first)
+    compat.wrap_engine_config(check_engine_args)
 
 
 def backend_member(name: str):
@@ -97,6 +98,15 @@ def honour_selection(original):
         return original(selected_backend, attn_selector_config, *args, **kwargs)
 
     return get_attn_backend_cls
+
+
+def check_engine_args(engine_args) -> None:
+    """Validates ``additional_config["flexprefill"]`` from the engine arguments, before vLLM
+    builds its config: the caller gets our exception itself (key, value, what is allowed,
+    where to set it), not wrapped in the config's validation error."""
+    from vllm_flexprefill.backend.settings import config_from_vllm
+
+    config_from_vllm(engine_args)
 
 
 def check_config_first(original):

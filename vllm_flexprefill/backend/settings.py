@@ -15,17 +15,27 @@ from vllm_flexprefill.costs import CostModel, rates_for
 KEY = "flexprefill"
 
 
-def config_from_vllm(vllm_config) -> FlexPrefillConfig:
-    """``additional_config["flexprefill"]`` as a validated FlexPrefillConfig.
+class FlexPrefillSettingsError(ValueError):
+    """A bad ``additional_config["flexprefill"]``: what is wrong, and where it was set."""
 
-    Raises ValueError (which stops the engine from starting) on unknown keys or bad values.
+
+def config_from_vllm(vllm_config) -> FlexPrefillConfig:
+    """``additional_config["flexprefill"]`` as a validated FlexPrefillConfig (vLLM's config or
+    its engine arguments: both hold ``additional_config``).
+
+    Raises FlexPrefillSettingsError (a ValueError, which stops the engine from starting) on
+    unknown keys or bad values.
     """
-    extra = compat.additional_config(vllm_config)
+    return settings_from(compat.additional_config(vllm_config))
+
+
+def settings_from(extra: dict) -> FlexPrefillConfig:
     try:
         return FlexPrefillConfig.from_dict(extra.get(KEY))
     except ValueError as e:
-        raise ValueError(f"invalid FlexPrefill settings in additional_config={{'{KEY}': {extra.get(KEY)!r}}} "
-                         f"(CLI: --additional-config '{{\"{KEY}\": ...}}'): {e}") from None
+        raise FlexPrefillSettingsError(
+            f"invalid FlexPrefill setting: {e}. Given as additional_config={{'{KEY}': {extra.get(KEY)!r}}} "
+            f"(CLI: --additional-config '{{\"{KEY}\": {{...}}}}')") from None
 
 
 def unsupported_layer_reason(impl, attn_type_decoder: str) -> str | None:

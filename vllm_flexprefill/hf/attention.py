@@ -6,11 +6,13 @@ transformers 5 routes every modern decoder's attention through one registry
     from vllm_flexprefill.hf import attention
     attention.register()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_prefill")
-    # or: model.set_attn_implementation("flex_prefill"); or: attention.patch_model(model, {"gamma": 0.9})
+    # or: model.set_attn_implementation("flex_prefill"); or: patch_model(model, {"gamma": 0.9})
+    # or, as the original FlexPrefill writes it: patch_model(model, "flex_prefill", {"flex_prefill_gamma": 0.9})
 
 Prefills (query length equal to key length, no padding mask, long enough:
 ``FlexPrefillConfig.long_enough``) run FlexPrefill; everything else (decode steps with a KV cache, short prompts,
-padded batches) runs SDPA. The log says once which path a call took and why.
+padded batches) runs SDPA. The log says once which path a call took and why, at WARNING
+level for what FlexPrefill cannot serve (another head_dim; fp32 on CUDA).
 
 Settings: ``FlexPrefillConfig`` fields (or the reference code's keys: ``block_size``,
 ``flex_prefill_gamma``, ...) in ``model.config.flexprefill``; ``patch_model`` sets them.
@@ -36,10 +38,10 @@ logger = logging.getLogger("vllm_flexprefill.hf")
 _said: set[str] = set()
 
 
-def say_once(message: str) -> None:
+def say_once(message: str, level: int = logging.INFO) -> None:
     if message not in _said:
         _said.add(message)
-        logger.info(message)
+        logger.log(level, message)
 
 
 def layer_config(module: torch.nn.Module) -> FlexPrefillConfig:
@@ -64,7 +66,9 @@ def dense_reason(query: torch.Tensor, key: torch.Tensor, attention_mask, dropout
     if not getattr(module, "is_causal", True):
         return "non-causal attention runs SDPA"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {query.shape[-1]} (FlexPrefill supports {SUPPORTED_HEAD_DIMS}) runs SDPA"
+        return f"head_dim {query.shape[-1]} is not served by FlexPrefill (it serves {SUPPORTED_HEAD_DIMS}): SDPA"
+    if query.dtype not in (torch.bfloat16, torch.float16) and query.is_cuda:
+        return f"dtype {query.dtype} is not served by FlexPrefill on CUDA (bf16, fp16): SDPA"
     if not cfg.long_enough(k_len):
         return "prompts too short for sparse attention to pay (FlexPrefillConfig.min_sparse_tokens) run SDPA"
     return None
@@ -90,7 +94,8 @@ def flex_prefill_forward(
     cfg = layer_config(module)
     reason = dense_reason(query, key, attention_mask, dropout, cfg, module)
     if reason is not None:
-        say_once(f"FlexPrefill (transformers): {reason}")
+        # what FlexPrefill cannot serve is a warning; what it leaves to SDPA by design is not
+        say_once(f"FlexPrefill (transformers): {reason}", logging.WARNING if "not served" in reason else logging.INFO)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     say_once(f"FlexPrefill (transformers): long prefills run FlexPrefill ({cfg})")
@@ -106,12 +111,35 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def patch_model(model: torch.nn.Module, config: FlexPrefillConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """Runs ``model``'s prefills through FlexPrefill with ``config`` (the seed's keys work too).
+PATTERNS = ("flex_prefill",)
 
-    Validates the settings first (the same errors as the vLLM path), then switches the
-    model's attention implementation to ``flex_prefill``. Returns the model.
+
+def patch_model(model: torch.nn.Module, pattern: str | FlexPrefillConfig | Mapping[str, Any] | None = None,
+                config: FlexPrefillConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Runs ``model``'s prefills through FlexPrefill.
+
+    Both forms work: ``patch_model(model, config)`` and the original FlexPrefill's
+    ``patch_model(model, "flex_prefill", config)`` (its keys: ``block_size``,
+    ``flex_prefill_gamma``, ...). Validates the settings first (the same errors as the vLLM
+    path), then switches the model's attention implementation to ``flex_prefill``.
+    Returns the model.
+
+    Raises ValueError for a pattern other than "flex_prefill", and for a vLLM ``LLM`` (the
+    original's vLLM form), which takes FlexPrefill as its attention backend instead.
     """
+    if type(model).__module__.split(".")[0] == "vllm":
+        raise ValueError(
+            "patch_model patches transformers models; a vLLM engine takes FlexPrefill as its attention backend: "
+            "LLM(model, attention_backend=\"FLEX_PREFILL\", additional_config={\"flexprefill\": {...}}) "
+            "(or vllm serve ... --attention-backend FLEX_PREFILL), with chunked prefill and batching left on")
+    if isinstance(pattern, str):
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern {pattern!r} is not served here: vllm-flexprefill patches models with "
+                             f"'flex_prefill' only (for dense attention, load the model without patch_model)")
+    elif config is not None:
+        raise ValueError("patch_model takes (model, config) or (model, 'flex_prefill', config), not both configs")
+    else:
+        config = pattern
     cfg = config if isinstance(config, FlexPrefillConfig) else FlexPrefillConfig.from_dict(config)
     register()
     model.config.flexprefill = cfg.to_dict()
