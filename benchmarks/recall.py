@@ -1,6 +1,7 @@
 """Attention recall of FlexPrefill's block choice on the real model, layer by layer and head by head.
 
-Runs SmolLM2-135M-Instruct (transformers, the prompt in one piece) densely on RULER-style
+Runs a real model (``--model``: SmolLM2-135M-Instruct or Qwen2.5-Coder-1.5B-Instruct;
+transformers, the prompt in one piece) densely on RULER-style
 prompts and captures every layer's queries and keys. For each FlexPrefill setting it then
 chooses blocks exactly as the backend would on that prompt and reports, per layer and
 head: the share of the dense attention mass of all queries inside the chosen blocks
@@ -28,17 +29,15 @@ import sys
 
 import torch
 
-NATIVE = 8192
 
-
-def capture_model(length: int, device: str):
+def capture_model(name: str, length: int, device: str):
     """The model with an attention function that records (q, k, scale) per layer, and its tokenizer."""
     import checkpoints
     from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    path = checkpoints.checkpoint("smollm2", yarn=length > NATIVE)
+    path = checkpoints.checkpoint(name, yarn=length > checkpoints.MODELS[name].native_context)
     captured: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -136,6 +135,8 @@ def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-1.5b"],
+                        help="the real model (benchmarks/checkpoints.py; past its native context, its YaRN variant)")
     parser.add_argument("--length", type=int, default=14336)
     parser.add_argument("--task", default="niah_single_number")
     parser.add_argument("--samples", type=int, default=2)
@@ -152,7 +153,7 @@ def main() -> None:
         name, _, settings = item.partition("=")
         configs[name] = json.loads(settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, captured = capture_model(args.length, device)
+    model, tokenizer, captured = capture_model(args.model, args.length, device)
     from ruler_tasks import Generator
 
     gen = Generator(tokenizer)

