@@ -3,11 +3,14 @@
 Shapes (docs/algorithm.md): B batch, N tokens per sequence, T packed tokens, HQ query
 heads, H key/value heads (HQ = G * H, query head h reads kv head h // G), D head dim.
 
-    selection = select_blocks(q, k, layout, config, scale)   # patterns/ with kernels/ (or the spec)
-    out = sparse_attention(q, k, v, layout, selection, scale)  # kernels/
+    layout = plan_varlen(q, k, cu_seqlens_q, cu_seqlens_k, config)   # layout/
+    selection = select_blocks(q, k, layout, config, scale)            # estimation.py
+    out = sparse_attention(q, k, v, layout, selection, scale)         # kernels/ (choose_kernel)
 
-CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch path. This module
-is where that choice is made (``triton_ops`` / ``torch_ops``), not patterns/ or kernels/.
+CUDA tensors run the GPU kernels (FlashAttention-4 on Hopper where it runs, else Triton, for
+the attention; Triton for the estimation); CPU tensors run their plain-PyTorch twins, which
+take the same arguments: one pipeline on both. Control flows down: this module plans, the
+estimation chooses, the kernels attend; layout/ holds the data and plans they share.
 """
 
 from __future__ import annotations
