@@ -99,7 +99,7 @@ BAD = [
     (lambda q, k, v: (q, k, v), {"min_budget": 512, "max_budget": 256}, "min_budget .* must not exceed max_budget"),
     (lambda q, k, v: (q, k, v), {"block_size": 100}, "sparse_block_size must be one of"),
     (lambda q, k, v: (q, k, v), {"flex_prefill_gamma": 2}, r"gamma must be a number in \(0, 1\]"),
-    (lambda q, k, v: (q, k, v), {"gama": 0.9}, "unknown flexprefill config key 'gama'; allowed keys: .*gamma"),
+    (lambda q, k, v: (q, k, v), {"gama": 0.9}, r"unknown flexprefill config key 'gama'; did you mean 'gamma'\? allowed keys: .*gamma"),
 ]
 
 
