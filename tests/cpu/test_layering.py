@@ -103,3 +103,18 @@ def test_triton_and_torch_internals_stay_in_the_launcher():
         text = path.read_text()
         for internal in ("torch._C", "packed_metadata", "knobs"):
             assert internal not in text, f"{path} uses {internal}: only kernels/launch.py may (its ledger)"
+
+
+def test_every_twin_takes_its_kernels_arguments():
+    import inspect
+
+    from vllm_flexprefill.kernels import block_lists, block_sparse_attn, fa4, gather, head_select, naive, probe
+
+    pairs = [(block_sparse_attn.block_sparse_attention, naive.naive_block_sparse_attention),
+             (probe.probe_stats, naive.naive_probe_stats), (head_select.select_heads, naive.naive_select_heads),
+             (block_lists.pooled_map, naive.naive_pooled_map),
+             (block_lists.write_block_lists, naive.naive_write_block_lists),
+             (fa4.flash_attn_block_sparse, naive.naive_flash_attn_block_sparse),
+             (gather.gather_rows, naive.naive_gather_rows)]
+    for kernel, twin in pairs:
+        assert list(inspect.signature(kernel).parameters) == list(inspect.signature(twin).parameters), kernel.__name__

@@ -87,9 +87,11 @@ def naive_block_sparse_attention(
 
 def naive_probe_stats(
     q: torch.Tensor, k: torch.Tensor, layout: BatchLayout, scale: float, k_rows: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Twin of ``kernels.probe.probe_stats``: ``probe_one`` of each sparse sequence, laid end
-    to end (``layout.plans.SparseSeqs``).
+    """Twin of ``kernels.probe.probe_stats`` (same arguments; ``config``, the launch
+    settings, has no effect here): ``probe_one`` of each sparse sequence, laid end to end
+    (``layout.plans.SparseSeqs``).
 
     Args:
         q: [Tq, HQ, D], k: [Tk, H, D] packed as ``layout`` says (or a paged cache view, with
@@ -148,9 +150,11 @@ def probe_one(
 
 def naive_select_heads(
     m: torch.Tensor, l: torch.Tensor, k_bar: torch.Tensor, q_probe_bar: torch.Tensor, layout: BatchLayout,
-    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int | None,
+    scale: float, gamma: float, tau: float, min_blocks: int, max_blocks: int | None, chunk: int = 1024,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Twin of ``kernels.head_select.select_heads``: ``select_one`` of each sparse sequence,
+    """Twin of ``kernels.head_select.select_heads`` (same arguments; ``chunk`` and ``config``
+    shape the kernel's passes, not its result): ``select_one`` of each sparse sequence,
     laid end to end; returns keep_v, keep_s [HQ, NBt] bool and query_aware [N, HQ] bool."""
     hq, nbt, bs = m.shape
     seqs = layout.sparse_seqs()
@@ -196,9 +200,11 @@ def select_one(
 
 def naive_pooled_map(
     q: torch.Tensor, k_bar: torch.Tensor, query_aware: torch.Tensor, layout: BatchLayout, scale: float,
-    gamma: float,
+    gamma: float, iters: int = 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of ``kernels.block_lists.pooled_map``: ``pooled_one`` of each sparse sequence, on
+    """Twin of ``kernels.block_lists.pooled_map`` (same arguments; the kernel's bisection
+    steps ``iters`` bound how close its threshold is to this exact one, found by a sort):
+    ``pooled_one`` of each sparse sequence, on
     the mean query of each of its query tiles, laid end to end ([HQ, Pt]), and the maps'
     thresholds (``naive_coverage_threshold``, [N, HQ]). q: [Tq, HQ, D]."""
     seqs = layout.sparse_seqs()
