@@ -82,10 +82,6 @@ class BatchLayout:
         """Whether every sequence is a whole prompt (its queries are all its keys)."""
         return self.q_lens == self.k_lens
 
-    def aligned(self, seq: int) -> bool:
-        """Whether the sequence's queries start on a block boundary (its first tile is whole)."""
-        return (self.k_lens[seq] - self.q_lens[seq]) % self.block_size == 0
-
     def q_range(self, seq: int) -> slice:
         """Rows of a sequence's queries in the packed queries."""
         return slice(self.q_starts[seq], self.q_starts[seq + 1])
