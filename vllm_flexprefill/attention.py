@@ -315,8 +315,15 @@ def flex_prefill_attention_varlen(
         [Tq, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, packed=True)
+    return attend_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, config, softmax_scale, out)[0]
+
+
+def attend_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, config, softmax_scale, out=None
+                  ) -> tuple[torch.Tensor, BatchLayout, BlockSelection]:
+    """The packed call of the public functions (inputs checked): the output, and the plan and
+    selection behind it."""
     layout, selection, scale, cfg = plan_and_select(q, k, cu_seqlens_q, cu_seqlens_k, config, softmax_scale)
-    return sparse_attention(q, k, v, layout, selection, scale, out=out, kernel=cfg.kernel)
+    return sparse_attention(q, k, v, layout, selection, scale, out=out, kernel=cfg.kernel), layout, selection
 
 
 # the reference code's keyword arguments that were not given (None is a value there)
@@ -366,9 +373,9 @@ def flex_prefill_attention(
         order = torch.arange(hq, device=q.device).view(hq // h, h).t().reshape(-1)
         q = q[:, :, order]
     cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
-    flat = (q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]), v.reshape(b * n, *v.shape[2:]))
-    layout, selection, scale, cfg = plan_and_select(flat[0], flat[1], cu, cu, cfg, softmax_scale)
-    out = sparse_attention(*flat, layout, selection, scale, kernel=cfg.kernel).view(b, n, hq, -1)
+    out, layout, selection = attend_varlen(q.reshape(b * n, *q.shape[2:]), k.reshape(b * n, *k.shape[2:]),
+                                           v.reshape(b * n, *v.shape[2:]), cu, cu, cfg, softmax_scale)
+    out = out.view(b, n, hq, -1)
     if gqa_interleave and hq != h:
         out = out[:, :, torch.argsort(order)]
     if return_computational_ratio:

@@ -21,6 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_flexprefill.attention import choose_kernel
 from vllm_flexprefill.backend import compat
 from vllm_flexprefill.backend.cpu_cache import learn_page_layout, read_tokens
 from vllm_flexprefill.backend.routing import SparsePlan, dense_run_metadata, extend_metadata, plan_batch
@@ -49,8 +50,9 @@ class FlexPrefillCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         isa, cache_dtype, page_size, head_size = compat.cpu_builder_facts(self)
         self.page_layout = learn_page_layout(isa, cache_dtype, page_size, head_size)
         compat.say_once(logging.INFO, "FlexPrefill active (CPU): %s", self.flex_config)
-        # the kernels' PyTorch twins: FlashAttention-4's only where asked for (kernel "fa4")
-        self.kernel = "fa4" if self.flex_config.kernel == "fa4" else "triton"
+        # the kernels' PyTorch twins (FlashAttention-4's only where asked for)
+        self.kernel, _ = choose_kernel(device, kv_cache_spec.dtype, kv_cache_spec.head_size,
+                                       self.flex_config.sparse_block_size, self.flex_config.kernel)
         self.router = make_router(self.flex_config, vllm_config, layer_names, device, self.kernel)
         if self.page_layout is None:
             compat.say_once(logging.INFO, "FlexPrefill (CPU): the %s KV cache layout of %s cannot be read back; chunk "
