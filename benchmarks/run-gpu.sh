@@ -46,9 +46,11 @@ for stage in "$@"; do
   case "$stage" in
     model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
     qwen-model) python benchmarks/checkpoints.py qwen2.5-coder-1.5b --yarn 2>&1 | tail -1 ;;
+    # eager by default, every engine alike (COMPILATION=vllm for vLLM's default): with
+    # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-1} \
-                 --compilation ${COMPILATION:-vllm} --out "$OUT" 2>&1 \
+                 --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -30 ;;
     ruler-qwen) timeout 590 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" \
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
@@ -56,7 +58,10 @@ for stage in "$@"; do
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
-    tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
+    # each test's name and result in the log as it ends, the slowest ones last: a stage cut
+    # by its timeout still says where it was
+    tests) timeout 560 python -m pytest -v -p no:cacheprovider --durations=12 tests/gpu 2>&1 \
+             | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|ERROR|^[0-9.]+s " | tail -20 ;;
     kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
              for shape in "9 3 64" "32 8 128"; do
                timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \

@@ -111,7 +111,6 @@ def engine_measure(spec: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.get("rates"):
         os.environ["VLLM_FLEXPREFILL_RATES"] = json.dumps(spec["rates"])
-    import torch
     from vllm import LLM, SamplingParams
 
     real = spec.get("prompts") is not None
@@ -129,18 +128,11 @@ def engine_measure(spec: dict) -> dict:
     if spec.get("flexprefill"):
         kwargs["additional_config"] = {"flexprefill": spec["flexprefill"]}
     llm = LLM(**kwargs)
-    g = torch.Generator().manual_seed(0)
-
-    real_prompts = {int(n): iter(p) for n, p in (spec.get("prompts") or {}).items()}
-
-    def prompt(n):
-        if real:  # the next unseen real prompt of about this length
-            return {"prompt_token_ids": next(real_prompts[n])}
-        return {"prompt_token_ids": torch.randint(1000, spec["vocab_size"] - 1000, (n,), generator=g).tolist()}
-
+    prompt = prompt_source(spec)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
-    # warm-up: a prompt long enough for the sparse path compiles its kernels
-    llm.generate([prompt(min(spec["lengths"][-1], 32768))], one, use_tqdm=False)
+    # warm-up: a prompt long enough for the sparse path to run (a real model's variant has
+    # prompts of its own lengths only)
+    llm.generate([prompt(spec["lengths"][0] if real else min(spec["lengths"][-1], 32768))], one, use_tqdm=False)
     out = {"ttft_ms": {}, "decode_ms_per_token": None}
     for n in spec["lengths"]:
         times = []
@@ -176,6 +168,19 @@ def engine_measure(spec: dict) -> dict:
         per_token.append((t257 - t1) * 1000 / 256)
     out["decode_ms_per_token"] = statistics.median(per_token)
     return out
+
+
+def prompt_source(spec: dict):
+    """prompt(n) -> {"prompt_token_ids": [...]}: for a real model's variant the next unseen
+    prompt of length n from ``spec["prompts"]`` (KeyError for a length it has none of), else n
+    random token ids (seeded)."""
+    import torch
+
+    if spec.get("prompts") is not None:
+        real = {int(n): iter(p) for n, p in spec["prompts"].items()}
+        return lambda n: {"prompt_token_ids": next(real[n])}
+    g = torch.Generator().manual_seed(0)
+    return lambda n: {"prompt_token_ids": torch.randint(1000, spec["vocab_size"] - 1000, (n,), generator=g).tolist()}
 
 
 def wall_ms(llm, prompt: dict, params) -> float:

@@ -1,0 +1,57 @@
+"""benchmarks/ttft.py draws every prompt of a real model's run from the prompts made for it:
+engine_measure runs whole against a stand-in engine (no vLLM, no GPU)."""
+
+import sys
+import types
+
+import torch
+import ttft
+
+
+class Engine:
+    """Stands in for vllm.LLM: records the prompts it is given."""
+
+    seen: list[list[int]] = []
+
+    def __init__(self, **kwargs):
+        Engine.seen = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        Engine.seen += [p["prompt_token_ids"] for p in prompts]
+        return []
+
+
+def run(spec, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=Engine, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # engine_measure sets it; restored after
+    return ttft.engine_measure(spec)
+
+
+def real_spec(lengths, reps):
+    # as real_model_variants makes them: reps + 8 distinct prompts per length
+    prompts = {n: [[n, i] for i in range(reps + 8)] for n in lengths}
+    return dict(model="m", lengths=lengths, max_model_len=131072, prompts=prompts, vocab_size=1000,
+                backend="FLASH_ATTN", chunked=True, compilation="eager", reps=reps, profile_dir=None,
+                all_lengths=lengths, decode_length=lengths[0])
+
+
+def test_a_yarn_variant_without_a_32k_length_runs_whole(monkeypatch):
+    # the YaRN variant of a real model holds only the lengths above its native context
+    result = run(real_spec([65536, 131072], reps=3), monkeypatch)
+    assert set(result["ttft_ms"]) == {65536, 131072}
+    assert result["decode_ms_per_token"] is not None
+    # warm-up 1, 3 timed per length, decode 3 x 2 generate calls on one prompt each
+    assert len(Engine.seen) == 1 + 2 * 3 + 3 * 2
+    drawn = [tuple(p) for p in Engine.seen[:7]]
+    assert len(set(drawn)) == len(drawn), "a timed prompt was used twice (the prefix would be warm)"
+    assert all(p[0] in (65536, 131072) for p in Engine.seen)
+
+
+def test_random_prompts_have_the_asked_length(monkeypatch):
+    spec = dict(real_spec([4096], reps=2), prompts=None, vocab_size=32000, decode_length=512)
+    result = run(spec, monkeypatch)
+    assert set(result["ttft_ms"]) == {4096}
+    assert [len(p) for p in Engine.seen[:3]] == [4096, 4096, 4096]
+    assert all(1000 <= t < 31000 for p in Engine.seen for t in p)
+    assert Engine.seen[0] != Engine.seen[1], "each prompt is drawn afresh"
