@@ -30,6 +30,7 @@ Where a GGUF comes from, first match wins: the model's variable (``SMOLLM2_GGUF`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -252,6 +253,22 @@ def convert(model: Model, gguf: pathlib.Path, out: pathlib.Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@contextlib.contextmanager
+def converting(cache: pathlib.Path, name: str):
+    """Held by the one process that converts ``name`` into ``cache``: another one waits for it
+    rather than converting too (e.g. a conversion started in the background on the GPU
+    machine, and a benchmark that needs the model)."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def checkpoint(name: str = "smollm2", yarn: bool = False, cache: pathlib.Path | None = None) -> pathlib.Path:
     """The folder of a model's converted checkpoint (converted on first use: about a minute on
     a CPU for SmolLM2, several for Qwen2.5-Coder-1.5B).
@@ -264,16 +281,16 @@ def checkpoint(name: str = "smollm2", yarn: bool = False, cache: pathlib.Path | 
     cache = cache or cache_dir()
     native = cache / model.name
     if not (native / "config.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        gguf = gguf_file(model, cache)
-        print(f"converting {model.name} to a bf16 checkpoint (once; cached in {cache})", file=sys.stderr)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".convert-"))
-        try:
-            convert(model, gguf, tmp)
-            if not (native / "config.json").is_file():  # another process may have finished first
-                tmp.replace(native)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with converting(cache, model.name):
+            if not (native / "config.json").is_file():  # not converted while this process waited
+                gguf = gguf_file(model, cache)
+                print(f"converting {model.name} to a bf16 checkpoint (once; cached in {cache})", file=sys.stderr)
+                tmp = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".convert-"))
+                try:
+                    convert(model, gguf, tmp)
+                    tmp.replace(native)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     if not yarn:
         return native
     scaled = cache / f"{model.name}-yarn{model.yarn_factor}"

