@@ -31,11 +31,22 @@ the two-sided sign test of those counts (a difference of a few prompts in 100 is
 spread of a sample, not a change). Each engine runs in its own process; chunked prefill is left as
 vLLM sets it; prefix caching is off so that repeated TTFT prompts are computed afresh;
 eager mode (no torch.compile, no CUDA graphs) keeps engine starts short.
+
+Answers are kept as they come, one task of one length of one engine at a time, in an answer
+file (``--answers``, JSON lines; a temporary one without it). Run again with the same file,
+a run cut short goes on where it stopped: cells already answered on the same prompts with
+the same settings are not run again, and the results and the table cover every cell the
+file holds for the engines, lengths and tasks asked for. Long campaigns (a 128k length is
+minutes of GPU per engine) run in pieces that way:
+
+    python benchmarks/ruler.py --model qwen2.5-coder-1.5b --lengths 32768 --engines dense flex \
+        --answers .gpu-ruler/qwen.jsonl --out bench-results      # again until it says "done"
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -108,30 +119,29 @@ def run_engine(spec: dict) -> dict:
     elif gpu:
         kwargs["attention_backend"] = "FLASH_ATTN"
     llm = LLM(**kwargs)
-    results = {}
-    for length, batch in spec["batches"].items():
+    for cell in spec["cells"]:
         done = len(stats.read(stats_file))
-        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in batch["max_new_tokens"]]
-        prompts = [{"prompt_token_ids": ids} for ids in batch["token_ids"]]
-        print(f"[{spec['engine']}] {length} tokens: {len(prompts)} prompts", flush=True)
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in cell["max_new_tokens"]]
+        prompts = [{"prompt_token_ids": ids} for ids in cell["token_ids"]]
+        print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        # timed without statistics: recording them synchronises the device in every layer
-        os.environ.pop("FLEXPREFILL_STATS", None)
+        append_answer(spec["answers"], {**cell["key"], "texts": [o.outputs[0].text for o in outputs],
+                                        "density": summary.density, "sparse_tokens": summary.sparse_tokens,
+                                        "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
+    # timed without statistics: recording them synchronises the device in every layer
+    os.environ.pop("FLEXPREFILL_STATS", None)
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    for item in spec["ttft"]:
         ttft = []
-        one = SamplingParams(temperature=0.0, max_tokens=1)
-        for ids in batch["ttft_token_ids"]:
+        for ids in item["token_ids"]:
             if gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)
             ttft.append((time.perf_counter() - start) * 1000)
-        results[length] = {"texts": [o.outputs[0].text for o in outputs], "density": summary.density,
-                           "sparse_tokens": summary.sparse_tokens, "dense_tokens": summary.dense_tokens,
-                           "query_aware": summary.query_aware,
-                           "ttft_ms": statistics.median(ttft) if ttft else None}
-        os.environ["FLEXPREFILL_STATS"] = str(stats_file)
-    return results
+        append_answer(spec["answers"], {**item["key"], "ttft_ms": statistics.median(ttft) if ttft else None})
+    return {}
 
 
 def run_engine_hf(spec: dict) -> dict:
@@ -148,16 +158,19 @@ def run_engine_hf(spec: dict) -> dict:
                                                  attn_implementation="sdpa").to(device).eval()
     if spec["flexprefill"] is not None:
         patch_model(model, spec["flexprefill"])
-    results = {}
-    for length, batch in spec["batches"].items():
-        print(f"[{spec['engine']}] {length} tokens: {len(batch['token_ids'])} prompts (transformers)", flush=True)
-        texts = []
-        with torch.no_grad():
-            for ids, n in zip(batch["token_ids"], batch["max_new_tokens"]):
+    with torch.no_grad():
+        for cell in spec["cells"]:
+            print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(cell['token_ids'])} prompts "
+                  "(transformers)", flush=True)
+            texts = []
+            for ids, n in zip(cell["token_ids"], cell["max_new_tokens"]):
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+            append_answer(spec["answers"], {**cell["key"], "texts": texts, "density": None, "sparse_tokens": 0,
+                                            "dense_tokens": 0, "query_aware": None})
+        for item in spec["ttft"]:
             ttft = []
-            for ids in batch["ttft_token_ids"]:
+            for ids in item["token_ids"]:
                 if gpu:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -165,9 +178,8 @@ def run_engine_hf(spec: dict) -> dict:
                 if gpu:
                     torch.cuda.synchronize()
                 ttft.append((time.perf_counter() - start) * 1000)
-        results[length] = {"texts": texts, "density": None, "sparse_tokens": 0, "dense_tokens": 0,
-                           "query_aware": None, "ttft_ms": statistics.median(ttft) if ttft else None}
-    return results
+            append_answer(spec["answers"], {**item["key"], "ttft_ms": statistics.median(ttft) if ttft else None})
+    return {}
 
 
 def build_samples(tokenizer, tasks, lengths, samples, seed, ttft_reps):
@@ -189,27 +201,108 @@ def sample_scores(samples_by_length, texts: dict) -> dict[str, list[float]]:
             for n in samples_by_length if str(n) in texts}
 
 
-def score(samples_by_length, engine_results, prompt_scores: dict[str, list[float]]) -> list[dict]:
-    """Accuracy rows per task and length from the per-prompt scores (``sample_scores``)."""
-    rows = []
-    for length, (items, _timing) in samples_by_length.items():
-        res = engine_results[length]
-        by_task: dict[str, list[float]] = {}
-        for sample, value in zip(items, prompt_scores[str(length)]):
-            by_task.setdefault(sample.task, []).append(value)
-        for task, scores in by_task.items():
-            rows.append({"task": task, "length": length, "n": len(scores), "accuracy": 100 * statistics.mean(scores),
-                         "all_correct": sum(s == 1.0 for s in scores), "density": res["density"],
-                         "sparse_tokens": res["sparse_tokens"], "dense_tokens": res["dense_tokens"],
-                         "query_aware": res["query_aware"], "ttft_ms": res["ttft_ms"]})
-    return rows
+# the fields that name an answer file's record: who answered (engine, its settings and rates,
+# vllm or transformers, the model), what (length, task, a digest of the prompts) or, for a
+# timing record, the digest of the timed prompts
+KEY_FIELDS = ("engine", "settings", "rates", "via", "model", "length", "task", "prompts", "ttft")
 
 
-def fmt_density(row) -> str:
-    if row["density"] is None:
+def key_of(record: dict) -> str:
+    return json.dumps({k: record.get(k) for k in KEY_FIELDS}, sort_keys=True)
+
+
+def digest(token_ids) -> str:
+    """SHA-256 of a list of prompts' token ids (the same prompts give the same digest)."""
+    h = hashlib.sha256()
+    for ids in token_ids:
+        h.update(",".join(map(str, ids)).encode() + b";")
+    return h.hexdigest()[:16]
+
+
+def append_answer(path: str | pathlib.Path, record: dict) -> None:
+    """Adds one record to the answer file, on disk before it returns (a run stopped later keeps
+    it); a line that a stopped writer left unfinished is closed first and then skipped on reading."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(json.dumps(record).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_answers(path: str | pathlib.Path) -> dict[str, dict]:
+    """The answer file's records by ``key_of`` (the last one of a key wins); {} without a file."""
+    path = pathlib.Path(path)
+    out: dict[str, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a stopped run
+        out[key_of(record)] = record
+    return out
+
+
+def cell_keys(who: dict, samples_by_length: dict, tasks: list[str], lengths: list[int]):
+    """Per length: the key of each task's answers and of the timing prompts (None without any)."""
+    out = {}
+    for n in lengths:
+        items, timing = samples_by_length[n]
+        cells = {task: {**who, "length": n, "task": task,
+                        "prompts": digest(s.token_ids for s in items if s.task == task)} for task in tasks}
+        out[n] = (cells, {**who, "length": n, "ttft": digest(s.token_ids for s in timing)} if timing else None)
+    return out
+
+
+def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks: list[str],
+             lengths: list[int]) -> dict:
+    """One engine's results from the answer file: rows per (task, length) answered, and the
+    answers and per-prompt scores of each length whose every task was answered (prompt
+    order: task-major, as ``build_samples`` makes them)."""
+    rows, texts, scores = [], {}, {}
+    for n, (cells, timing) in cell_keys(who, samples_by_length, tasks, lengths).items():
+        items = samples_by_length[n][0]
+        timed = answers.get(key_of(timing)) if timing else None
+        length_texts = []
+        for task, key in cells.items():
+            record = answers.get(key_of(key))
+            if record is None:
+                length_texts = None
+                continue
+            values = [s.score(t) for s, t in zip((s for s in items if s.task == task), record["texts"])]
+            rows.append({"task": task, "length": n, "n": len(values), "accuracy": 100 * statistics.mean(values),
+                         "all_correct": sum(v == 1.0 for v in values), "density": record["density"],
+                         "sparse_tokens": record["sparse_tokens"], "dense_tokens": record["dense_tokens"],
+                         "query_aware": record["query_aware"], "ttft_ms": timed["ttft_ms"] if timed else None})
+            if length_texts is not None:
+                length_texts += record["texts"]
+        if length_texts is not None:
+            texts[str(n)] = length_texts
+            scores[str(n)] = [s.score(t) for s, t in zip(items, length_texts)]
+    return {"rows": rows, "texts": texts, "scores": scores}
+
+
+def mean_density(rows: list[dict]) -> float | None:
+    """Density over the rows' sparse layer calls, each row's weighted by its sparse tokens
+    (None where none ran sparse)."""
+    sparse = sum(r["sparse_tokens"] for r in rows if r["density"] is not None)
+    if not sparse:
+        return None
+    return sum(r["density"] * r["sparse_tokens"] for r in rows if r["density"] is not None) / sparse
+
+
+def fmt_density(rows: list[dict]) -> str:
+    """``mean_density`` and the share of the rows' prompt tokens planned sparse."""
+    density = mean_density(rows)
+    if density is None:
         return "-"
-    share = row["sparse_tokens"] / max(1, row["sparse_tokens"] + row["dense_tokens"])
-    return f"{row['density']:.2f} ({100 * share:.0f}% sparse)"
+    share = sum(r["sparse_tokens"] for r in rows) / max(1, sum(r["sparse_tokens"] + r["dense_tokens"] for r in rows))
+    return f"{density:.2f} ({100 * share:.0f}% sparse)"
 
 
 def report(results: dict) -> str:
@@ -233,12 +326,62 @@ def report(results: dict) -> str:
         for e in engines:
             rs = [rows[k][e] for k in keys if e in rows[k]]
             means.append(f"{statistics.mean(r['accuracy'] for r in rs):6.1f}" if rs else "-")
-            dens.append(fmt_density(rs[0]) if rs else "-")
+            dens.append(fmt_density(rs) if rs else "-")
             ttft.append(f"{rs[0]['ttft_ms']:.1f} ms" if rs and rs[0]["ttft_ms"] is not None else "-")
         lines.append(f"{length:>6} {'MEAN':<20}" + "".join(f"{c:>{width}}" for c in means))
         lines.append(f"{length:>6} {'density':<20}" + "".join(f"{c:>{width}}" for c in dens))
         lines.append(f"{length:>6} {'TTFT (median)':<20}" + "".join(f"{c:>{width}}" for c in ttft))
     return "\n".join(lines)
+
+
+def in_own_process(spec: dict) -> dict:
+    """``worker(spec)`` in a spawned process (an engine's GPU memory goes with it)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(worker, (spec,))
+
+
+def run_engine_cells(name: str, config: dict | None, rates: dict | None, variants, samples_by_length: dict,
+                     tasks: list[str], lengths: list[int], answers: pathlib.Path, options: dict,
+                     run=in_own_process) -> dict:
+    """One engine: runs the cells (task, length) and timings the answer file lacks, one
+    process per model variant (``run(spec)``; the worker appends each cell as it finishes),
+    then returns the engine's results from the file (``assemble``).
+
+    variants: (model folder, max_model_len, its lengths) per model variant.
+    options: model (the name), via, max_num_batched_tokens, stats_dir.
+    """
+    who = {"engine": name, "settings": config, "rates": rates, "via": options["via"], "model": options["model"]}
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    for model, max_len, variant_lengths in variants:
+        mine = [n for n in variant_lengths if n in lengths]
+        if not mine:
+            continue
+        have = read_answers(answers)
+        cells, ttft = [], []
+        for n, (keys, timing) in cell_keys(who, samples_by_length, tasks, mine).items():
+            for task, key in keys.items():
+                if key_of(key) not in have:
+                    items = [s for s in samples_by_length[n][0] if s.task == task]
+                    cells.append({"key": key, "length": n, "task": task,
+                                  "token_ids": [list(s.token_ids) for s in items],
+                                  "max_new_tokens": [s.max_new_tokens for s in items]})
+            if timing and key_of(timing) not in have:
+                ttft.append({"key": timing, "token_ids": [list(s.token_ids) for s in samples_by_length[n][1]]})
+        if not cells and not ttft:
+            print(f"[{name}] {model}: answered already ({answers})", flush=True)
+            continue
+        spec = {"engine": name, "model": model, "max_model_len": max_len, "flexprefill": config,
+                "cells": cells, "ttft": ttft, "answers": str(answers),
+                "stats_file": os.path.join(options["stats_dir"], f"{name}-{max_len}.jsonl"),
+                "max_num_batched_tokens": options["max_num_batched_tokens"], "progress": sys.stderr.isatty(),
+                "via": options["via"], "rates": rates}
+        start = time.perf_counter()
+        got = run(spec)
+        if "error" in got:
+            raise SystemExit(f"engine {name} failed (its answers so far are in {answers}):\n{got['error']}")
+        print(f"[{name}] {model}: {len(cells)} cells, {time.perf_counter() - start:.0f} s", flush=True)
+    return {"flexprefill": config, "rates": rates, **assemble(who, read_answers(answers), samples_by_length, tasks,
+                                                              lengths)}
 
 
 def rescore(results: dict) -> None:
@@ -314,7 +457,8 @@ def plot(results: dict, path: pathlib.Path) -> bool:
             points.setdefault(row["length"], []).append(row)
         xs, ys, labels = [], [], []
         for length, rs in sorted(points.items()):
-            xs.append(rs[0]["density"] if rs[0]["density"] is not None else 1.0)
+            density = mean_density(rs)
+            xs.append(1.0 if density is None else density)
             ys.append(statistics.mean(r["accuracy"] for r in rs))
             labels.append(f"{length // 1024}k")
         ax.plot(xs, ys, "o", label=name, alpha=0.8)
@@ -350,6 +494,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--name", default="ruler", help="file name stem of the JSON and the plot")
+    parser.add_argument("--answers", default=None, metavar="FILE",
+                        help="answer file (JSON lines) kept across runs: cells it holds are not run again")
     parser.add_argument("--report", nargs="+", default=None, help="merge result files and print their table")
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
@@ -387,41 +533,26 @@ def main() -> None:
     variants = [(native, ctx_len, [n for n in args.lengths if n <= ctx_len]),
                 (yarn, spec.yarn_factor * ctx_len, [n for n in args.lengths if n > ctx_len])]
     results = {"meta": {"model": args.model, "lengths": args.lengths, "samples": args.samples, "tasks": tasks,
-                        "seed": args.seed,
+                        "seed": args.seed, "answers": args.answers,
                         "via": args.via, "python": sys.version.split()[0], "argv": sys.argv[1:]},
                "engines": {}}
-    ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="ruler-stats-")
+    answers = pathlib.Path(args.answers) if args.answers else pathlib.Path(tmp) / "answers.jsonl"
+    options = {"model": args.model, "via": args.via, "max_num_batched_tokens": args.max_num_batched_tokens,
+               "stats_dir": tmp}
     for name, config in engines.items():
-        engine_results: dict[int, dict] = {}
-        for model, max_len, lengths in variants:
-            if not lengths:
-                continue
-            batches = {n: {"token_ids": [list(s.token_ids) for s in samples[n][0]],
-                           "max_new_tokens": [s.max_new_tokens for s in samples[n][0]],
-                           "ttft_token_ids": [list(s.token_ids) for s in samples[n][1]]} for n in lengths}
-            spec = {"engine": name, "model": model, "max_model_len": max_len, "flexprefill": config,
-                    "batches": batches, "stats_file": os.path.join(tmp, f"{name}-{max_len}.jsonl"),
-                    "max_num_batched_tokens": args.max_num_batched_tokens, "progress": sys.stderr.isatty(),
-                    "via": args.via, "rates": engine_rates.get(name)}
-            start = time.perf_counter()
-            with ctx.Pool(1) as pool:
-                got = pool.apply(worker, (spec,))
-            if "error" in got:
-                raise SystemExit(f"engine {name} failed:\n{got['error']}")
-            print(f"[{name}] {model}: {time.perf_counter() - start:.0f} s", flush=True)
-            engine_results.update(got)
-        texts = {str(n): r["texts"] for n, r in engine_results.items()}
-        prompt_scores = sample_scores(samples, texts)
-        results["engines"][name] = {"flexprefill": config, "rates": engine_rates.get(name), "rows": score(
-            {n: samples[n] for n in args.lengths}, engine_results, prompt_scores),
-            "texts": texts, "scores": prompt_scores}
+        results["engines"][name] = run_engine_cells(name, config, engine_rates.get(name), variants, samples, tasks,
+                                                    args.lengths, answers, options)
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     print(report(results))
     print(paired(results))
     if plot(results, out / f"{args.name}.png"):
         print(f"plot: {out / f'{args.name}.png'}")
     print(f"results: {out / f'{args.name}.json'}")
+    wanted = len(engines) * len(args.lengths) * len(tasks)
+    answered = sum(len(e["rows"]) for e in results["engines"].values())
+    print(f"done: {answered} of {wanted} cells answered" if answered == wanted else
+          f"{answered} of {wanted} cells answered: run again with --answers {answers}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@
 #                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log)
 #   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
 #                                         # sparse (ENGINES, LENGTHS, ROUNDS; NAME:triton / NAME:fa4 pick the kernel)
-#   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines)
+#   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines);
+#                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
+#                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
+#                                         # call, and the same command goes on where the last one stopped
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
@@ -58,9 +61,11 @@ for stage in "$@"; do
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-1} \
                  --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -30 ;;
-    ruler-qwen) timeout 590 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" \
+    ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
+                timeout 560 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" --answers "$answers" \
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
-                  | grep -v -E "INFO|WARNING|it/s" | tail -60 ;;
+                  | grep -v -E "INFO|WARNING|it/s" | tail -60
+                cp "$answers" "$OUT/" 2>/dev/null ;;
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;

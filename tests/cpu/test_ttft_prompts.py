@@ -25,6 +25,8 @@ def run(spec, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=Engine, SamplingParams=lambda **kw: kw))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # engine_measure sets it; restored after
+    # the host timing wraps vLLM's classes (tested in test_ttft_host_time.py): one more prompt per length
+    monkeypatch.setattr(ttft, "host_time", lambda llm, prompt, params, backend: llm.generate([prompt], params) or {})
     return ttft.engine_measure(spec)
 
 
@@ -41,9 +43,9 @@ def test_a_yarn_variant_without_a_32k_length_runs_whole(monkeypatch):
     result = run(real_spec([65536, 131072], reps=3), monkeypatch)
     assert set(result["ttft_ms"]) == {65536, 131072}
     assert result["decode_ms_per_token"] is not None
-    # warm-up 1, 3 timed per length, decode 3 x 2 generate calls on one prompt each
-    assert len(Engine.seen) == 1 + 2 * 3 + 3 * 2
-    drawn = [tuple(p) for p in Engine.seen[:7]]
+    # warm-up 1, 3 timed per length, 1 host-timed per length, decode 3 x 2 generate calls on one prompt each
+    assert len(Engine.seen) == 1 + 2 * 3 + 2 + 3 * 2
+    drawn = [tuple(p) for p in Engine.seen[:9]]
     assert len(set(drawn)) == len(drawn), "a timed prompt was used twice (the prefix would be warm)"
     assert all(p[0] in (65536, 131072) for p in Engine.seen)
 

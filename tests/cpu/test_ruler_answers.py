@@ -1,0 +1,100 @@
+"""benchmarks/ruler.py's answer file: a run stopped part way keeps what it answered, and the
+same command started again runs only what is missing (long GPU campaigns run in pieces)."""
+
+import json
+
+import pytest
+import ruler
+from ruler_tasks import Sample
+
+TASKS = ["niah_single_noise", "vt"]
+
+
+def fake_samples(lengths, samples=3, timing=1):
+    """{length: (samples task-major, timing samples)} with answers "a<task>-<i>"."""
+    out = {}
+    for n in lengths:
+        items = [Sample(task, n, i, (n, t, i), (f"a{t}-{i}",), (), 8) for t, task in enumerate(TASKS)
+                 for i in range(samples)]
+        timed = [Sample("niah_single_number", n, 100 + i, (n, 9, i), ("x",), (), 1) for i in range(timing)]
+        out[n] = (items, timed)
+    return out
+
+
+class FakeEngine:
+    """Stands in for a spawned engine: answers each cell (the first answer of every task
+    wrong), appending to the answer file as the worker does; can stop after some cells."""
+
+    def __init__(self, stop_after=None):
+        self.stop_after, self.specs, self.cells_run = stop_after, [], 0
+
+    def __call__(self, spec):
+        self.specs.append(spec)
+        for cell in spec["cells"]:
+            if self.stop_after is not None and self.cells_run == self.stop_after:
+                raise KeyboardInterrupt  # the call's time limit
+            self.cells_run += 1
+            t = TASKS.index(cell["task"])
+            texts = [("wrong" if i == 0 else f"it is a{t}-{i}") for i in range(len(cell["token_ids"]))]
+            ruler.append_answer(spec["answers"], {**cell["key"], "texts": texts, "density": 0.5,
+                                                  "sparse_tokens": 10, "dense_tokens": 10, "query_aware": 0.0})
+        for item in spec["ttft"]:
+            ruler.append_answer(spec["answers"], {**item["key"], "ttft_ms": 12.5})
+        return {}
+
+
+def run(tmp_path, engine, lengths=(1024, 4096), config=None):
+    variants = [("native", 2048, [1024]), ("yarn", 8192, [4096])]
+    options = {"model": "m", "via": "vllm", "max_num_batched_tokens": None, "stats_dir": str(tmp_path)}
+    return ruler.run_engine_cells("flex", config if config is not None else {}, None, variants,
+                                  fake_samples(lengths), TASKS, list(lengths), tmp_path / "answers.jsonl", options,
+                                  run=engine)
+
+
+def test_a_stopped_run_goes_on_where_it_stopped(tmp_path):
+    first = FakeEngine(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, first)
+    assert len(ruler.read_answers(tmp_path / "answers.jsonl")) == 1
+    again = FakeEngine()
+    result = run(tmp_path, again)
+    # the second run got only what the first did not answer: 1 task at 1024, 2 at 4096
+    assert [(c["length"], c["task"]) for s in again.specs for c in s["cells"]] == [
+        (1024, "vt"), (4096, "niah_single_noise"), (4096, "vt")]
+    assert [s["model"] for s in again.specs] == ["native", "yarn"]
+    assert len(result["rows"]) == 4
+    assert all(r["n"] == 3 and r["all_correct"] == 2 and r["ttft_ms"] == 12.5 for r in result["rows"])
+    assert result["scores"]["1024"] == [0.0, 1.0, 1.0] * 2
+    assert len(result["texts"]["4096"]) == 6
+    # a third run has nothing to do
+    idle = FakeEngine()
+    assert run(tmp_path, idle) == result and idle.specs == []
+
+
+def test_other_settings_under_the_same_name_run_again(tmp_path):
+    run(tmp_path, FakeEngine())
+    other = FakeEngine()
+    run(tmp_path, other, config={"gamma": 0.9})
+    assert other.cells_run == 4
+
+
+def test_a_length_with_a_task_missing_has_rows_but_no_prompt_scores(tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    run(tmp_path, FakeEngine())
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    keep = [r for r in records if not (r.get("length") == 4096 and r.get("task") == "vt")]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    result = ruler.assemble({"engine": "flex", "settings": {}, "rates": None, "via": "vllm", "model": "m"},
+                            ruler.read_answers(answers), fake_samples([1024, 4096]), TASKS, [1024, 4096])
+    assert len(result["rows"]) == 3
+    assert set(result["scores"]) == {"1024"}, "paired() reads whole lengths only"
+
+
+def test_a_line_cut_short_is_skipped_and_the_next_record_kept(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    ruler.append_answer(path, {"engine": "a", "length": 1, "task": "t", "texts": ["x"]})
+    with open(path, "a") as f:
+        f.write('{"engine": "b", "len')  # a writer stopped mid-line
+    ruler.append_answer(path, {"engine": "c", "length": 1, "task": "t", "texts": ["y"]})
+    got = ruler.read_answers(path)
+    assert sorted(r["engine"] for r in got.values()) == ["a", "c"]
