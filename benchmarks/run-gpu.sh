@@ -10,7 +10,8 @@
 #                                         # call): the call goes on to other work (the GPU tier, say), and
 #                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log)
 #   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
-#                                         # sparse (ENGINES, LENGTHS, ROUNDS; NAME:triton / NAME:fa4 pick the kernel)
+#                                         # sparse (ENGINES, LENGTHS, ROUNDS, RATES as for ttft-real;
+#                                         # NAME:triton / NAME:fa4 pick the kernel)
 #   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines);
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
 #                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
@@ -58,8 +59,8 @@ for stage in "$@"; do
     # eager by default, every engine alike (COMPILATION=vllm for vLLM's default): with
     # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
-                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} --reps 3 --rounds ${ROUNDS:-1} \
-                 --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
+                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} \
+                 --reps 3 --rounds ${ROUNDS:-1} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -30 ;;
     ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
                 timeout 560 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" --answers "$answers" \
