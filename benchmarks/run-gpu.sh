@@ -61,7 +61,7 @@ for stage in "$@"; do
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} \
                  --reps 3 --rounds ${ROUNDS:-1} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
-                 | grep -E "^ +on|failed|Error|GPU busy|what ran|host:" | tail -30 ;;
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran|by layer|host:" | tail -30 ;;
     ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
                 timeout 560 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" --answers "$answers" \
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \

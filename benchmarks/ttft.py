@@ -205,10 +205,31 @@ def what_ran(llm, prompt: dict, params) -> dict:
             llm.generate([prompt], params, use_tqdm=False)
         finally:
             del os.environ[stats.ENV]
-        summary = stats.summarize(stats.read(f"{tmp}/stats.jsonl"))
+        records = stats.read(f"{tmp}/stats.jsonl")
+    summary = stats.summarize(records)
     tokens = summary.sparse_tokens + summary.dense_tokens
     return {"N": len(prompt["prompt_token_ids"]), "density": summary.density,
-            "sparse_share": summary.sparse_tokens / tokens if tokens else None}
+            "sparse_share": summary.sparse_tokens / tokens if tokens else None, "layers": by_layer(records)}
+
+
+def by_layer(records: list[dict]) -> dict[int, list]:
+    """{layer index: [sparse calls, density over them]} from FlexPrefill's layer records (a
+    layer that never ran sparse is absent: the router kept it dense)."""
+    sums: dict[int, list] = {}
+    for r in records:
+        if r.get("kind") != "layer":
+            continue
+        digits = [int(part) for part in r["layer"].split(".") if part.isdigit()]
+        entry = sums.setdefault(digits[0] if digits else -1, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += sum(q["computed"] for q in r["requests"])
+        entry[2] += sum(q["causal"] for q in r["requests"])
+    return {i: [calls, computed / causal if causal else None] for i, (calls, computed, causal) in sorted(sums.items())}
+
+
+def fmt_layers(layers: dict) -> str:
+    """"index:density(calls)" per layer that ran sparse, e.g. "2:0.41(3) 5:0.22(3)"."""
+    return " ".join(f"{i}:{'-' if d is None else f'{d:.2f}'}({calls})" for i, (calls, d) in layers.items())
 
 
 def host_time(llm, prompt: dict, params, backend: str) -> dict:
@@ -474,6 +495,8 @@ def main() -> None:
                 for ran in result.get("what_ran", []):
                     density = "-" if ran["density"] is None else f"{ran['density']:.3f}"
                     share = "-" if ran["sparse_share"] is None else f"{100 * ran['sparse_share']:.0f} %"
+                    if ran.get("layers") is not None:
+                        print(f"by layer: {engine} N={ran['N']} {fmt_layers(ran['layers'])}", flush=True)
                     print(f"what ran: {engine} N={ran['N']} density {density} over sparse layer calls, "
                           f"{share} of prompt tokens planned sparse", flush=True)
                     runs.append({"shape": args.shape, "engine": engine, "chunked": chunked,

@@ -57,3 +57,18 @@ def test_random_prompts_have_the_asked_length(monkeypatch):
     assert [len(p) for p in Engine.seen[:3]] == [4096, 4096, 4096]
     assert all(1000 <= t < 31000 for p in Engine.seen for t in p)
     assert Engine.seen[0] != Engine.seen[1], "each prompt is drawn afresh"
+
+
+def test_by_layer_counts_sparse_calls_and_density_per_layer():
+    layer = "model.layers.{}.self_attn.attn"
+    records = [{"kind": "step", "requests": []},
+               {"kind": "layer", "layer": layer.format(3), "heads": 2,
+                "requests": [{"new": 1, "all": 2, "computed": 10, "causal": 40, "query_aware": 0}]},
+               {"kind": "layer", "layer": layer.format(3), "heads": 2,
+                "requests": [{"new": 1, "all": 2, "computed": 30, "causal": 40, "query_aware": 0},
+                             {"new": 1, "all": 2, "computed": 0, "causal": 0, "query_aware": 0}]},
+               {"kind": "layer", "layer": layer.format(12), "heads": 2,
+                "requests": [{"new": 1, "all": 2, "computed": 5, "causal": 10, "query_aware": 1}]}]
+    layers = ttft.by_layer(records)
+    assert layers == {3: [2, 0.5], 12: [1, 0.5]}
+    assert ttft.fmt_layers(layers) == "3:0.50(2) 12:0.50(1)"
