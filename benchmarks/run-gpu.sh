@@ -10,7 +10,8 @@
 #                                         # call): the call goes on to other work (the GPU tier, say), and
 #                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log)
 #   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
-#                                         # sparse (ENGINES, LENGTHS, ROUNDS, RATES as for ttft-real;
+#                                         # sparse (ENGINES, LENGTHS, ROUNDS, RATES as for ttft-real, SETTINGS:
+#                                         # NAME={"gamma":0.9} a FLEX_PREFILL engine with those settings;
 #                                         # NAME:triton / NAME:fa4 pick the kernel)
 #   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines);
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
@@ -59,7 +60,7 @@ for stage in "$@"; do
     # eager by default, every engine alike (COMPILATION=vllm for vLLM's default): with
     # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
-                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} \
+                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} ${SETTINGS:+--settings $SETTINGS} \
                  --reps 3 --rounds ${ROUNDS:-1} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran|by layer|host:" | tail -30 ;;
     ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
@@ -101,7 +102,7 @@ for stage in "$@"; do
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;
     ttft-real) timeout 560 python benchmarks/ttft.py --shape smollm2 --lengths ${LENGTHS:-4096 8192 16384 32768} \
-                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} \
+                 --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} ${SETTINGS:+--settings $SETTINGS} \
                  --reps 3 --rounds ${ROUNDS:-2} --profile \
                  --compilation ${COMPILATION:-vllm} \
                  --out "$OUT" 2>&1 \

@@ -22,7 +22,8 @@ settings with every prefill chunk sparse: ``min_sparse_tokens = min_sparse_query
 the config; the default picks FlashAttention-4 where it runs).
 ``--rates NAME='{"estimate_fixed": 0.5}'`` adds an engine NAME: default settings with the
 cost model's rates replaced as the JSON says (``VLLM_FLEXPREFILL_RATES``, costs.py), to try
-a calibration side by side with the current one.
+a calibration side by side with the current one. ``--settings NAME='{"gamma": 0.9}'`` adds an
+engine NAME: FLEX_PREFILL with those settings (``additional_config["flexprefill"]``).
 
 ``--compilation eager`` (the default) runs without torch.compile and captures CUDA graphs
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
@@ -381,6 +382,47 @@ def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
     print(text.splitlines()[0], flush=True)
 
 
+def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict, routing: dict) -> list[dict]:
+    """The runs of one engine name over the model variants: each variant with its FlexPrefill
+    settings (None: FLASH_ATTN) and cost-model rates. NAME:triton / NAME:fa4 runs engine NAME
+    with that block-sparse kernel; FLEX_10 runs one engine per length (its budget is the length's)."""
+    base, _, kernel = engine.partition(":")
+    extra = {**routing, **({"kernel": kernel} if kernel else {})}
+    specs = []
+    for variant in variants:
+        if base == "FLASH_ATTN" and not kernel:
+            specs.append(dict(variant, flexprefill=None))
+        elif base == "FLEX_10":
+            specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40, **extra},
+                           lengths=[n]) for n in variant["lengths"]]
+        elif base == "FLEX_PREFILL" or base in rates:
+            specs.append(dict(variant, flexprefill=extra or None, rates=rates.get(base)))
+        elif base in settings:
+            specs.append(dict(variant, flexprefill={**settings[base], **extra}))
+        elif base == "FLEX_SPARSE":
+            specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0, **extra}))
+        elif base == "FLEX_FLOOR":
+            specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **extra}))
+        else:
+            raise SystemExit(f"unknown engine {engine!r}: FLASH_ATTN, FLEX_PREFILL, FLEX_SPARSE, FLEX_10, FLEX_FLOOR "
+                             "(NAME:triton / NAME:fa4 for a kernel), or a NAME of --rates / --settings")
+    return specs
+
+
+def named_json(items: list[str], option: str) -> dict[str, dict]:
+    """NAME=JSON items of a command-line option, as {NAME: parsed JSON object}."""
+    out = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            out[name] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{option} {item!r}: what follows NAME= must be JSON ({e})") from None
+        if not isinstance(out[name], dict):
+            raise SystemExit(f"{option} {item!r}: what follows NAME= must be a JSON object")
+    return out
+
+
 def real_model_variants(name: str, lengths: list[int], reps: int) -> list[dict]:
     """A real model's runs (``checkpoints.MODELS[name]``): native up to its context, the YaRN
     variant above; needle prompts (one warm-up, reps timed, three for decode per length),
@@ -423,14 +465,13 @@ def main() -> None:
                         help="min_sparse_tokens for the FLEX engines (default: the config's)")
     parser.add_argument("--rates", nargs="+", default=[], metavar="NAME=JSON",
                         help="one more engine per NAME: default settings with these cost-model rates")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="NAME=JSON",
+                        help="one more engine per NAME: FLEX_PREFILL with these settings")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
-    rates = {}
-    for item in args.rates:
-        name, _, text = item.partition("=")
-        rates[name] = json.loads(text)
-    args.engines += [name for name in rates if name not in args.engines]
+    rates, settings = named_json(args.rates, "--rates"), named_json(args.settings, "--settings")
+    args.engines += [name for name in [*rates, *settings] if name not in args.engines]
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,25 +489,7 @@ def main() -> None:
     runs = []
     for rnd, chunked, compilation in itertools.product(range(args.rounds), args.chunked, args.compilation):
         for engine in args.engines:
-            specs = []
-            # NAME:triton / NAME:fa4 runs engine NAME with that block-sparse attention kernel
-            base, _, kernel = engine.partition(":")
-            extra = {**routing, **({"kernel": kernel} if kernel else {})}
-            for variant in variants:
-                lengths = variant["lengths"]
-                if base == "FLEX_10":
-                    specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40,
-                                                         **extra}, lengths=[n]) for n in lengths]
-                elif base == "FLEX_PREFILL" or base in rates:
-                    specs.append(dict(variant, flexprefill=extra or None, rates=rates.get(base)))
-                elif base == "FLEX_SPARSE":
-                    specs.append(dict(variant, flexprefill={"min_sparse_tokens": 0, "min_sparse_query_tokens": 0,
-                                                            **extra}))
-                elif base == "FLEX_FLOOR":
-                    specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **extra}))
-                else:
-                    specs.append(dict(variant, flexprefill=None))
-            for spec in specs:
+            for spec in engine_specs(engine, variants, rates, settings, routing):
                 spec.update(backend=engine, chunked=chunked == "on", compilation=compilation, reps=args.reps,
                             profile_dir=str(out_dir) if args.profile and rnd == 0 else None,
                             all_lengths=args.lengths,

@@ -4,6 +4,7 @@ engine_measure runs whole against a stand-in engine (no vLLM, no GPU)."""
 import sys
 import types
 
+import pytest
 import torch
 import ttft
 
@@ -72,3 +73,22 @@ def test_by_layer_counts_sparse_calls_and_density_per_layer():
     layers = ttft.by_layer(records)
     assert layers == {3: [2, 0.5], 12: [1, 0.5]}
     assert ttft.fmt_layers(layers) == "3:0.50(2) 12:0.50(1)"
+
+
+def test_engine_names_map_to_their_settings():
+    variants = [{"lengths": [32768], "prompts": None}, {"lengths": [65536, 131072], "prompts": None}]
+    settings = ttft.named_json(['G90={"gamma": 0.9}'], "--settings")
+    rates = ttft.named_json(['F050={"estimate_fixed": 0.5}'], "--rates")
+
+    def specs(name):
+        return ttft.engine_specs(name, variants, rates, settings, {})
+
+    assert [s["flexprefill"] for s in specs("FLASH_ATTN")] == [None, None]
+    assert [s["flexprefill"] for s in specs("FLEX_PREFILL:triton")] == [{"kernel": "triton"}] * 2
+    assert [s["flexprefill"] for s in specs("G90:fa4")] == [{"gamma": 0.9, "kernel": "fa4"}] * 2
+    assert [(s["flexprefill"], s["rates"]) for s in specs("F050")] == [(None, {"estimate_fixed": 0.5})] * 2
+    assert [s["lengths"] for s in specs("FLEX_10")] == [[32768], [65536], [131072]]
+    with pytest.raises(SystemExit, match="unknown engine 'FLEX_PREFIL'"):
+        specs("FLEX_PREFIL")
+    with pytest.raises(SystemExit, match="must be JSON"):
+        ttft.named_json(["G={gamma: 0.9}"], "--settings")
