@@ -61,7 +61,7 @@ ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "m
 
 
 def named_json(items: list[str], option: str) -> dict[str, dict]:
-    """NAME=JSON items of a command-line option, as {NAME: parsed JSON}."""
+    """NAME=JSON items of a command-line option, as {NAME: parsed JSON object} (also for ttft.py)."""
     out = {}
     for item in items:
         name, _, text = item.partition("=")
@@ -69,6 +69,8 @@ def named_json(items: list[str], option: str) -> dict[str, dict]:
             out[name] = json.loads(text)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{option} {item!r}: what follows NAME= must be JSON ({e})") from None
+        if not isinstance(out[name], dict):
+            raise SystemExit(f"{option} {item!r}: what follows NAME= must be a JSON object")
     return out
 
 

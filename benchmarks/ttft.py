@@ -409,20 +409,6 @@ def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict,
     return specs
 
 
-def named_json(items: list[str], option: str) -> dict[str, dict]:
-    """NAME=JSON items of a command-line option, as {NAME: parsed JSON object}."""
-    out = {}
-    for item in items:
-        name, _, text = item.partition("=")
-        try:
-            out[name] = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{option} {item!r}: what follows NAME= must be JSON ({e})") from None
-        if not isinstance(out[name], dict):
-            raise SystemExit(f"{option} {item!r}: what follows NAME= must be a JSON object")
-    return out
-
-
 def real_model_variants(name: str, lengths: list[int], reps: int) -> list[dict]:
     """A real model's runs (``checkpoints.MODELS[name]``): native up to its context, the YaRN
     variant above; needle prompts (one warm-up, reps timed, three for decode per length),
@@ -470,6 +456,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
+    from ruler import named_json
+
     rates, settings = named_json(args.rates, "--rates"), named_json(args.settings, "--settings")
     args.engines += [name for name in [*rates, *settings] if name not in args.engines]
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}

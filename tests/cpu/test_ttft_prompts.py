@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import ruler
 import torch
 import ttft
 
@@ -77,8 +78,8 @@ def test_by_layer_counts_sparse_calls_and_density_per_layer():
 
 def test_engine_names_map_to_their_settings():
     variants = [{"lengths": [32768], "prompts": None}, {"lengths": [65536, 131072], "prompts": None}]
-    settings = ttft.named_json(['G90={"gamma": 0.9}'], "--settings")
-    rates = ttft.named_json(['F050={"estimate_fixed": 0.5}'], "--rates")
+    settings = ruler.named_json(['G90={"gamma": 0.9}'], "--settings")
+    rates = ruler.named_json(['F050={"estimate_fixed": 0.5}'], "--rates")
 
     def specs(name):
         return ttft.engine_specs(name, variants, rates, settings, {})
@@ -91,4 +92,4 @@ def test_engine_names_map_to_their_settings():
     with pytest.raises(SystemExit, match="unknown engine 'FLEX_PREFIL'"):
         specs("FLEX_PREFIL")
     with pytest.raises(SystemExit, match="must be JSON"):
-        ttft.named_json(["G={gamma: 0.9}"], "--settings")
+        ruler.named_json(["G={gamma: 0.9}"], "--settings")
