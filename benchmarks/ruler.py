@@ -134,16 +134,26 @@ def run_engine(spec: dict) -> dict:
     # timed without statistics: recording them synchronises the device in every layer
     os.environ.pop("FLEXPREFILL_STATS", None)
     one = SamplingParams(temperature=0.0, max_tokens=1)
+    time_prompts(spec, lambda ids: llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False), gpu)
+    return {}
+
+
+def time_prompts(spec: dict, run, gpu: bool) -> None:
+    """Per timing item of ``spec["ttft"]``: the median ms of ``run(token ids)`` over its prompts
+    (the device drained before and after each), appended to the answer file."""
+    import torch
+
     for item in spec["ttft"]:
         ttft = []
         for ids in item["token_ids"]:
             if gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)
+            run(ids)
+            if gpu:
+                torch.cuda.synchronize()
             ttft.append((time.perf_counter() - start) * 1000)
         append_answer(spec["answers"], {**item["key"], "ttft_ms": statistics.median(ttft) if ttft else None})
-    return {}
 
 
 def run_engine_hf(spec: dict) -> dict:
@@ -170,17 +180,7 @@ def run_engine_hf(spec: dict) -> dict:
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
             append_answer(spec["answers"], {**cell["key"], "texts": texts, "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
-        for item in spec["ttft"]:
-            ttft = []
-            for ids in item["token_ids"]:
-                if gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(torch.tensor([ids], device=device), logits_to_keep=1)
-                if gpu:
-                    torch.cuda.synchronize()
-                ttft.append((time.perf_counter() - start) * 1000)
-            append_answer(spec["answers"], {**item["key"], "ttft_ms": statistics.median(ttft) if ttft else None})
+        time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)
     return {}
 
 

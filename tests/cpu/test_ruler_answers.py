@@ -98,3 +98,14 @@ def test_a_line_cut_short_is_skipped_and_the_next_record_kept(tmp_path):
     ruler.append_answer(path, {"engine": "c", "length": 1, "task": "t", "texts": ["y"]})
     got = ruler.read_answers(path)
     assert sorted(r["engine"] for r in got.values()) == ["a", "c"]
+
+
+def test_timing_items_are_medians_of_their_prompts(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    seen = []
+    spec = {"answers": str(path), "ttft": [{"key": {"engine": "e", "length": 8, "ttft": "d"},
+                                             "token_ids": [[1], [2], [3]]}]}
+    ruler.time_prompts(spec, seen.append, gpu=False)
+    assert seen == [[1], [2], [3]]
+    (record,) = ruler.read_answers(path).values()
+    assert record["engine"] == "e" and record["ttft_ms"] >= 0
