@@ -112,7 +112,8 @@ def run_engine(spec: dict) -> dict:
     gpu = torch.cuda.is_available()
     # eager mode: torch.compile's warm-up (about a minute per engine) buys little for this small model
     kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
-                  dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.8 if gpu else 0.3,
+                  dtype="bfloat16" if gpu else "float32",
+                  gpu_memory_utilization=spec.get("gpu_memory_utilization") or (0.8 if gpu else 0.3),
                   enforce_eager=True)
     if spec["max_num_batched_tokens"]:
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
@@ -350,7 +351,8 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
     then returns the engine's results from the file (``assemble``).
 
     variants: (model folder, max_model_len, its lengths) per model variant.
-    options: model (the name), via, max_num_batched_tokens, stats_dir.
+    options: model (the name), via, max_num_batched_tokens, stats_dir, gpu_memory_utilization
+    (optional; None: 0.8 on a GPU).
     """
     who = {"engine": name, "settings": config, "rates": rates, "via": options["via"], "model": options["model"]}
     answers.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +378,8 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
                 "cells": cells, "ttft": ttft, "answers": str(answers),
                 "stats_file": os.path.join(options["stats_dir"], f"{name}-{max_len}.jsonl"),
                 "max_num_batched_tokens": options["max_num_batched_tokens"], "progress": sys.stderr.isatty(),
-                "via": options["via"], "rates": rates}
+                "via": options["via"], "rates": rates,
+                "gpu_memory_utilization": options.get("gpu_memory_utilization")}
         start = time.perf_counter()
         got = run(spec)
         if "error" in got:
@@ -494,6 +497,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-reps", type=int, default=5)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="the engine's share of GPU memory (default 0.8): less leaves room for other work")
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--name", default="ruler", help="file name stem of the JSON and the plot")
     parser.add_argument("--answers", default=None, metavar="FILE",
@@ -541,7 +546,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ruler-stats-")
     answers = pathlib.Path(args.answers) if args.answers else pathlib.Path(tmp) / "answers.jsonl"
     options = {"model": args.model, "via": args.via, "max_num_batched_tokens": args.max_num_batched_tokens,
-               "stats_dir": tmp}
+               "stats_dir": tmp, "gpu_memory_utilization": args.gpu_memory_utilization}
     for name, config in engines.items():
         results["engines"][name] = run_engine_cells(name, config, engine_rates.get(name), variants, samples, tasks,
                                                     args.lengths, answers, options)

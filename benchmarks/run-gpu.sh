@@ -17,6 +17,12 @@
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
 #                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
 #                                         # call, and the same command goes on where the last one stopped
+#   bash benchmarks/run-gpu.sh ruler-qwen-bg  # the RULER runs listed in .gpu-ruler/queue (RULER_QUEUE), one line of
+#                                         # ruler.py arguments each (benchmarks/gpu/ruler-queue.sh), in the
+#                                         # background: other non-timed work (the GPU tier) can run beside
+#                                         # them; same answer file as ruler-qwen (log: ~/ruler-bg.log)
+#   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
+#   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
@@ -68,6 +74,19 @@ for stage in "$@"; do
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
                   | grep -v -E "INFO|WARNING|it/s" | tail -60
                 cp "$answers" "$OUT/" 2>/dev/null ;;
+    ruler-qwen-bg) mkdir -p .gpu-ruler
+                   setsid nohup bash benchmarks/gpu/ruler-queue.sh "${RULER_QUEUE:-.gpu-ruler/queue}" "$HOME/ruler-bg.log" \
+                     ".gpu-ruler/${RULER_FILE:-qwen}.jsonl" > /dev/null 2>&1 < /dev/null &
+                   echo $! > "$HOME/ruler-bg.pid"
+                   echo "ruler: the queue runs in the background (log: $HOME/ruler-bg.log)" ;;
+    ruler-wait|ruler-stop)
+                end=$((SECONDS + ${WAIT:-560}))
+                while [ "$stage" = ruler-wait ] && kill -0 "$(cat "$HOME/ruler-bg.pid")" 2>/dev/null \
+                      && [ $SECONDS -lt $end ]; do sleep 5; done
+                # the queue's whole process group: the script, ruler.py and its engine's process
+                [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
+                grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
+                cp .gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
@@ -116,7 +135,8 @@ for stage in "$@"; do
                timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
                  | grep -A22 "^step"
              done ;;
-    *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, kernels, tune-est, ruler, ruler-qwen, sweep, ttft-real,"
+    *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, kernels, tune-est, ruler, ruler-qwen,"
+       echo "ruler-qwen-bg, ruler-wait, ruler-stop, sweep, ttft-real,"
        echo "ttft-qwen, recall-qwen, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
   esac
