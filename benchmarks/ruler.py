@@ -41,6 +41,15 @@ minutes of GPU per engine) run in pieces that way:
 
     python benchmarks/ruler.py --model qwen2.5-coder-1.5b --lengths 32768 --engines dense flex \
         --answers .gpu-ruler/qwen.jsonl --out bench-results      # again until it says "done"
+
+Each record carries the answers its prompts expect, so an answer file is scored anywhere,
+without the model or the tokenizer (``--table``: the table and the prompt-by-prompt
+comparison of the file's engines). The prompts themselves depend on the Python version (the
+prose haystack is the documentation that ships with Python) and on the tokenizer: the
+prompts' digest in each record keeps answers to other prompts apart, and the comparison
+pairs only cells whose engines saw the same prompts.
+
+    python benchmarks/ruler.py --table docs/results/ruler-qwen-h100.jsonl --table-engines dense flex
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+import ruler_tasks
 
 ENGINES = {"dense": None, "flex": {}, "flex-sparse": {"min_sparse_tokens": 0, "min_sparse_query_tokens": 0}}
 
@@ -129,7 +140,8 @@ def run_engine(spec: dict) -> dict:
         print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        append_answer(spec["answers"], {**cell["key"], "texts": [o.outputs[0].text for o in outputs],
+        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"],
+                                        "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
     # timed without statistics: recording them synchronises the device in every layer
@@ -179,7 +191,8 @@ def run_engine_hf(spec: dict) -> dict:
             for ids, n in zip(cell["token_ids"], cell["max_new_tokens"]):
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
-            append_answer(spec["answers"], {**cell["key"], "texts": texts, "density": None, "sparse_tokens": 0,
+            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
+                                            "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)
     return {}
@@ -290,6 +303,57 @@ def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks
     return {"rows": rows, "texts": texts, "scores": scores}
 
 
+def results_from_answers(records: list[dict], engines: list[str] | None = None) -> dict:
+    """Results (as ``assemble`` gives them, for ``report`` and ``paired``) from answer records
+    alone, scored with the answers each record expects: no model, tokenizer or prompts.
+
+    engines: which engines, in this order (the first is the reference of ``paired``); None:
+    every engine, in the file's order. Each other engine's per-prompt scores, and the
+    reference's beside them (``ref_scores``), cover the tasks both answered at a length on the
+    same prompts (digest) and as many of them: the cells the comparison may pair.
+    """
+    cells = [r for r in records if "texts" in r]
+    missing = [r for r in cells if "expected" not in r]
+    if missing:
+        raise SystemExit(f"{len(missing)} records carry no expected answers (written before records did, e.g. "
+                         f"{missing[0]['engine']} {missing[0]['length']} {missing[0]['task']}): score them with "
+                         "the run's own report")
+    names = engines or list(dict.fromkeys(r["engine"] for r in cells))
+    by = {(r["engine"], r["length"], r["task"]): r for r in cells}  # the last record of a cell wins
+    results = {"meta": {"tasks": [], "samples": None, "pairs": {}}, "engines": {}}
+    for name in names:
+        rows = []
+        for (engine, length, task), r in by.items():
+            if engine != name:
+                continue
+            values = [ruler_tasks.score(a, t) for a, t in zip(r["expected"], r["texts"])]
+            rows.append({"task": task, "length": length, "n": len(values),
+                         "accuracy": 100 * statistics.mean(values), "all_correct": sum(v == 1.0 for v in values),
+                         "density": r.get("density"), "sparse_tokens": r.get("sparse_tokens", 0),
+                         "dense_tokens": r.get("dense_tokens", 0), "query_aware": r.get("query_aware"),
+                         "ttft_ms": None, "scores": values, "prompts": r["prompts"]})
+        results["engines"][name] = {"rows": rows, "scores": {}}
+    # per engine and length, the cells it and the reference answered on the same prompts
+    ref = names[0]
+    for name in names[1:]:
+        engine = results["engines"][name]
+        engine["ref_scores"], pairs = {}, results["meta"]["pairs"].setdefault(name, {})
+        for length in sorted({r["length"] for r in cells}):
+            theirs, ours = ({row["task"]: row for row in results["engines"][e]["rows"] if row["length"] == length}
+                            for e in (name, ref))
+            shared = sorted(t for t in theirs if t in ours and theirs[t]["prompts"] == ours[t]["prompts"]
+                            and theirs[t]["n"] == ours[t]["n"])
+            if not shared:
+                continue
+            samples = theirs[shared[0]]["n"]
+            tasks = [t for t in shared if theirs[t]["n"] == samples]
+            pairs[str(length)] = (tasks, samples)
+            engine["scores"][str(length)] = [v for t in tasks for v in theirs[t]["scores"]]
+            engine["ref_scores"][str(length)] = [v for t in tasks for v in ours[t]["scores"]]
+    results["engines"][ref]["scores"] = {str(n): [] for n in {r["length"] for r in cells}}  # a reference
+    return results
+
+
 def mean_density(rows: list[dict]) -> float | None:
     """Density over the rows' sparse layer calls, each row's weighted by its sparse tokens
     (None where none ran sparse)."""
@@ -368,7 +432,8 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
                     items = [s for s in samples_by_length[n][0] if s.task == task]
                     cells.append({"key": key, "length": n, "task": task,
                                   "token_ids": [list(s.token_ids) for s in items],
-                                  "max_new_tokens": [s.max_new_tokens for s in items]})
+                                  "max_new_tokens": [s.max_new_tokens for s in items],
+                                  "expected": [list(s.answers) for s in items]})
             if timing and key_of(timing) not in have:
                 ttft.append({"key": timing, "token_ids": [list(s.token_ids) for s in samples_by_length[n][1]]})
         if not cells and not ttft:
@@ -425,14 +490,16 @@ def paired(results: dict) -> str:
     if len(engines) < 2:
         return ""
     ref = engines[0]
-    tasks = results["meta"]["tasks"]
-    samples = results["meta"]["samples"]
     lines = [f"prompt by prompt against {ref}: answered in full by {ref} only / by the engine only"]
     for name in engines[1:]:
         for length, theirs in results["engines"][name]["scores"].items():
-            ours = results["engines"][ref]["scores"].get(length)
+            # the reference's scores on the same prompts, and the tasks and prompts per task
+            # behind them: one set for the whole run, or (answer files) per engine and length
+            ours = results["engines"][name].get("ref_scores", results["engines"][ref]["scores"]).get(length)
             if ours is None or len(ours) != len(theirs):
                 continue
+            tasks, samples = results["meta"].get("pairs", {}).get(name, {}).get(
+                length, (results["meta"]["tasks"], results["meta"]["samples"]))
             cells, total_a, total_b = [], 0, 0
             for i, task in enumerate(tasks):
                 span = range(i * samples, (i + 1) * samples)
@@ -504,6 +571,10 @@ def main() -> None:
     parser.add_argument("--answers", default=None, metavar="FILE",
                         help="answer file (JSON lines) kept across runs: cells it holds are not run again")
     parser.add_argument("--report", nargs="+", default=None, help="merge result files and print their table")
+    parser.add_argument("--table", nargs="+", default=None, metavar="FILE",
+                        help="the table and prompt-by-prompt comparison of answer files (no model needed)")
+    parser.add_argument("--table-engines", nargs="+", default=None,
+                        help="with --table: these engines, in this order (the first is the reference)")
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
                              "a second check of the vLLM path; no density statistics")
@@ -511,6 +582,12 @@ def main() -> None:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        records = [r for f in args.table for r in read_answers(f).values()]
+        results = results_from_answers(records, args.table_engines)
+        print(report(results))
+        print(paired(results))
+        return
     if args.report:
         merged = {"meta": {}, "engines": {}}
         for f in args.report:

@@ -68,8 +68,13 @@ class Sample:
 
     def score(self, completion: str) -> float:
         """Share of the answers found in the completion (case-insensitive), as RULER scores."""
-        text = completion.lower()
-        return sum(a.lower() in text for a in self.answers) / len(self.answers)
+        return score(self.answers, completion)
+
+
+def score(answers, completion: str) -> float:
+    """Share of the expected ``answers`` found in ``completion`` (case-insensitive), as RULER scores."""
+    text = completion.lower()
+    return sum(a.lower() in text for a in answers) / len(answers)
 
 
 def prose_sentences() -> list[str]:

@@ -17,10 +17,12 @@
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
 #                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
 #                                         # call, and the same command goes on where the last one stopped
-#   bash benchmarks/run-gpu.sh ruler-qwen-bg  # the RULER runs listed in .gpu-ruler/queue (RULER_QUEUE), one line of
-#                                         # ruler.py arguments each (benchmarks/gpu/ruler-queue.sh), in the
-#                                         # background: other non-timed work (the GPU tier) can run beside
-#                                         # them; same answer file as ruler-qwen (log: ~/ruler-bg.log)
+#   bash benchmarks/run-gpu.sh ruler-qwen-bg  # the RULER runs listed in .gpu-ruler/queue, one line of ruler.py
+#                                         # arguments each (benchmarks/gpu/ruler-queue.sh), in the background:
+#                                         # other non-timed work (the GPU tier) can run beside them. It works
+#                                         # in ~/gpu-ruler, a copy of the carried .gpu-ruler (queue, answer file
+#                                         # $RULER_FILE.jsonl, older packages): a later call that does not carry
+#                                         # .gpu-ruler finds it gone from the checkout (log: ~/ruler-bg.log)
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
@@ -74,9 +76,9 @@ for stage in "$@"; do
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
                   | grep -v -E "INFO|WARNING|it/s" | tail -60
                 cp "$answers" "$OUT/" 2>/dev/null ;;
-    ruler-qwen-bg) mkdir -p .gpu-ruler
-                   setsid nohup bash benchmarks/gpu/ruler-queue.sh "${RULER_QUEUE:-.gpu-ruler/queue}" "$HOME/ruler-bg.log" \
-                     ".gpu-ruler/${RULER_FILE:-qwen}.jsonl" > /dev/null 2>&1 < /dev/null &
+    ruler-qwen-bg) mkdir -p "$HOME/gpu-ruler" && cp -rn .gpu-ruler/. "$HOME/gpu-ruler/"
+                   setsid nohup bash benchmarks/gpu/ruler-queue.sh "$HOME/gpu-ruler/queue" "$HOME/ruler-bg.log" \
+                     "$HOME/gpu-ruler/${RULER_FILE:-qwen}.jsonl" > /dev/null 2>&1 < /dev/null &
                    echo $! > "$HOME/ruler-bg.pid"
                    echo "ruler: the queue runs in the background (log: $HOME/ruler-bg.log)" ;;
     ruler-wait|ruler-stop)
@@ -86,7 +88,7 @@ for stage in "$@"; do
                 # the queue's whole process group: the script, ruler.py and its engine's process
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
-                cp .gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
+                cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;

@@ -5,7 +5,8 @@
 #
 # Each line of QUEUE holds ruler.py's arguments (the model, the answer file and the output
 # folder are added); a line that starts with `package=DIR ` runs the vllm_flexprefill found in
-# DIR (an older commit's package, for a before/after comparison) in place of this checkout's.
+# DIR (an older commit's package, for a before/after comparison; a relative DIR is taken from
+# QUEUE's folder) in place of this checkout's.
 # A run that ends without its "done:" line (an engine that failed to start beside other GPU
 # work, say) is tried again, three tries in all: the answer file keeps every finished cell.
 set -u
@@ -14,7 +15,8 @@ while IFS= read -r line; do
   case "$line" in ""|"#"*) continue ;; esac
   path="$PYTHONPATH"
   case "$line" in
-    package=*) dir="${line%% *}"; line="${line#* }"; path="$(realpath "${dir#package=}"):$PYTHONPATH" ;;
+    package=*) dir="${line%% *}"; line="${line#* }"
+               path="$(cd "$(dirname "$queue")" && realpath "${dir#package=}"):$PYTHONPATH" ;;
   esac
   PYTHONPATH="$path" python -c "import vllm_flexprefill; print('== package:', vllm_flexprefill.__file__)" >> "$log" 2>&1
   for try in 1 2 3; do

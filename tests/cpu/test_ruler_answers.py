@@ -36,7 +36,8 @@ class FakeEngine:
             self.cells_run += 1
             t = TASKS.index(cell["task"])
             texts = [("wrong" if i == 0 else f"it is a{t}-{i}") for i in range(len(cell["token_ids"]))]
-            ruler.append_answer(spec["answers"], {**cell["key"], "texts": texts, "density": 0.5,
+            ruler.append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
+                                                  "density": 0.5,
                                                   "sparse_tokens": 10, "dense_tokens": 10, "query_aware": 0.0})
         for item in spec["ttft"]:
             ruler.append_answer(spec["answers"], {**item["key"], "ttft_ms": 12.5})
@@ -109,3 +110,45 @@ def test_timing_items_are_medians_of_their_prompts(tmp_path):
     assert seen == [[1], [2], [3]]
     (record,) = ruler.read_answers(path).values()
     assert record["engine"] == "e" and record["ttft_ms"] >= 0
+
+
+def test_the_answer_file_alone_scores_as_the_samples_do(tmp_path):
+    # the table of another machine's answers: the records' expected answers, no prompts
+    result = run(tmp_path, FakeEngine())
+    records = list(ruler.read_answers(tmp_path / "answers.jsonl").values())
+    table = ruler.results_from_answers(records)
+    rows = table["engines"]["flex"]["rows"]
+    assert sorted((r["length"], r["task"], r["accuracy"], r["all_correct"]) for r in rows) == sorted(
+        (r["length"], r["task"], r["accuracy"], r["all_correct"]) for r in result["rows"])
+    assert ruler.report(table).count("(2/3)") == 4
+
+
+def cell_record(engine, task, prompts, texts, length=1024):
+    return {"engine": engine, "length": length, "task": task, "prompts": prompts, "texts": texts,
+            "expected": [["a"]] * len(texts), "density": None, "sparse_tokens": 0, "dense_tokens": 0}
+
+
+def test_the_comparison_pairs_only_cells_on_the_same_prompts():
+    records = [cell_record("dense", "t1", "p1", ["a", "a", "b"]), cell_record("flex", "t1", "p1", ["b", "a", "a"]),
+               cell_record("dense", "t2", "p2", ["a", "a", "a"]), cell_record("flex", "t2", "OTHER", ["b"] * 3),
+               cell_record("dense", "t3", "p3", ["a"] * 3)]  # flex did not answer t3
+    table = ruler.results_from_answers(records)
+    assert table["meta"]["pairs"]["flex"]["1024"] == (["t1"], 3)
+    assert table["engines"]["flex"]["scores"]["1024"] == [0.0, 1.0, 1.0]
+    line = next(s for s in ruler.paired(table).splitlines() if s.strip().startswith("flex"))
+    assert "1024: 1/1" in line and "t1 1/1" in line and "t2" not in line, line
+    # each engine pairs with the reference on its own shared cells, whatever a third answered
+    three = ruler.results_from_answers(records + [cell_record("old", "t3", "p3", ["b", "a", "a"])])
+    assert three["meta"]["pairs"]["flex"]["1024"] == (["t1"], 3)
+    assert three["meta"]["pairs"]["old"]["1024"] == (["t3"], 3)
+    assert "1024: 1/0" in next(s for s in ruler.paired(three).splitlines() if s.strip().startswith("old"))
+    # the other engine first: it becomes the reference; unnamed engines are left out
+    assert list(ruler.results_from_answers(records, ["flex", "dense"])["engines"]) == ["flex", "dense"]
+    assert list(ruler.results_from_answers(records, ["flex"])["engines"]) == ["flex"]
+
+
+def test_records_without_expected_answers_are_refused_by_name():
+    old = cell_record("dense", "t1", "p1", ["a"])
+    del old["expected"]
+    with pytest.raises(SystemExit, match="dense 1024 t1"):
+        ruler.results_from_answers([old])
