@@ -121,6 +121,7 @@ def run_engine(spec: dict) -> dict:
     from vllm_flexprefill import stats
 
     gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else "cpu"
     # eager mode: torch.compile's warm-up (about a minute per engine) buys little for this small model
     kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
                   dtype="bfloat16" if gpu else "float32",
@@ -140,7 +141,7 @@ def run_engine(spec: dict) -> dict:
         print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"],
+        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "device": device,
                                         "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
@@ -192,6 +193,7 @@ def run_engine_hf(spec: dict) -> dict:
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
             append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
+                                            "device": torch.cuda.get_device_name() if gpu else "cpu",
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)

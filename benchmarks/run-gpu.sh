@@ -17,12 +17,13 @@
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
 #                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
 #                                         # call, and the same command goes on where the last one stopped
-#   bash benchmarks/run-gpu.sh ruler-qwen-bg  # the RULER runs listed in .gpu-ruler/queue, one line of ruler.py
-#                                         # arguments each (benchmarks/gpu/ruler-queue.sh), in the background:
-#                                         # other non-timed work (the GPU tier) can run beside them. It works
-#                                         # in ~/gpu-ruler, a copy of the carried .gpu-ruler (queue, answer file
-#                                         # $RULER_FILE.jsonl, older packages): a later call that does not carry
-#                                         # .gpu-ruler finds it gone from the checkout (log: ~/ruler-bg.log)
+#   bash benchmarks/run-gpu.sh ruler-qwen-bg  # the RULER runs of benchmarks/gpu/qwen-ruler.queue (RULER_QUEUE), one
+#                                         # line of ruler.py arguments each (benchmarks/gpu/ruler-queue.sh), in
+#                                         # the background: non-timed work (the GPU tier) can run beside them.
+#                                         # It works in ~/gpu-ruler, with a copy of the carried .gpu-ruler (older
+#                                         # packages, an answer file $RULER_FILE.jsonl; without one, it goes on
+#                                         # from docs/results/ruler-qwen-h100.jsonl): a later call that does not
+#                                         # carry .gpu-ruler finds it gone from the checkout (log: ~/ruler-bg.log)
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
@@ -76,9 +77,12 @@ for stage in "$@"; do
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
                   | grep -v -E "INFO|WARNING|it/s" | tail -60
                 cp "$answers" "$OUT/" 2>/dev/null ;;
-    ruler-qwen-bg) mkdir -p "$HOME/gpu-ruler" && cp -rn .gpu-ruler/. "$HOME/gpu-ruler/"
-                   setsid nohup bash benchmarks/gpu/ruler-queue.sh "$HOME/gpu-ruler/queue" "$HOME/ruler-bg.log" \
-                     "$HOME/gpu-ruler/${RULER_FILE:-qwen}.jsonl" > /dev/null 2>&1 < /dev/null &
+    ruler-qwen-bg) g="$HOME/gpu-ruler" answers="$HOME/gpu-ruler/${RULER_FILE:-qwen}.jsonl"
+                   mkdir -p "$g" && cp -rn .gpu-ruler/. "$g/" 2>/dev/null
+                   [ -f "$answers" ] || cp docs/results/ruler-qwen-h100.jsonl "$answers"
+                   cp "${RULER_QUEUE:-benchmarks/gpu/qwen-ruler.queue}" "$g/queue"
+                   setsid nohup bash benchmarks/gpu/ruler-queue.sh "$g/queue" "$HOME/ruler-bg.log" "$answers" \
+                     > /dev/null 2>&1 < /dev/null &
                    echo $! > "$HOME/ruler-bg.pid"
                    echo "ruler: the queue runs in the background (log: $HOME/ruler-bg.log)" ;;
     ruler-wait|ruler-stop)

@@ -15,8 +15,11 @@ while IFS= read -r line; do
   case "$line" in ""|"#"*) continue ;; esac
   path="$PYTHONPATH"
   case "$line" in
-    package=*) dir="${line%% *}"; line="${line#* }"
-               path="$(cd "$(dirname "$queue")" && realpath "${dir#package=}"):$PYTHONPATH" ;;
+    package=*) dir="${line%% *}"; line="${line#* }"; dir="$(cd "$(dirname "$queue")" && realpath -m "${dir#package=}")"
+               if [ ! -f "$dir/vllm_flexprefill/__init__.py" ]; then
+                 echo "== skipped (no vllm_flexprefill in $dir): $line" >> "$log"; continue
+               fi
+               path="$dir:$PYTHONPATH" ;;
   esac
   PYTHONPATH="$path" python -c "import vllm_flexprefill; print('== package:', vllm_flexprefill.__file__)" >> "$log" 2>&1
   for try in 1 2 3; do
