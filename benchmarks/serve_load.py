@@ -4,7 +4,10 @@ Starts ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` run
 real model (``--model``: SmolLM2-135M-Instruct or Qwen2.5-Coder-1.5B-Instruct) and
 FLEX_PREFILL, and sends N concurrent completion requests whose prompts are RULER-style
 needle prompts of mixed lengths (token ids), in ``--rounds`` rounds: the first round is the
-first traffic after start-up (what a user sees first), the later ones warm. Timing runs with
+first traffic after start-up (what a user sees first), the later ones warm. Every round sends
+prompts of its own (the same lengths, other needles and haystacks): the server's prefix
+cache, on by default, would answer a repeated round from the first round's keys and values,
+and the round would time the cache instead of the prefill. Timing runs with
 FlexPrefill's statistics off; a separate round through a second server with statistics on
 (a device synchronisation per layer call) says which prompts ran sparse. Reported per round:
 the time from the first request to the last answer, prompt tokens per second, median
@@ -114,16 +117,17 @@ def send_round(base: str, backend: str, samples: list) -> dict:
     return {"results": results, "makespan": time.perf_counter() - start}
 
 
-def serve(backend: str, model: str, max_len: int, settings: dict, samples: list, folder: str, rounds: int,
+def serve(backend: str, model: str, max_len: int, settings: dict, rounds: list[list], folder: str,
           with_stats: bool) -> dict:
-    """``rounds`` rounds of the samples through one server with statistics off (the first
-    round is the first traffic after start-up); then, for FLEX_PREFILL and ``with_stats``,
-    one more round through a server with statistics on (a device synchronisation per layer
-    call: not timed), to see which prompts ran sparse."""
+    """One round per list of samples in ``rounds`` through one server with statistics off
+    (the first round is the first traffic after start-up); then, for FLEX_PREFILL and
+    ``with_stats``, the first round's samples again through a new server with statistics on
+    (a device synchronisation per layer call: not timed), to see which prompts ran sparse."""
     proc, base = start_server(backend, model, max_len, settings, folder, None)
     try:
-        print(f"{backend} server up ({model}); {rounds} rounds of {len(samples)} concurrent requests", flush=True)
-        timed = [send_round(base, backend, samples) for _ in range(rounds)]
+        print(f"{backend} server up ({model}); {len(rounds)} rounds of {len(rounds[0])} concurrent requests",
+              flush=True)
+        timed = [send_round(base, backend, samples) for samples in rounds]
     finally:
         stop(proc)
     stats_file = None
@@ -131,7 +135,7 @@ def serve(backend: str, model: str, max_len: int, settings: dict, samples: list,
         stats_file = os.path.join(folder, f"stats-{backend}.jsonl")
         proc, base = start_server(backend, model, max_len, settings, folder, stats_file)
         try:
-            send_round(base, backend, samples)
+            send_round(base, backend, rounds[0])
         finally:
             stop(proc)
     return {"rounds": timed, "stats": stats_file}
@@ -165,7 +169,9 @@ def report(backend: str, run: dict, lengths: list[int]) -> None:
     for n in lengths:
         rs = [r for r in results if r["length"] == n]
         ok = [r for r in rs if r["status"] == 200]
-        sparse = sum(r["prompt_tokens"] in sparse_ends for r in ok) if summary is not None else "-"
+        # the statistics pass replays the first round's prompts
+        firsts = [r for r in first["results"] if r["length"] == n and r["status"] == 200]
+        sparse = sum(r["prompt_tokens"] in sparse_ends for r in firsts) if summary is not None else "-"
         print(f"  {n:>7} {len(rs):>8} {len(rs) - len(ok):>6} "
               f"{statistics.median(r['seconds'] for r in rs):>24.2f} {sum(r['found'] for r in ok):>6.0f} "
               f"{sparse:>10}")
@@ -214,10 +220,11 @@ def main() -> None:
     model = str(checkpoints.checkpoint(args.model, yarn=yarn))
     max_len = spec.native_context * (spec.yarn_factor if yarn else 1)
     gen = Generator(AutoTokenizer.from_pretrained(model))
-    samples = [gen.sample("niah_single_number", args.lengths[i % len(args.lengths)], i, seed=21)
-               for i in range(args.requests)]
+    # prompts of its own for every round (a repeated prompt would be a prefix-cache hit)
+    samples = [[gen.sample("niah_single_number", args.lengths[i % len(args.lengths)], r * args.requests + i, seed=21)
+                for i in range(args.requests)] for r in range(args.rounds)]
     folder = tempfile.mkdtemp(prefix="serve-load-")
-    runs = {b: serve(b, model, max_len, json.loads(args.settings), samples, folder, args.rounds, not args.no_stats)
+    runs = {b: serve(b, model, max_len, json.loads(args.settings), samples, folder, not args.no_stats)
             for b in args.backends}
     for backend, run in runs.items():
         report(backend, run, args.lengths)
