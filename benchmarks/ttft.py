@@ -24,6 +24,9 @@ the config; the default picks FlashAttention-4 where it runs).
 cost model's rates replaced as the JSON says (``VLLM_FLEXPREFILL_RATES``, costs.py), to try
 a calibration side by side with the current one. ``--settings NAME='{"gamma": 0.9}'`` adds an
 engine NAME: FLEX_PREFILL with those settings (``additional_config["flexprefill"]``).
+``--packages NAME=DIR`` adds an engine NAME: FLEX_PREFILL default settings with the
+vllm_flexprefill package found in DIR (a branch's copy of the checkout), so that a change
+to the package is timed against the current one in the same run, engines alternating.
 
 ``--compilation eager`` (the default) runs without torch.compile and captures CUDA graphs
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
@@ -60,6 +63,7 @@ import os
 import pathlib
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 
@@ -110,6 +114,10 @@ def engine_measure(spec: dict) -> dict:
     """One engine: TTFT per length (median of reps), decode ms/token at decode_length."""
     # the engine core runs in this (pool worker) process, which may not start children
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if spec.get("package"):
+        # another build of the package (a branch's patched copy) ahead of this one, before vLLM
+        # loads its plugin; this process is the engine's alone
+        sys.path.insert(0, spec["package"])
     if spec.get("rates"):
         os.environ["VLLM_FLEXPREFILL_RATES"] = json.dumps(spec["rates"])
     from vllm import LLM, SamplingParams
@@ -129,12 +137,15 @@ def engine_measure(spec: dict) -> dict:
     if spec.get("flexprefill"):
         kwargs["additional_config"] = {"flexprefill": spec["flexprefill"]}
     llm = LLM(**kwargs)
+    package = sys.modules.get("vllm_flexprefill")
     prompt = prompt_source(spec)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
     # warm-up: a prompt long enough for the sparse path to run (a real model's variant has
     # prompts of its own lengths only)
     llm.generate([prompt(spec["lengths"][0] if real else min(spec["lengths"][-1], 32768))], one, use_tqdm=False)
-    out = {"ttft_ms": {}, "decode_ms_per_token": None}
+    # which package's folder the engine ran (None: FlexPrefill not loaded)
+    out = {"ttft_ms": {}, "decode_ms_per_token": None,
+           "package": os.path.dirname(os.path.dirname(package.__file__)) if package else None}
     for n in spec["lengths"]:
         times = []
         for _ in range(spec["reps"]):
@@ -382,10 +393,12 @@ def profile_prompt(llm, prompt: dict, params, spec: dict) -> None:
     print(text.splitlines()[0], flush=True)
 
 
-def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict, routing: dict) -> list[dict]:
+def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict, routing: dict,
+                 packages: dict | None = None) -> list[dict]:
     """The runs of one engine name over the model variants: each variant with its FlexPrefill
     settings (None: FLASH_ATTN) and cost-model rates. NAME:triton / NAME:fa4 runs engine NAME
-    with that block-sparse kernel; FLEX_10 runs one engine per length (its budget is the length's)."""
+    with that block-sparse kernel; FLEX_10 runs one engine per length (its budget is the length's);
+    a NAME of ``packages`` runs FLEX_PREFILL's default settings from that folder's package."""
     base, _, kernel = engine.partition(":")
     extra = {**routing, **({"kernel": kernel} if kernel else {})}
     specs = []
@@ -395,6 +408,8 @@ def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict,
         elif base == "FLEX_10":
             specs += [dict(variant, flexprefill={"tau": 0.0, "min_budget": None, "max_budget": n // 40, **extra},
                            lengths=[n]) for n in variant["lengths"]]
+        elif packages and base in packages:
+            specs.append(dict(variant, flexprefill=extra or None, package=packages[base]))
         elif base == "FLEX_PREFILL" or base in rates:
             specs.append(dict(variant, flexprefill=extra or None, rates=rates.get(base)))
         elif base in settings:
@@ -405,7 +420,7 @@ def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict,
             specs.append(dict(variant, flexprefill={"tau": 0.0, "max_budget": 1024, **extra}))
         else:
             raise SystemExit(f"unknown engine {engine!r}: FLASH_ATTN, FLEX_PREFILL, FLEX_SPARSE, FLEX_10, FLEX_FLOOR "
-                             "(NAME:triton / NAME:fa4 for a kernel), or a NAME of --rates / --settings")
+                             "(NAME:triton / NAME:fa4 for a kernel), or a NAME of --rates / --settings / --packages")
     return specs
 
 
@@ -453,13 +468,17 @@ def main() -> None:
                         help="one more engine per NAME: default settings with these cost-model rates")
     parser.add_argument("--settings", nargs="+", default=[], metavar="NAME=JSON",
                         help="one more engine per NAME: FLEX_PREFILL with these settings")
+    parser.add_argument("--packages", nargs="+", default=[], metavar="NAME=DIR",
+                        help="one more engine per NAME: FLEX_PREFILL default settings with the vllm_flexprefill "
+                             "in DIR (a branch's copy of the checkout, say)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
     from ruler import named_json
 
     rates, settings = named_json(args.rates, "--rates"), named_json(args.settings, "--settings")
-    args.engines += [name for name in [*rates, *settings] if name not in args.engines]
+    packages = named_folders(args.packages)
+    args.engines += [name for name in [*rates, *settings, *packages] if name not in args.engines]
     routing = {} if args.min_sparse_tokens is None else {"min_sparse_tokens": args.min_sparse_tokens}
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,7 +496,7 @@ def main() -> None:
     runs = []
     for rnd, chunked, compilation in itertools.product(range(args.rounds), args.chunked, args.compilation):
         for engine in args.engines:
-            for spec in engine_specs(engine, variants, rates, settings, routing):
+            for spec in engine_specs(engine, variants, rates, settings, routing, packages):
                 spec.update(backend=engine, chunked=chunked == "on", compilation=compilation, reps=args.reps,
                             profile_dir=str(out_dir) if args.profile and rnd == 0 else None,
                             all_lengths=args.lengths,
@@ -488,10 +507,12 @@ def main() -> None:
                     print(f"{engine} chunked={chunked} compilation={compilation} failed:\n{result['error'][-4000:]}",
                           flush=True)
                     continue
+                if engine in packages:
+                    print(f"package: {engine} ran {result['package']}", flush=True)
                 for n, ms in result["ttft_ms"].items():
                     row = {"shape": args.shape, "engine": engine, "chunked": chunked, "compilation": compilation,
                            "round": rnd, "N": n, "ttft_ms": ms,
-                           "decode_ms_per_token": result["decode_ms_per_token"]}
+                           "decode_ms_per_token": result["decode_ms_per_token"], "package": result["package"]}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
                 if "host_error" in result:
@@ -514,6 +535,21 @@ def main() -> None:
                                  "compilation": compilation, "round": rnd, "what_ran": ran})
     (out_dir / "ttft.json").write_text(json.dumps(runs, indent=1))
     print_table(runs, args)
+
+
+def named_folders(pairs: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` pairs as {NAME: absolute DIR}; a DIR without a vllm_flexprefill package is
+    refused with its name (the engine would quietly run this checkout's package instead)."""
+    out = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        path = pathlib.Path(folder).resolve()
+        if not sep or not name:
+            raise SystemExit(f"--packages takes NAME=DIR, got {pair!r}")
+        if not (path / "vllm_flexprefill" / "__init__.py").is_file():
+            raise SystemExit(f"--packages {name}: no vllm_flexprefill package in {path}")
+        out[name] = str(path)
+    return out
 
 
 def print_table(runs: list[dict], args) -> None:

@@ -93,3 +93,39 @@ def test_engine_names_map_to_their_settings():
         specs("FLEX_PREFIL")
     with pytest.raises(SystemExit, match="must be JSON"):
         ruler.named_json(["G={gamma: 0.9}"], "--settings")
+
+
+def test_a_packages_engine_runs_the_package_of_its_folder(tmp_path, monkeypatch):
+    other = tmp_path / "branch"
+    (other / "vllm_flexprefill").mkdir(parents=True)
+    (other / "vllm_flexprefill" / "__init__.py").write_text("BRANCH = True\n")
+    packages = ttft.named_folders([f"SEG={other}"])
+    (spec,) = ttft.engine_specs("SEG", [{"lengths": [4096], "prompts": None}], {}, {}, {}, packages)
+    assert spec["package"] == str(other) and spec["flexprefill"] is None
+    # the engine's process imports the package as vLLM loads its plugin: here, the test does
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "vllm_flexprefill", raising=False)
+
+    class PluginLoadingEngine(Engine):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            import vllm_flexprefill  # noqa: F401
+
+    spec = dict(real_spec([4096], reps=1), prompts=None, vocab_size=32000, decode_length=512, backend="SEG",
+                package=str(other))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=PluginLoadingEngine,
+                                                                  SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setattr(ttft, "host_time", lambda llm, prompt, params, backend: {})
+    monkeypatch.setattr(ttft, "what_ran", lambda llm, prompt, params: {})
+    result = ttft.engine_measure(spec)
+    assert result["package"] == str(other)
+    assert sys.modules["vllm_flexprefill"].BRANCH
+
+
+def test_a_packages_folder_without_the_package_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no vllm_flexprefill package"):
+        ttft.named_folders([f"SEG={tmp_path}"])
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        ttft.named_folders([str(tmp_path)])
