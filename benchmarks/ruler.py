@@ -134,6 +134,8 @@ def run_engine(spec: dict) -> dict:
     elif gpu:
         kwargs["attention_backend"] = "FLASH_ATTN"
     llm = LLM(**kwargs)
+    # the folder of the package that ran (None: FlexPrefill not loaded), kept with the answers
+    package = os.path.dirname(sys.modules["vllm_flexprefill"].__file__) if "vllm_flexprefill" in sys.modules else None
     for cell in spec["cells"]:
         done = len(stats.read(stats_file))
         params = [SamplingParams(temperature=0.0, max_tokens=n) for n in cell["max_new_tokens"]]
@@ -142,6 +144,7 @@ def run_engine(spec: dict) -> dict:
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
         append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "device": device,
+                                        "package": package,
                                         "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
@@ -194,6 +197,7 @@ def run_engine_hf(spec: dict) -> dict:
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
             append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
                                             "device": torch.cuda.get_device_name() if gpu else "cpu",
+                                            "package": os.path.dirname(sys.modules["vllm_flexprefill"].__file__),
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)

@@ -21,7 +21,8 @@ while IFS= read -r line; do
                fi
                path="$dir:$PYTHONPATH" ;;
   esac
-  PYTHONPATH="$path" python -c "import vllm_flexprefill; print('== package:', vllm_flexprefill.__file__)" >> "$log" 2>&1
+  # -P: the path as ruler.py sees it (no working directory in front)
+  PYTHONPATH="$path" python -P -c "import vllm_flexprefill; print('== package:', vllm_flexprefill.__file__)" >> "$log" 2>&1
   for try in 1 2 3; do
     echo "== $(date +%T) try $try: $line" >> "$log"
     eval "PYTHONPATH=\"$path\" python benchmarks/ruler.py --model qwen2.5-coder-1.5b --answers \"$answers\" \
