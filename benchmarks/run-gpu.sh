@@ -102,7 +102,7 @@ for stage in "$@"; do
     # by its timeout still says where it was
     tests) timeout 560 python -m pytest -v -p no:cacheprovider --durations=12 tests/gpu 2>&1 \
              | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|ERROR|^[0-9.]+s " | tail -20 ;;
-    kernels) timeout 400 python benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
+    kernels) timeout 400 python benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
              for shape in "9 3 64" "32 8 128"; do
                timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \
                  | grep -A4 "^N=" | head -12

@@ -11,10 +11,10 @@ floating-point operations. The model predicts, in milliseconds:
 chunk whose earlier keys are copied out of the paged cache). ``density`` is the share of
 causal key blocks FlexPrefill computes (measured per layer by
 the backend, ``backend/cost_routing.py``). Sparse runs where it is predicted faster than
-dense by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/kernels.py``
+dense by ``margin``. The rates depend on the GPU and on head_dim; ``benchmarks/kernel_bench.py``
 measures them, and ``CALIBRATED`` below holds what it printed. An unknown device gets
 ``CONSERVATIVE``: sparse only where it wins with room to spare. The environment variable
-``VLLM_FLEXPREFILL_RATES`` (a JSON object of ``Rates`` fields, e.g. what kernels.py printed
+``VLLM_FLEXPREFILL_RATES`` (a JSON object of ``Rates`` fields, e.g. what kernel_bench.py printed
 for a GPU not listed here) replaces those fields of the chosen rates.
 """
 
@@ -51,7 +51,7 @@ class Rates:
 CONSERVATIVE = Rates(dense_rate=600.0, sparse_rate=300.0, dense_fixed=0.02, estimate_fixed=2.0,
                      estimate_per_block=2e-5)
 
-# device name prefix -> kernel -> head_dim -> Rates, as benchmarks/kernels.py prints them for
+# device name prefix -> kernel -> head_dim -> Rates, as benchmarks/kernel_bench.py prints them for
 # that GPU. The fixed cost is what a sparse call costs inside vLLM beyond its kernels' FLOPs: the
 # estimation and the host's launches and Python, partly hidden behind the GPU; it is chosen end to
 # end, as the value that makes the real model's time to first token best at equal accuracy (the
@@ -72,7 +72,7 @@ CALIBRATED: dict[str, dict[str, dict[int, Rates]]] = {
         },
     },
     # FA4 on the H200: its dense rates times FA4's ratio to them measured on the H100, and the
-    # H100's copy cost scaled by the two memories' bandwidth, until kernels.py runs on an H200
+    # H100's copy cost scaled by the two memories' bandwidth, until kernel_bench.py runs on an H200
     "NVIDIA H200": {
         "triton": {
             64: Rates(dense_rate=503.3, sparse_rate=314.5, dense_fixed=0.0236, estimate_fixed=0.5,

@@ -1,5 +1,8 @@
 """Kernel benchmark and cost-model calibration: one attention layer call, causal, bf16, batch 1.
 
+(Not named kernels.py: benchmarks/ is on the path of every benchmark, and transformers imports
+any module named ``kernels`` it finds there, taking it for the Hugging Face package.)
+
 For each shape and length N, in one process on one GPU:
   - vLLM's FlashAttention-3 varlen kernel and cuDNN SDPA (K/V expanded to the query heads);
   - our block-sparse kernel at 100 / 50 / 25 / 10 % block density (random lists with sink
@@ -18,8 +21,8 @@ For each shape and length N, in one process on one GPU:
 Then it fits the cost model's rates (``vllm_flexprefill/costs.py``) per head_dim and prints
 them in the form CALIBRATED takes, per kernel. Prints tables, writes JSON and a plot.
 
-    python benchmarks/kernels.py --out bench-results                      # Llama-3.1-8B and SmolLM2 shapes
-    python benchmarks/kernels.py --shapes smollm2 --lengths 4096 8192 16384 32768
+    python benchmarks/kernel_bench.py --out bench-results                      # Llama-3.1-8B and SmolLM2 shapes
+    python benchmarks/kernel_bench.py --shapes smollm2 --lengths 4096 8192 16384 32768
 """
 
 from __future__ import annotations
