@@ -297,10 +297,7 @@ def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks
                 length_texts = None
                 continue
             values = [s.score(t) for s, t in zip((s for s in items if s.task == task), record["texts"])]
-            rows.append({"task": task, "length": n, "n": len(values), "accuracy": 100 * statistics.mean(values),
-                         "all_correct": sum(v == 1.0 for v in values), "density": record["density"],
-                         "sparse_tokens": record["sparse_tokens"], "dense_tokens": record["dense_tokens"],
-                         "query_aware": record["query_aware"], "ttft_ms": timed["ttft_ms"] if timed else None})
+            rows.append(cell_row(task, n, values, record, timed["ttft_ms"] if timed else None))
             if length_texts is not None:
                 length_texts += record["texts"]
         if length_texts is not None:
@@ -333,11 +330,7 @@ def results_from_answers(records: list[dict], engines: list[str] | None = None) 
             if engine != name:
                 continue
             values = [ruler_tasks.score(a, t) for a, t in zip(r["expected"], r["texts"])]
-            rows.append({"task": task, "length": length, "n": len(values),
-                         "accuracy": 100 * statistics.mean(values), "all_correct": sum(v == 1.0 for v in values),
-                         "density": r.get("density"), "sparse_tokens": r.get("sparse_tokens", 0),
-                         "dense_tokens": r.get("dense_tokens", 0), "query_aware": r.get("query_aware"),
-                         "ttft_ms": None, "scores": values, "prompts": r["prompts"]})
+            rows.append({**cell_row(task, length, values, r), "scores": values, "prompts": r["prompts"]})
         results["engines"][name] = {"rows": rows, "scores": {}}
     # per engine and length, the cells it and the reference answered on the same prompts
     ref = names[0]
@@ -356,8 +349,15 @@ def results_from_answers(records: list[dict], engines: list[str] | None = None) 
             pairs[str(length)] = (tasks, samples)
             engine["scores"][str(length)] = [v for t in tasks for v in theirs[t]["scores"]]
             engine["ref_scores"][str(length)] = [v for t in tasks for v in ours[t]["scores"]]
-    results["engines"][ref]["scores"] = {str(n): [] for n in {r["length"] for r in cells}}  # a reference
     return results
+
+
+def cell_row(task: str, length: int, values: list[float], record: dict, ttft_ms: float | None = None) -> dict:
+    """The table row of one cell: its prompts' scores summed up, and its record's sparse-path counts."""
+    return {"task": task, "length": length, "n": len(values), "accuracy": 100 * statistics.mean(values),
+            "all_correct": sum(v == 1.0 for v in values), "density": record.get("density"),
+            "sparse_tokens": record.get("sparse_tokens", 0), "dense_tokens": record.get("dense_tokens", 0),
+            "query_aware": record.get("query_aware"), "ttft_ms": ttft_ms}
 
 
 def mean_density(rows: list[dict]) -> float | None:
