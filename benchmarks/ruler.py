@@ -134,8 +134,8 @@ def run_engine(spec: dict) -> dict:
     elif gpu:
         kwargs["attention_backend"] = "FLASH_ATTN"
     llm = LLM(**kwargs)
-    # the folder of the package that ran (None: FlexPrefill not loaded), kept with the answers
-    package = os.path.dirname(sys.modules["vllm_flexprefill"].__file__) if "vllm_flexprefill" in sys.modules else None
+    # the folder holding the package that ran (None: FlexPrefill not loaded), kept with the answers
+    package = package_folder()
     for cell in spec["cells"]:
         done = len(stats.read(stats_file))
         params = [SamplingParams(temperature=0.0, max_tokens=n) for n in cell["max_new_tokens"]]
@@ -153,6 +153,12 @@ def run_engine(spec: dict) -> dict:
     one = SamplingParams(temperature=0.0, max_tokens=1)
     time_prompts(spec, lambda ids: llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False), gpu)
     return {}
+
+
+def package_folder() -> str | None:
+    """The folder holding the vllm_flexprefill this process imported (None: none yet)."""
+    package = sys.modules.get("vllm_flexprefill")
+    return os.path.dirname(os.path.dirname(package.__file__)) if package else None
 
 
 def time_prompts(spec: dict, run, gpu: bool) -> None:
@@ -197,7 +203,7 @@ def run_engine_hf(spec: dict) -> dict:
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
             append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
                                             "device": torch.cuda.get_device_name() if gpu else "cpu",
-                                            "package": os.path.dirname(sys.modules["vllm_flexprefill"].__file__),
+                                            "package": package_folder(),
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)

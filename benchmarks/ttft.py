@@ -137,15 +137,15 @@ def engine_measure(spec: dict) -> dict:
     if spec.get("flexprefill"):
         kwargs["additional_config"] = {"flexprefill": spec["flexprefill"]}
     llm = LLM(**kwargs)
-    package = sys.modules.get("vllm_flexprefill")
     prompt = prompt_source(spec)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
     # warm-up: a prompt long enough for the sparse path to run (a real model's variant has
     # prompts of its own lengths only)
     llm.generate([prompt(spec["lengths"][0] if real else min(spec["lengths"][-1], 32768))], one, use_tqdm=False)
-    # which package's folder the engine ran (None: FlexPrefill not loaded)
-    out = {"ttft_ms": {}, "decode_ms_per_token": None,
-           "package": os.path.dirname(os.path.dirname(package.__file__)) if package else None}
+    from ruler import package_folder
+
+    # the folder holding the package the engine ran (None: FlexPrefill not loaded)
+    out = {"ttft_ms": {}, "decode_ms_per_token": None, "package": package_folder()}
     for n in spec["lengths"]:
         times = []
         for _ in range(spec["reps"]):
