@@ -121,7 +121,6 @@ def run_engine(spec: dict) -> dict:
     from vllm_flexprefill import stats
 
     gpu = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if gpu else "cpu"
     # eager mode: torch.compile's warm-up (about a minute per engine) buys little for this small model
     kwargs = dict(model=spec["model"], max_model_len=spec["max_model_len"], enable_prefix_caching=False, seed=0,
                   dtype="bfloat16" if gpu else "float32",
@@ -134,8 +133,7 @@ def run_engine(spec: dict) -> dict:
     elif gpu:
         kwargs["attention_backend"] = "FLASH_ATTN"
     llm = LLM(**kwargs)
-    # the folder holding the package that ran (None: FlexPrefill not loaded), kept with the answers
-    package = package_folder()
+    who = provenance()
     for cell in spec["cells"]:
         done = len(stats.read(stats_file))
         params = [SamplingParams(temperature=0.0, max_tokens=n) for n in cell["max_new_tokens"]]
@@ -143,8 +141,7 @@ def run_engine(spec: dict) -> dict:
         print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "device": device,
-                                        "package": package,
+        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], **who,
                                         "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
@@ -153,6 +150,15 @@ def run_engine(spec: dict) -> dict:
     one = SamplingParams(temperature=0.0, max_tokens=1)
     time_prompts(spec, lambda ids: llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False), gpu)
     return {}
+
+
+def provenance() -> dict:
+    """Who answered, kept with the answers: the device, and the folder holding the package that
+    ran (None: FlexPrefill not loaded)."""
+    import torch
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "package": package_folder()}
 
 
 def package_folder() -> str | None:
@@ -193,6 +199,7 @@ def run_engine_hf(spec: dict) -> dict:
                                                  attn_implementation="sdpa").to(device).eval()
     if spec["flexprefill"] is not None:
         patch_model(model, spec["flexprefill"])
+    who = provenance()
     with torch.no_grad():
         for cell in spec["cells"]:
             print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(cell['token_ids'])} prompts "
@@ -201,9 +208,7 @@ def run_engine_hf(spec: dict) -> dict:
             for ids, n in zip(cell["token_ids"], cell["max_new_tokens"]):
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
-            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts,
-                                            "device": torch.cuda.get_device_name() if gpu else "cpu",
-                                            "package": package_folder(),
+            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts, **who,
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)
@@ -296,7 +301,7 @@ def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks
     for n, (cells, timing) in cell_keys(who, samples_by_length, tasks, lengths).items():
         items = samples_by_length[n][0]
         timed = answers.get(key_of(timing)) if timing else None
-        length_texts = []
+        length_texts, length_scores = [], []
         for task, key in cells.items():
             record = answers.get(key_of(key))
             if record is None:
@@ -306,9 +311,9 @@ def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks
             rows.append(cell_row(task, n, values, record, timed["ttft_ms"] if timed else None))
             if length_texts is not None:
                 length_texts += record["texts"]
+                length_scores += values
         if length_texts is not None:
-            texts[str(n)] = length_texts
-            scores[str(n)] = [s.score(t) for s, t in zip(items, length_texts)]
+            texts[str(n)], scores[str(n)] = length_texts, length_scores
     return {"rows": rows, "texts": texts, "scores": scores}
 
 
