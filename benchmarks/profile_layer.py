@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import time
 
 import torch
@@ -37,7 +38,7 @@ def main() -> None:
 
     from synthetic import planted_inputs
 
-    from vllm_flexprefill.attention import select_blocks, sparse_attention
+    from vllm_flexprefill.attention import choose_kernel, select_blocks, sparse_attention
     from vllm_flexprefill.backend.cost_routing import DensityMemory
     from vllm_flexprefill.backend.routing import plan_batch
     from vllm_flexprefill.backend.sparse import sparse_prefill
@@ -58,8 +59,10 @@ def main() -> None:
     key_cache[perm.to(dev)[pos // PAGE], pos % PAGE] = k
     value_cache[perm.to(dev)[pos // PAGE], pos % PAGE] = v
     table = perm[None].to(torch.int32).to(dev)
+    # the block-sparse kernel the backend would run here (FlashAttention-4 or Triton)
+    sparse_kernel = choose_kernel(dev, dtype, d, cfg.sparse_block_size, cfg.kernel)[0]
     plan = plan_batch(torch.tensor([0, args.new], dtype=torch.int32), torch.tensor([args.keys]), table, PAGE, cfg,
-                      decode_threshold=1)
+                      decode_threshold=1, kernel=sparse_kernel)
     name = "model.layers.0.self_attn.attn"
     plan = dataclasses.replace(plan, memory=DensityMemory([name], dev))
     (group,) = plan.groups
@@ -79,7 +82,7 @@ def main() -> None:
     steps = {"cache rows": rows,
              "choose blocks": lambda: select_blocks(q, key_cache, group.layout, cfg, scale, k_rows),
              "attend": lambda: sparse_attention(q, key_cache, value_cache, group.layout, selection, scale, out=out,
-                                                k_rows=k_rows),
+                                                k_rows=k_rows, kernel=sparse_kernel),
              "whole call (backend)": whole}
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -93,7 +96,11 @@ def main() -> None:
         pass
 
     density = selection.density(group.layout).mean().item()
-    print(f"HQ {hq} H {h} D {d}: {args.new} new tokens at the end of {args.keys} keys, density {density:.3f}, {dev}")
+    import vllm_flexprefill
+
+    package = pathlib.Path(vllm_flexprefill.__file__).parents[1]
+    print(f"HQ {hq} H {h} D {d}: {args.new} new tokens at the end of {args.keys} keys, density {density:.3f}, {dev}, "
+          f"package in {package}, kernel {sparse_kernel}")
     print(f"{'step':<32} {'device ms':>10} {'host ms':>10}")
     for label, fn in steps.items():
         for _ in range(3):

@@ -29,7 +29,10 @@
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
-#   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs)
+#   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs); TESTS: which
+#                                         # files (default tests/gpu), DIR: the checkout to test (default .)
+#   bash benchmarks/run-gpu.sh seg-package  # /tmp/seg: this checkout with the carried .gpu-seg/seg.patch applied
+#                                         # (a branch's package beside main's: DIR=/tmp/seg, DIRS, PACKAGES)
 #   bash benchmarks/run-gpu.sh kernels    # kernel benchmarks + cost-model rates -> $OUT/kernels.{json,png};
 #                                         # launch settings of the block-sparse kernel (paged, as in vLLM)
 #                                         # at head_dim 64 and 128
@@ -46,7 +49,9 @@
 #                                         # RATES='NAME={"estimate_fixed":0.5} ...': engines with other cost rates)
 #   bash benchmarks/run-gpu.sh serve      # 64 concurrent mixed-length requests up to 32k through the server,
 #                                         # FLEX_PREFILL (default settings) then FLASH_ATTN, compared
-#   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k)
+#   bash benchmarks/run-gpu.sh profile    # one sparse layer call step by step (SmolLM2 at 32k, Llama at 128k;
+#                                         # PROFILE_RUNS: profile_layer.py argument lists split by ';'), with
+#                                         # the package of each folder of DIRS (default .) in turn
 #   bash benchmarks/run-gpu.sh e2e        # LLM.generate exact mode vs FLASH_ATTN, default settings, the server
 #   bash benchmarks/run-gpu.sh tp2        # tensor parallel 2, multiprocessing and Ray executors (2 GPUs;
 #                                         # Ray from benchmarks/gpu/ray-parts.sh)
@@ -100,8 +105,10 @@ for stage in "$@"; do
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     # each test's name and result in the log as it ends, the slowest ones last: a stage cut
     # by its timeout still says where it was
-    tests) timeout 560 python -m pytest -v -p no:cacheprovider --durations=12 tests/gpu 2>&1 \
+    tests) (cd "${DIR:-.}" && timeout 560 python -m pytest -v -p no:cacheprovider --durations=12 ${TESTS:-tests/gpu}) 2>&1 \
              | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|ERROR|^[0-9.]+s " | tail -20 ;;
+    seg-package) rm -rf /tmp/seg && mkdir -p /tmp/seg && tar -c --exclude='./.gpu-*' . | tar -x -C /tmp/seg \
+                   && (cd /tmp/seg && patch -p1 -s < "$OLDPWD/.gpu-seg/seg.patch") && echo "seg-package: /tmp/seg" ;;
     kernels) timeout 400 python benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -16
              for shape in "9 3 64" "32 8 128"; do
                timeout 120 python benchmarks/tune.py --paged --shape $shape --lengths 32768 2>&1 | tee -a "$OUT/tune.log" \
@@ -139,11 +146,15 @@ for stage in "$@"; do
     serve) timeout 590 python benchmarks/serve_load.py --requests 64 --lengths 1024 4096 16384 32768 \
              --backends FLEX_PREFILL FLASH_ATTN --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 \
              | grep -v -E "INFO|WARNING" | tail -24 ;;
-    profile) for args in "9 3 64 --new 16384 --keys 32768" "32 8 128 --new 8192 --keys 131072"; do
-               timeout 200 python benchmarks/profile_layer.py --shape $args 2>&1 | tee -a "$OUT/profile.log" \
-                 | grep -A22 "^step"
+    profile) IFS=';' read -ra runs <<< "${PROFILE_RUNS:-9 3 64 --new 16384 --keys 32768;32 8 128 --new 8192 --keys 131072}"
+             for dir in ${DIRS:-.}; do
+               for args in "${runs[@]}"; do
+                 echo "package: $dir, profile_layer.py --shape $args" | tee -a "$OUT/profile.log"
+                 (cd "$dir" && timeout 200 python benchmarks/profile_layer.py --shape $args) 2>&1 \
+                   | tee -a "$OUT/profile.log" | grep -B1 -A${PROFILE_LINES:-22} "^step"
+               done
              done ;;
-    *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, kernels, tune-est, ruler, ruler-qwen,"
+    *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, seg-package, kernels, tune-est, ruler, ruler-qwen,"
        echo "ruler-qwen-bg, ruler-wait, ruler-stop, sweep, ttft-real,"
        echo "ttft-qwen, recall-qwen, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
