@@ -226,17 +226,17 @@ def what_ran(llm, prompt: dict, params) -> dict:
 
 def by_layer(records: list[dict]) -> dict[int, list]:
     """{layer index: [sparse calls, density over them]} from FlexPrefill's layer records (a
-    layer that never ran sparse is absent: the router kept it dense)."""
-    sums: dict[int, list] = {}
+    layer that never ran sparse is absent: the router kept it dense), each layer's records
+    summed up by ``stats.summarize``."""
+    from vllm_flexprefill import stats
+
+    groups: dict[int, list[dict]] = {}
     for r in records:
-        if r.get("kind") != "layer":
-            continue
-        digits = [int(part) for part in r["layer"].split(".") if part.isdigit()]
-        entry = sums.setdefault(digits[0] if digits else -1, [0, 0, 0])
-        entry[0] += 1
-        entry[1] += sum(q["computed"] for q in r["requests"])
-        entry[2] += sum(q["causal"] for q in r["requests"])
-    return {i: [calls, computed / causal if causal else None] for i, (calls, computed, causal) in sorted(sums.items())}
+        if r.get("kind") == "layer":
+            digits = [int(part) for part in r["layer"].split(".") if part.isdigit()]
+            groups.setdefault(digits[0] if digits else -1, []).append(r)
+    summaries = {i: stats.summarize(group) for i, group in sorted(groups.items())}
+    return {i: [s.layer_calls, s.density] for i, s in summaries.items()}
 
 
 def fmt_layers(layers: dict) -> str:
