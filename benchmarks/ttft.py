@@ -26,7 +26,8 @@ a calibration side by side with the current one. ``--settings NAME='{"gamma": 0.
 engine NAME: FLEX_PREFILL with those settings (``additional_config["flexprefill"]``).
 ``--packages NAME=DIR`` adds an engine NAME: FLEX_PREFILL default settings with the
 vllm_flexprefill package found in DIR (a branch's copy of the checkout), so that a change
-to the package is timed against the current one in the same run, engines alternating.
+to the package is timed against the current one in the same run, engines alternating;
+``ENGINE@NAME`` runs any engine above (``FLEX_10@SEG``) with that folder's package.
 
 ``--compilation eager`` (the default) runs without torch.compile and captures CUDA graphs
 for decode only; ``vllm`` is vLLM's own default (torch.compile and CUDA graphs), what a
@@ -165,21 +166,32 @@ def engine_measure(spec: dict) -> dict:
         out["host"] = [host_time(llm, prompt(n), one, spec["backend"]) for n in spec["lengths"]]
     except Exception as e:  # a diagnostic: its failure leaves the timings above standing
         out["host_error"] = f"{type(e).__name__}: {e}"
-    # decode: 257 tokens minus 1 token on the same prompt, per generated token; median of 3
-    n = spec["decode_length"]
-    many = SamplingParams(temperature=0.0, max_tokens=257, ignore_eos=True, detokenize=False)
-    per_token = []
-    for _ in range(3):
-        p = prompt(n)
-        start = time.perf_counter()
-        llm.generate([p], one, use_tqdm=False)
-        t1 = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate([p], many, use_tqdm=False)
-        t257 = time.perf_counter() - start
-        per_token.append((t257 - t1) * 1000 / 256)
+    many = SamplingParams(temperature=0.0, max_tokens=DECODE_TOKENS, ignore_eos=True, detokenize=False)
+    per_token = [decode_ms(llm, prompt(spec["decode_length"]), one, many, spec["max_model_len"]) for _ in range(3)]
     out["decode_ms_per_token"] = statistics.median(per_token)
     return out
+
+
+DECODE_TOKENS = 257
+
+
+def decode_ms(llm, prompt: dict, one, many, max_model_len: int) -> float:
+    """Decode ms per token after the prompt: one generate of DECODE_TOKENS tokens less one of
+    a single token on the same prompt, over the tokens generated after the first. vLLM stops a
+    request at max_model_len, which a real model's longest prompts nearly fill (a 131030-token
+    prompt leaves 42): the prompt's head is cut so that every token fits."""
+    import torch
+
+    prompt = {"prompt_token_ids": prompt["prompt_token_ids"][-(max_model_len - DECODE_TOKENS):]}
+    first = wall_ms(llm, prompt, one)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    (done,) = llm.generate([prompt], many, use_tqdm=False)
+    torch.cuda.synchronize()
+    made = len(done.outputs[0].token_ids)
+    if made < 2:
+        raise RuntimeError(f"decode: the engine generated {made} token(s) where {DECODE_TOKENS} were asked")
+    return ((time.perf_counter() - start) * 1000 - first) / (made - 1)
 
 
 def prompt_source(spec: dict):
@@ -398,7 +410,14 @@ def engine_specs(engine: str, variants: list[dict], rates: dict, settings: dict,
     """The runs of one engine name over the model variants: each variant with its FlexPrefill
     settings (None: FLASH_ATTN) and cost-model rates. NAME:triton / NAME:fa4 runs engine NAME
     with that block-sparse kernel; FLEX_10 runs one engine per length (its budget is the length's);
-    a NAME of ``packages`` runs FLEX_PREFILL's default settings from that folder's package."""
+    a NAME of ``packages`` runs FLEX_PREFILL's default settings from that folder's package, and
+    ENGINE@NAME runs ENGINE from it."""
+    engine, _, folder = engine.partition("@")
+    if folder:
+        if not packages or folder not in packages:
+            raise SystemExit(f"{engine}@{folder}: no --packages {folder}=DIR names the folder to run it from")
+        return [dict(spec, package=packages[folder]) for spec in engine_specs(engine, variants, rates, settings,
+                                                                              routing)]
     base, _, kernel = engine.partition(":")
     extra = {**routing, **({"kernel": kernel} if kernel else {})}
     specs = []
@@ -507,7 +526,7 @@ def main() -> None:
                     print(f"{engine} chunked={chunked} compilation={compilation} failed:\n{result['error'][-4000:]}",
                           flush=True)
                     continue
-                if engine in packages:
+                if spec.get("package"):
                     print(f"package: {engine} ran {result['package']}", flush=True)
                 for n, ms in result["ttft_ms"].items():
                     row = {"shape": args.shape, "engine": engine, "chunked": chunked, "compilation": compilation,

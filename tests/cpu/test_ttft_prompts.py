@@ -11,16 +11,21 @@ import ttft
 
 
 class Engine:
-    """Stands in for vllm.LLM: records the prompts it is given."""
+    """Stands in for vllm.LLM: records the prompts it is given and, as vLLM does, stops each
+    request at max_tokens or at max_model_len, whichever comes first."""
 
     seen: list[list[int]] = []
+    made: list[int] = []
 
     def __init__(self, **kwargs):
-        Engine.seen = []
+        Engine.seen, Engine.made = [], []
+        self.max_model_len = kwargs["max_model_len"]
 
     def generate(self, prompts, params, use_tqdm=False):
         Engine.seen += [p["prompt_token_ids"] for p in prompts]
-        return []
+        made = [min(params["max_tokens"], self.max_model_len - len(p["prompt_token_ids"])) for p in prompts]
+        Engine.made += made
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[7] * m)]) for m in made]
 
 
 def run(spec, monkeypatch):
@@ -50,6 +55,20 @@ def test_a_yarn_variant_without_a_32k_length_runs_whole(monkeypatch):
     drawn = [tuple(p) for p in Engine.seen[:9]]
     assert len(set(drawn)) == len(drawn), "a timed prompt was used twice (the prefix would be warm)"
     assert all(p[0] in (65536, 131072) for p in Engine.seen)
+
+
+def test_decode_is_timed_over_every_token_asked_on_a_prompt_that_fills_the_context(monkeypatch):
+    # a needle prompt of a 131072 variant is a little shorter than 131072: vLLM would stop its
+    # decode 42 tokens in, so the prompt loses its head and all 257 tokens are generated
+    spec = real_spec([131072], reps=1)
+    spec["prompts"] = {131072: [list(range(131030))] * 9}
+    # a stand-in clock on which each generated token takes 1 ms
+    monkeypatch.setattr(ttft.time, "perf_counter", lambda: sum(Engine.made) / 1000)
+    result = run(spec, monkeypatch)
+    decode = [(len(p), m) for p, m in zip(Engine.seen, Engine.made) if m > 1]
+    assert decode == [(131072 - 257, 257)] * 3
+    assert Engine.seen[-1] == list(range(131030))[-(131072 - 257):], "the prompt's head is cut, its end kept"
+    assert result["decode_ms_per_token"] == pytest.approx(1.0)
 
 
 def test_random_prompts_have_the_asked_length(monkeypatch):
@@ -102,6 +121,13 @@ def test_a_packages_engine_runs_the_package_of_its_folder(tmp_path, monkeypatch)
     packages = ttft.named_folders([f"SEG={other}"])
     (spec,) = ttft.engine_specs("SEG", [{"lengths": [4096], "prompts": None}], {}, {}, {}, packages)
     assert spec["package"] == str(other) and spec["flexprefill"] is None
+    # any engine runs from the folder as ENGINE@NAME: FLEX_10 keeps its per-length budgets
+    variants = [{"lengths": [32768, 65536], "prompts": None}]
+    runs = ttft.engine_specs("FLEX_10@SEG", variants, {}, {}, {}, packages)
+    assert [(s["package"], s["lengths"], s["flexprefill"]["max_budget"]) for s in runs] == \
+        [(str(other), [32768], 819), (str(other), [65536], 1638)]
+    with pytest.raises(SystemExit, match="no --packages OTHER=DIR"):
+        ttft.engine_specs("FLEX_10@OTHER", variants, {}, {}, {}, packages)
     # the engine's process imports the package as vLLM loads its plugin: here, the test does
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delitem(sys.modules, "vllm_flexprefill", raising=False)
