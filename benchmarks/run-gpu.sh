@@ -8,7 +8,9 @@
 #                                         # ../shared/gpu/make-model-parts.sh)
 #   bash benchmarks/run-gpu.sh qwen-model-bg  # the same in the background (a new session, which outlives the
 #                                         # call): the call goes on to other work (the GPU tier, say), and
-#                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log)
+#                                         # whatever needs the model later waits for it (log: ~/qwen-convert.log);
+#                                         # on a machine with neither $QWEN_GGUF nor the converted model (a fresh
+#                                         # one) every stage that needs Qwen says so and is skipped
 #   bash benchmarks/run-gpu.sh ttft-qwen  # TTFT on Qwen 32k-128k: FLASH_ATTN, FLEX_PREFILL default, every chunk
 #                                         # sparse (ENGINES, LENGTHS, ROUNDS, RATES as for ttft-real, SETTINGS:
 #                                         # NAME={"gamma":0.9} a FLEX_PREFILL engine with those settings;
@@ -65,7 +67,16 @@ OUT="${OUT:-bench-results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:benchmarks:${PYTHONPATH:-}"
 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Running pip as" || true
+# a stage that needs Qwen on a machine without it would try pip, which has no network here
+qwen_absent() {
+  [ -f "${QWEN_GGUF:-}" ] || [ -f "${VLLM_FLEXPREFILL_CACHE:-$HOME/.cache/vllm-flexprefill}/Qwen2.5-Coder-1.5B-Instruct/config.json" ] \
+    && return 1
+  echo "$1: skipped, Qwen is not on this machine (a fresh one?): carry its 18 pieces (setup-qwen.sh) first"
+}
 for stage in "$@"; do
+  case "$stage" in
+  qwen-model*|ttft-qwen|ruler-qwen*|recall-qwen|long-document) qwen_absent "$stage" && continue ;;
+  esac
   case "$stage" in
     model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
     qwen-model) python benchmarks/checkpoints.py qwen2.5-coder-1.5b --yarn 2>&1 | tail -1 ;;
