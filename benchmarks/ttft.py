@@ -183,8 +183,7 @@ def decode_ms(llm, prompt: dict, one, many, max_model_len: int) -> float:
     import torch
 
     prompt = {"prompt_token_ids": prompt["prompt_token_ids"][-(max_model_len - DECODE_TOKENS):]}
-    first = wall_ms(llm, prompt, one)
-    torch.cuda.synchronize()
+    first = wall_ms(llm, prompt, one)  # drains the GPU before and after
     start = time.perf_counter()
     (done,) = llm.generate([prompt], many, use_tqdm=False)
     torch.cuda.synchronize()
