@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import time
 
 import torch
@@ -96,9 +95,9 @@ def main() -> None:
         pass
 
     density = selection.density(group.layout).mean().item()
-    import vllm_flexprefill
+    from ruler import package_folder
 
-    package = pathlib.Path(vllm_flexprefill.__file__).parents[1]
+    package = package_folder()
     print(f"HQ {hq} H {h} D {d}: {args.new} new tokens at the end of {args.keys} keys, density {density:.3f}, {dev}, "
           f"package in {package}, kernel {sparse_kernel}")
     print(f"{'step':<32} {'device ms':>10} {'host ms':>10}")
