@@ -180,17 +180,13 @@ def decode_ms(llm, prompt: dict, one, many, max_model_len: int) -> float:
     a single token on the same prompt, over the tokens generated after the first. vLLM stops a
     request at max_model_len, which a real model's longest prompts nearly fill (a 131030-token
     prompt leaves 42): the prompt's head is cut so that every token fits."""
-    import torch
-
     prompt = {"prompt_token_ids": prompt["prompt_token_ids"][-(max_model_len - DECODE_TOKENS):]}
-    first = wall_ms(llm, prompt, one)  # drains the GPU before and after
-    start = time.perf_counter()
-    (done,) = llm.generate([prompt], many, use_tqdm=False)
-    torch.cuda.synchronize()
+    first = wall_ms(llm, prompt, one)
+    ms, (done,) = timed_generate(llm, prompt, many)
     made = len(done.outputs[0].token_ids)
     if made < 2:
         raise RuntimeError(f"decode: the engine generated {made} token(s) where {DECODE_TOKENS} were asked")
-    return ((time.perf_counter() - start) * 1000 - first) / (made - 1)
+    return (ms - first) / (made - 1)
 
 
 def prompt_source(spec: dict):
@@ -206,15 +202,20 @@ def prompt_source(spec: dict):
     return lambda n: {"prompt_token_ids": torch.randint(1000, spec["vocab_size"] - 1000, (n,), generator=g).tolist()}
 
 
-def wall_ms(llm, prompt: dict, params) -> float:
-    """Milliseconds of one ``generate`` of one prompt, the GPU drained before and after."""
+def timed_generate(llm, prompt: dict, params) -> tuple[float, list]:
+    """Milliseconds of one ``generate`` of one prompt, the GPU drained before and after, and its outputs."""
     import torch
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    llm.generate([prompt], params, use_tqdm=False)
+    outputs = llm.generate([prompt], params, use_tqdm=False)
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000
+    return (time.perf_counter() - start) * 1000, outputs
+
+
+def wall_ms(llm, prompt: dict, params) -> float:
+    """Milliseconds of one ``generate`` of one prompt, the GPU drained before and after."""
+    return timed_generate(llm, prompt, params)[0]
 
 
 def what_ran(llm, prompt: dict, params) -> dict:
