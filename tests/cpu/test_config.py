@@ -22,6 +22,15 @@ def test_reference_keys_are_accepted():
     assert FlexPrefillConfig.from_dict(None) == FlexPrefillConfig()
 
 
+def test_a_listed_model_gets_its_gamma_only_where_the_settings_name_none():
+    # the paper's 0.9 for Qwen2 (Qwen2.5 models say "qwen2" too); every other model keeps 0.95
+    assert FlexPrefillConfig.from_dict(None, "qwen2") == FlexPrefillConfig(gamma=0.9)
+    assert FlexPrefillConfig.from_dict({"tau": 0.2}, "qwen2") == FlexPrefillConfig(gamma=0.9, tau=0.2)
+    assert FlexPrefillConfig.from_dict({"gamma": 0.95}, "qwen2").gamma == 0.95
+    assert FlexPrefillConfig.from_dict({"flex_prefill_gamma": 0.99}, "qwen2").gamma == 0.99
+    assert FlexPrefillConfig.from_dict(None, "llama") == FlexPrefillConfig.from_dict(None) == FlexPrefillConfig()
+
+
 def test_unknown_key_lists_allowed_keys():
     with pytest.raises(ValueError, match=r"unknown flexprefill config key 'gama'; did you mean 'gamma'\? allowed keys: .*gamma.*tau"):
         FlexPrefillConfig.from_dict({"gama": 0.9})
