@@ -35,7 +35,7 @@ eager mode (no torch.compile, no CUDA graphs) keeps engine starts short.
 Answers are kept as they come, one task of one length of one engine at a time, in an answer
 file (``--answers``, JSON lines; a temporary one without it). Run again with the same file,
 a run cut short goes on where it stopped: cells already answered on the same prompts with
-the same settings are not run again, and the results and the table cover every cell the
+the same settings (defaults filled in, so a changed default is a new cell) are not run again, and the results and the table cover every cell the
 file holds for the engines, lengths and tasks asked for. Long campaigns (a 128k length is
 minutes of GPU per engine) run in pieces that way:
 
@@ -234,10 +234,23 @@ def sample_scores(samples_by_length, texts: dict) -> dict[str, list[float]]:
             for n in samples_by_length if str(n) in texts}
 
 
-# the fields that name an answer file's record: who answered (engine, its settings and rates,
-# vllm or transformers, the model), what (length, task, a digest of the prompts) or, for a
-# timing record, the digest of the timed prompts
-KEY_FIELDS = ("engine", "settings", "rates", "via", "model", "length", "task", "prompts", "ttft")
+# the fields that name an answer file's record: who answered (engine, its settings as given and
+# with the defaults filled in, rates, vllm or transformers, the model), what (length, task, a
+# digest of the prompts) or, for a timing record, the digest of the timed prompts
+KEY_FIELDS = ("engine", "settings", "config", "rates", "via", "model", "length", "task", "prompts", "ttft")
+
+
+def resolved_settings(settings: dict | None, model_type: str | None) -> dict | None:
+    """Every FlexPrefill setting an engine runs with, as the package on the path fills in what
+    ``settings`` leaves out for this model type (None for dense)."""
+    if settings is None:
+        return None
+    from vllm_flexprefill.config import FlexPrefillConfig
+
+    try:
+        return FlexPrefillConfig.from_dict(settings, model_type).to_dict()
+    except TypeError:  # a package from before per-model defaults (a queue's package= line): one default
+        return FlexPrefillConfig.from_dict(settings).to_dict()
 
 
 def key_of(record: dict) -> str:
@@ -433,9 +446,11 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
 
     variants: (model folder, max_model_len, its lengths) per model variant.
     options: model (the name), via, max_num_batched_tokens, stats_dir, gpu_memory_utilization
-    (optional; None: 0.8 on a GPU).
+    (optional; None: 0.8 on a GPU), model_type (optional: the model's Hugging Face type, which
+    picks some defaults).
     """
-    who = {"engine": name, "settings": config, "rates": rates, "via": options["via"], "model": options["model"]}
+    who = {"engine": name, "settings": config, "config": resolved_settings(config, options.get("model_type")),
+           "rates": rates, "via": options["via"], "model": options["model"]}
     answers.parent.mkdir(parents=True, exist_ok=True)
     for model, max_len, variant_lengths in variants:
         mine = [n for n in variant_lengths if n in lengths]
@@ -639,8 +654,9 @@ def main() -> None:
                "engines": {}}
     tmp = tempfile.mkdtemp(prefix="ruler-stats-")
     answers = pathlib.Path(args.answers) if args.answers else pathlib.Path(tmp) / "answers.jsonl"
+    model_type = json.loads((pathlib.Path(native) / "config.json").read_text()).get("model_type")
     options = {"model": args.model, "via": args.via, "max_num_batched_tokens": args.max_num_batched_tokens,
-               "stats_dir": tmp, "gpu_memory_utilization": args.gpu_memory_utilization}
+               "stats_dir": tmp, "gpu_memory_utilization": args.gpu_memory_utilization, "model_type": model_type}
     for name, config in engines.items():
         results["engines"][name] = run_engine_cells(name, config, engine_rates.get(name), variants, samples, tasks,
                                                     args.lengths, answers, options)
