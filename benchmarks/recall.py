@@ -103,15 +103,15 @@ def needle_blocks(sample, block_size: int) -> list[list[int]]:
 
 
 def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
-    """Per config: recall [HQ], final-tile recall [HQ], needle reads and drops of one layer."""
-    from vllm_flexprefill.attention import as_config, select_blocks
+    """Per config (name -> FlexPrefillConfig): recall [HQ], final-tile recall [HQ], needle reads
+    and drops of one layer."""
+    from vllm_flexprefill.attention import select_blocks
     from vllm_flexprefill.layout.batch import BatchLayout
 
     n = q.shape[0]
     out = {}
     masses = {}
-    for name, settings in configs.items():
-        cfg = as_config({**settings, "min_sparse_tokens": 0})
+    for name, cfg in configs.items():
         bs = cfg.sparse_block_size
         if bs not in masses:
             masses[bs] = block_mass(q, k, bs, scale)
@@ -148,12 +148,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for every number")
     args = parser.parse_args()
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, captured = capture_model(args.model, args.length, device)
+    from vllm_flexprefill.config import FlexPrefillConfig
+
+    # each prompt sparse, what the settings leave out filled in as the backend fills it for this model
     configs = {}
     for item in args.config or ["default={}"]:
         name, _, settings = item.partition("=")
-        configs[name] = json.loads(settings)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, captured = capture_model(args.model, args.length, device)
+        configs[name] = FlexPrefillConfig.from_dict({**json.loads(settings), "min_sparse_tokens": 0},
+                                                    model.config.model_type)
     from ruler_tasks import Generator
 
     gen = Generator(tokenizer)
@@ -183,7 +187,8 @@ def main() -> None:
                   f"min {min(rec):.3f}  final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
                   f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}", flush=True)
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": configs, "samples": results}))
+        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": {n: c.to_dict() for n, c in configs.items()},
+                                                   "samples": results}))
 
 
 if __name__ == "__main__":
