@@ -37,8 +37,8 @@ file (``--answers``, JSON lines; a temporary one without it). Run again with the
 a run cut short goes on where it stopped: cells already answered on the same prompts with
 the same settings (defaults filled in, so a changed default is a new cell) are not run
 again, and the results and the table cover every cell the file holds for the engines,
-lengths and tasks asked for. Long campaigns (a 128k length is
-minutes of GPU per engine) run in pieces that way:
+lengths and tasks asked for. Long campaigns (a 128k length is minutes of GPU per engine)
+run in pieces that way:
 
     python benchmarks/ruler.py --model qwen2.5-coder-1.5b --lengths 32768 --engines dense flex \
         --answers .gpu-ruler/qwen.jsonl --out bench-results      # again until it says "done"
