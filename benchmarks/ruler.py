@@ -331,13 +331,30 @@ def assemble(who: dict, answers: dict[str, dict], samples_by_length: dict, tasks
     return {"rows": rows, "texts": texts, "scores": scores}
 
 
+def engine_labels(cells: list[dict]) -> dict[str, str]:
+    """The table's column of each answer record (by ``key_of``): its engine's name, and where
+    one name answered under several settings (a default that changed between runs), the
+    settings that tell them apart: "flex[gamma=0.9]" beside "flex[gamma=0.95]"."""
+    seen: dict[str, dict[str, dict]] = {}
+    for r in cells:
+        seen.setdefault(r["engine"], {})[json.dumps(r.get("config"), sort_keys=True)] = r.get("config") or {}
+    labels = {}
+    for r in cells:
+        configs = list(seen[r["engine"]].values())
+        differ = sorted(k for k in set().union(*configs) if len({json.dumps(c.get(k)) for c in configs}) > 1)
+        mine = r.get("config") or {}
+        labels[key_of(r)] = r["engine"] + (f"[{','.join(f'{k}={mine.get(k)}' for k in differ)}]" if differ else "")
+    return labels
+
+
 def results_from_answers(records: list[dict], engines: list[str] | None = None) -> dict:
     """Results (as ``assemble`` gives them, for ``report`` and ``paired``) from answer records
     alone, scored with the answers each record expects: no model, tokenizer or prompts.
 
     engines: which engines, in this order (the first is the reference of ``paired``); None:
-    every engine, in the file's order. Each other engine's per-prompt scores, and the
-    reference's beside them (``ref_scores``), cover the tasks both answered at a length on the
+    every engine, in the file's order. An engine that ran under several settings has a column
+    for each (``engine_labels``); its plain name picks them all. Each other engine's
+    per-prompt scores, and the reference's beside them (``ref_scores``), cover the tasks both answered at a length on the
     same prompts (digest) and as many of them: the cells the comparison may pair.
     """
     cells = [r for r in records if "texts" in r]
@@ -346,8 +363,10 @@ def results_from_answers(records: list[dict], engines: list[str] | None = None) 
         raise SystemExit(f"{len(missing)} records carry no expected answers (written before records did, e.g. "
                          f"{missing[0]['engine']} {missing[0]['length']} {missing[0]['task']}): score them with "
                          "the run's own report")
-    names = engines or list(dict.fromkeys(r["engine"] for r in cells))
-    by = {(r["engine"], r["length"], r["task"]): r for r in cells}  # the last record of a cell wins
+    labels = engine_labels(cells)
+    columns = list(dict.fromkeys(labels[key_of(r)] for r in cells))
+    names = ([c for e in engines for c in columns if c == e or c.startswith(e + "[")] if engines else columns)
+    by = {(labels[key_of(r)], r["length"], r["task"]): r for r in cells}  # the last record of a cell wins
     results = {"meta": {"tasks": [], "samples": None, "pairs": {}}, "engines": {}}
     for name in names:
         rows = []

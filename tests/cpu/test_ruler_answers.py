@@ -144,6 +144,19 @@ def cell_record(engine, task, prompts, texts, length=1024):
             "expected": [["a"]] * len(texts), "density": None, "sparse_tokens": 0, "dense_tokens": 0}
 
 
+def test_one_engine_name_under_two_defaults_has_a_column_for_each():
+    old = {**cell_record("flex", "t1", "p1", ["a", "b", "b"]), "config": {"gamma": 0.95, "tau": 0.1}}
+    new = {**cell_record("flex", "t1", "p1", ["a", "a", "b"]), "config": {"gamma": 0.9, "tau": 0.1}}
+    dense = cell_record("dense", "t1", "p1", ["a", "a", "a"])
+    table = ruler.results_from_answers([dense, old, new])
+    assert list(table["engines"]) == ["dense", "flex[gamma=0.95]", "flex[gamma=0.9]"]
+    assert [r["all_correct"] for e in table["engines"].values() for r in e["rows"]] == [3, 1, 2]
+    # a plain name picks every column of that engine; one engine under one setting keeps its name
+    assert list(ruler.results_from_answers([dense, old, new], ["dense", "flex"])["engines"]) == [
+        "dense", "flex[gamma=0.95]", "flex[gamma=0.9]"]
+    assert list(ruler.results_from_answers([dense, new])["engines"]) == ["dense", "flex"]
+
+
 def test_the_comparison_pairs_only_cells_on_the_same_prompts():
     records = [cell_record("dense", "t1", "p1", ["a", "a", "b"]), cell_record("flex", "t1", "p1", ["b", "a", "a"]),
                cell_record("dense", "t2", "p2", ["a", "a", "a"]), cell_record("flex", "t2", "OTHER", ["b"] * 3),
