@@ -187,8 +187,8 @@ def main() -> None:
                   f"min {min(rec):.3f}  final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
                   f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}", flush=True)
     if args.out:
-        settings = {n: c.to_dict() for n, c in configs.items()}
-        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": settings, "samples": results}))
+        resolved = {n: c.to_dict() for n, c in configs.items()}
+        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": resolved, "samples": results}))
 
 
 if __name__ == "__main__":

@@ -338,12 +338,14 @@ def engine_labels(cells: list[dict]) -> dict[str, str]:
     seen: dict[str, dict[str, dict]] = {}
     for r in cells:
         seen.setdefault(r["engine"], {})[json.dumps(r.get("config"), sort_keys=True)] = r.get("config") or {}
+    # per engine, the settings whose values differ between its runs (none for most engines)
+    differ = {engine: sorted(k for k in set().union(*configs.values())
+                             if len({json.dumps(c.get(k)) for c in configs.values()}) > 1)
+              for engine, configs in seen.items()}
     labels = {}
     for r in cells:
-        configs = list(seen[r["engine"]].values())
-        differ = sorted(k for k in set().union(*configs) if len({json.dumps(c.get(k)) for c in configs}) > 1)
-        mine = r.get("config") or {}
-        labels[key_of(r)] = r["engine"] + (f"[{','.join(f'{k}={mine.get(k)}' for k in differ)}]" if differ else "")
+        keys, mine = differ[r["engine"]], r.get("config") or {}
+        labels[key_of(r)] = r["engine"] + (f"[{','.join(f'{k}={mine.get(k)}' for k in keys)}]" if keys else "")
     return labels
 
 
@@ -354,8 +356,9 @@ def results_from_answers(records: list[dict], engines: list[str] | None = None) 
     engines: which engines, in this order (the first is the reference of ``paired``); None:
     every engine, in the file's order. An engine that ran under several settings has a column
     for each (``engine_labels``); its plain name picks them all. Each other engine's
-    per-prompt scores, and the reference's beside them (``ref_scores``), cover the tasks both answered at a length on the
-    same prompts (digest) and as many of them: the cells the comparison may pair.
+    per-prompt scores, and the reference's beside them (``ref_scores``), cover the tasks both
+    answered at a length on the same prompts (digest) and as many of them: the cells the
+    comparison may pair.
     """
     cells = [r for r in records if "texts" in r]
     missing = [r for r in cells if "expected" not in r]
