@@ -50,7 +50,7 @@ prose haystack is the documentation that ships with Python) and on the tokenizer
 prompts' digest in each record keeps answers to other prompts apart, and the comparison
 pairs only cells whose engines saw the same prompts.
 
-    python benchmarks/ruler.py --table docs/results/ruler-qwen-h100.jsonl --table-engines dense flex
+    python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@
 #                                         # the background: non-timed work (the GPU tier) can run beside them.
 #                                         # It works in ~/gpu-ruler, with a copy of the carried .gpu-ruler (older
 #                                         # packages, an answer file $RULER_FILE.jsonl; without one, it goes on
-#                                         # from docs/results/ruler-qwen-h100.jsonl): a later call that does not
+#                                         # from docs/results/ruler-qwen.jsonl): a later call that does not
 #                                         # carry .gpu-ruler finds it gone from the checkout (log: ~/ruler-bg.log)
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
@@ -97,7 +97,7 @@ for stage in "$@"; do
                 cp "$answers" "$OUT/" 2>/dev/null ;;
     ruler-qwen-bg) g="$HOME/gpu-ruler" answers="$HOME/gpu-ruler/${RULER_FILE:-qwen}.jsonl"
                    mkdir -p "$g" && cp -rn .gpu-ruler/. "$g/" 2>/dev/null
-                   [ -f "$answers" ] || cp docs/results/ruler-qwen-h100.jsonl "$answers"
+                   [ -f "$answers" ] || cp docs/results/ruler-qwen.jsonl "$answers"
                    cp "${RULER_QUEUE:-benchmarks/gpu/qwen-ruler.queue}" "$g/queue"
                    setsid nohup bash benchmarks/gpu/ruler-queue.sh "$g/queue" "$HOME/ruler-bg.log" "$answers" \
                      > /dev/null 2>&1 < /dev/null &
