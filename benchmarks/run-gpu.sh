@@ -15,7 +15,9 @@
 #                                         # sparse (ENGINES, LENGTHS, ROUNDS, RATES as for ttft-real, SETTINGS:
 #                                         # NAME={"gamma":0.9} a FLEX_PREFILL engine with those settings;
 #                                         # NAME:triton / NAME:fa4 pick the kernel; PACKAGES: NAME=DIR an
-#                                         # engine running the package in DIR, e.g. a patched copy)
+#                                         # engine running the package in DIR, e.g. a patched copy;
+#                                         # FIRST_ROUND: number the rounds from here, for rounds in
+#                                         # several calls: ttft.py --table merges their JSON)
 #   bash benchmarks/run-gpu.sh ruler-qwen # RULER-style accuracy on Qwen (RULER_ARGS: lengths, tasks, samples, engines);
 #                                         # answers kept in .gpu-ruler/$RULER_FILE.jsonl (default qwen), which
 #                                         # comes back in $OUT: carry .gpu-ruler and copy the file back after each
@@ -88,7 +90,7 @@ for stage in "$@"; do
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} ${SETTINGS:+--settings $SETTINGS} \
                  ${PACKAGES:+--packages $PACKAGES} \
-                 --reps 3 --rounds ${ROUNDS:-1} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
+                 --reps 3 --rounds ${ROUNDS:-1} ${FIRST_ROUND:+--first-round $FIRST_ROUND} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
                  | grep -E "^ +on|failed|Error|GPU busy|what ran|by layer|host:|package:" | tail -30 ;;
     ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
                 timeout 560 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" --answers "$answers" \

@@ -43,6 +43,11 @@ FlexPrefill's layers ("flash_attn") and of a build, and of all layer calls again
 prompt's wall time, without a profiler's own cost. A layer call whose host time reaches
 the GPU time of a whole layer leaves the GPU waiting.
 
+``--first-round K`` numbers this call's rounds from K, so that rounds run in separate
+calls (one machine call each, say) keep apart in the JSON; ``--table A.json B.json ...``
+prints the table over the rows of saved runs, medians over all their rounds, and runs
+nothing.
+
 ``--profile`` runs one more prompt of the longest length under ``torch.profiler`` and writes
 ``profile-<engine>-<N>.txt``: wall time, the time the GPU was busy, and the operations that
 took it, to see where a layer call's time goes inside vLLM. For the FlexPrefill engines one
@@ -478,6 +483,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every engine this many times, each in a fresh process, alternating engines; "
                              "the table shows the median and range over rounds (engine processes vary)")
+    parser.add_argument("--first-round", type=int, default=0,
+                        help="number this call's rounds from here (rounds of several calls, one JSON each)")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                        help="print the table of these saved runs (ttft.json files) and run nothing")
     parser.add_argument("--decode-length", type=int, default=8192)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + sorted(REAL_MODELS),
                         help="model shape (all layers, random weights), or a real model (checkpoints.py)")
@@ -493,6 +502,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--profile", action="store_true", help="profile one more prompt of the longest length")
     args = parser.parse_args()
+    if args.table:
+        runs = [row for path in args.table for row in json.loads(pathlib.Path(path).read_text())]
+        print_table(runs, table_args(runs))
+        return
     from ruler import named_json
 
     rates, settings = named_json(args.rates, "--rates"), named_json(args.settings, "--settings")
@@ -513,7 +526,8 @@ def main() -> None:
                          vocab_size=SHAPES[args.shape]["vocab_size"])]
 
     runs = []
-    for rnd, chunked, compilation in itertools.product(range(args.rounds), args.chunked, args.compilation):
+    rounds = range(args.first_round, args.first_round + args.rounds)
+    for rnd, chunked, compilation in itertools.product(rounds, args.chunked, args.compilation):
         for engine in args.engines:
             for spec in engine_specs(engine, variants, rates, settings, routing, packages):
                 spec.update(backend=engine, chunked=chunked == "on", compilation=compilation, reps=args.reps,
@@ -569,6 +583,20 @@ def named_folders(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"--packages {name}: no vllm_flexprefill package in {path}")
         out[name] = str(path)
     return out
+
+
+def table_args(runs: list[dict]) -> argparse.Namespace:
+    """The engines, lengths, modes and round count that ``print_table`` needs, read from saved
+    rows (in the order they first appear) instead of the command line."""
+    timed = [r for r in runs if "ttft_ms" in r]
+    if not timed:
+        raise SystemExit("--table: no timed rows (ttft_ms) in these files")
+
+    def seen(key):
+        return list(dict.fromkeys(r[key] for r in timed))
+
+    return argparse.Namespace(engines=seen("engine"), lengths=sorted(seen("N")), chunked=seen("chunked"),
+                              compilation=seen("compilation"), rounds=len(seen("round")))
 
 
 def print_table(runs: list[dict], args) -> None:
