@@ -24,7 +24,8 @@ accuracy against density.
 Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "flex"
 (FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
 sparse: min_sparse_tokens = min_sparse_query_tokens = 0), and NAME=JSON for FLEX_PREFILL
-with the given settings; ``--rates NAME=JSON``: default settings with the cost model's rates
+with the given settings, or NAME=dense for dense attention under another name (the same
+prompts answered again on another GPU, whose answers the file keeps apart); ``--rates NAME=JSON``: default settings with the cost model's rates
 replaced (``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
 first prompt by prompt: how many prompts only one of them answered in full, per task, and
 the two-sided sign test of those counts (a difference of a few prompts in 100 is the
@@ -93,7 +94,9 @@ def parse_engines(names: list[str], extra: list[str], rates: list[str] = ()) -> 
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; built in: {', '.join(ENGINES)}, or --engine NAME=JSON")
         engines[name] = ENGINES[name]
-    engines.update(named_json(extra, "--engine"))
+    dense = [item for item in extra if item.partition("=")[2] == "dense"]
+    engines.update(named_json([item for item in extra if item not in dense], "--engine"))
+    engines.update({item.partition("=")[0]: None for item in dense})
     engine_rates = named_json(rates, "--rates")
     for name in engine_rates:
         engines.setdefault(name, {})
@@ -603,7 +606,8 @@ def plot(results: dict, path: pathlib.Path) -> bool:
     return True
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also read by the test that checks the GPU queue's lines)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-1.5b"],
                         help="the real model (benchmarks/checkpoints.py)")
@@ -613,7 +617,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=["dense", "flex", "flex-sparse"],
                         help="built-in engines (none: only those given with --engine)")
     parser.add_argument("--engine", action="append", default=[], metavar="NAME=JSON",
-                        help="FLEX_PREFILL with these settings, e.g. 'g90={\"gamma\": 0.9}'")
+                        help="FLEX_PREFILL with these settings, e.g. 'g90={\"gamma\": 0.9}'; NAME=dense: "
+                             "dense attention under this name")
     parser.add_argument("--rates", action="append", default=[], metavar="NAME=JSON",
                         help="FLEX_PREFILL, default settings, these cost-model rates (VLLM_FLEXPREFILL_RATES)")
     parser.add_argument("--seed", type=int, default=0)
@@ -633,8 +638,11 @@ def main() -> None:
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
                              "a second check of the vLLM path; no density statistics")
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> None:
+    args = arguments().parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.table:

@@ -181,3 +181,25 @@ def test_records_without_expected_answers_are_refused_by_name():
     del old["expected"]
     with pytest.raises(SystemExit, match="dense 1024 t1"):
         ruler.results_from_answers([old])
+
+
+def test_dense_under_another_name_is_a_dense_engine_of_its_own():
+    engines, _ = ruler.parse_engines(["dense"], ["dense2=dense", 'g90={"gamma": 0.9}'])
+    assert engines == {"dense": None, "dense2": None, "g90": {"gamma": 0.9}}
+    with pytest.raises(SystemExit, match="must be JSON"):
+        ruler.parse_engines([], ["typo=dens"])
+
+
+def test_every_line_of_the_gpu_queue_is_a_ruler_command_line():
+    """A line ruler.py refuses would fail only on the GPU, three tries in, with device time spent."""
+    import pathlib
+    import shlex
+
+    queue = pathlib.Path(ruler.__file__).parent / "gpu" / "qwen-ruler.queue"
+    lines = [x for x in queue.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    assert lines
+    for line in lines:
+        words = shlex.split(line.partition(" ")[2] if line.startswith("package=") else line)
+        args = ruler.arguments().parse_args(["--model", "qwen2.5-coder-1.5b", *words])
+        engines, _ = ruler.parse_engines(args.engines, args.engine, args.rates)
+        assert engines, line
