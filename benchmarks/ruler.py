@@ -52,6 +52,14 @@ prompts' digest in each record keeps answers to other prompts apart, and the com
 pairs only cells whose engines saw the same prompts.
 
     python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex
+
+Records also say where each answer's needle stands (``answer_starts``); ``--by-position
+CHUNK`` adds to the table the answers found by only one engine, split by whether their
+needle stands in the prefill's first CHUNK tokens or after (older records: the prompts are
+made again with ``--model``'s tokenizer, on this machine's prose).
+
+    python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex \
+        --by-position 16384 --model qwen2.5-coder-1.5b
 """
 
 from __future__ import annotations
@@ -145,7 +153,7 @@ def run_engine(spec: dict) -> dict:
         print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], **who,
+        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "answer_starts": cell["answer_starts"], **who,
                                         "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
@@ -212,7 +220,8 @@ def run_engine_hf(spec: dict) -> dict:
             for ids, n in zip(cell["token_ids"], cell["max_new_tokens"]):
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
-            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "texts": texts, **who,
+            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "answer_starts": cell["answer_starts"],
+                                            "texts": texts, **who,
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)
@@ -491,7 +500,8 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
                     cells.append({"key": key, "length": n, "task": task,
                                   "token_ids": [list(s.token_ids) for s in items],
                                   "max_new_tokens": [s.max_new_tokens for s in items],
-                                  "expected": [list(s.answers) for s in items]})
+                                  "expected": [list(s.answers) for s in items],
+                                  "answer_starts": [list(s.answer_starts) for s in items]})
             if timing and key_of(timing) not in have:
                 ttft.append({"key": timing, "token_ids": [list(s.token_ids) for s in samples_by_length[n][1]]})
         if not cells and not ttft:
@@ -571,6 +581,76 @@ def paired(results: dict) -> str:
     return "\n".join(lines)
 
 
+def prompt_positions(model: str, seed: int):
+    """``by_position``'s positions for records without their own: each prompt made again with
+    the model's tokenizer on this machine. The prose comes from this Python's documentation,
+    so on another Python the needles stand a few tokens from where the answering GPU had them
+    (the answers are the same: a prompt expecting others is left out)."""
+    import checkpoints
+    from ruler_tasks import Generator
+    from transformers import AutoTokenizer
+
+    made = {}
+
+    def positions(task, length, index, expected):
+        if not made:  # the tokenizer and the haystack only where a record needs them
+            made["gen"] = Generator(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint(model))))
+        sample = made["gen"].sample(task, length, index, seed)
+        if not sample.needle_spans:  # cwe: the answers are words of the prose, in no needle
+            return [None] * len(expected)
+        return list(sample.answer_starts) if list(sample.answers) == list(expected) else None
+
+    return positions
+
+
+def by_position(records: list[dict], engines: list[str] | None, positions, chunk: int) -> str:
+    """Answers (expected strings) found by only one of the first engine and each other engine,
+    by where the needle holding the answer stands: in the first ``chunk`` tokens (chunked
+    prefill's first chunk, which the default settings run dense) or after them.
+
+    Where the needles stand comes from the reference's record (``answer_starts``, in records
+    written since they carry it), or for older records from positions(task, length, index, expected): the
+    needles' first tokens of one prompt's answers as made again, or None where that prompt
+    expects other answers than the record (then the prompt is left out and counted).
+    """
+    cells = [r for r in records if "texts" in r and "expected" in r]
+    labels = engine_labels(cells)
+    columns = list(dict.fromkeys(labels[key_of(r)] for r in cells))
+    names = [c for e in engines for c in columns if c == e or c.startswith(e + "[")] if engines else columns
+    by = {(labels[key_of(r)], r["length"], r["task"]): r for r in cells}
+    ref = names[0]
+    lines = [f"answers found by {ref} only / by the engine only, by where the needle stands "
+             f"(first {chunk} tokens | after)"]
+    for name in names[1:]:
+        for length in sorted({r["length"] for r in cells}):
+            counts, unmatched = {}, 0
+            for task in dict.fromkeys(r["task"] for r in cells):
+                ours, theirs = by.get((ref, length, task)), by.get((name, length, task))
+                if not ours or not theirs or ours["prompts"] != theirs["prompts"]:
+                    continue
+                kept = ours.get("answer_starts")
+                for i, (expected, a_text, b_text) in enumerate(zip(ours["expected"], ours["texts"], theirs["texts"])):
+                    starts = kept[i] if kept else positions(task, length, i, expected)
+                    if starts is None:
+                        unmatched += 1
+                        continue
+                    for answer, start in zip(expected, starts):
+                        if start is None:
+                            continue
+                        a, b = answer.lower() in a_text.lower(), answer.lower() in b_text.lower()
+                        if a != b:
+                            c = counts.setdefault(task, [0, 0, 0, 0])
+                            c[(0 if start < chunk else 2) + (0 if a else 1)] += 1
+            if not counts and not unmatched:
+                continue
+            first, after = ([sum(c[k] for c in counts.values()) for k in ks] for ks in ((0, 1), (2, 3)))
+            per_task = ", ".join(f"{t} {c[0]}/{c[1]} | {c[2]}/{c[3]}" for t, c in counts.items())
+            lines.append(f"{name:>16} {length:>6}: {first[0]}/{first[1]} | {after[0]}/{after[1]}"
+                         + (f"; {per_task}" if per_task else "")
+                         + (f"; {unmatched} prompts left out (other answers here)" if unmatched else ""))
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path) -> bool:
     """Mean accuracy against density, one point per engine and length (needs matplotlib)."""
     try:
@@ -635,6 +715,10 @@ def arguments() -> argparse.ArgumentParser:
                         help="the table and prompt-by-prompt comparison of answer files (no model needed)")
     parser.add_argument("--table-engines", nargs="+", default=None,
                         help="with --table: these engines, in this order (the first is the reference)")
+    parser.add_argument("--by-position", type=int, default=None, metavar="CHUNK",
+                        help="with --table: the answers found by only one engine, by whether their needle stands "
+                             "in the first CHUNK tokens (the prefill's first chunk) or after; the prompts are made "
+                             "again with --model's tokenizer, from this machine's Python documentation")
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
                              "a second check of the vLLM path; no density statistics")
@@ -650,6 +734,8 @@ def main() -> None:
         results = results_from_answers(records, args.table_engines)
         print(report(results))
         print(paired(results))
+        if args.by_position:
+            print(by_position(records, args.table_engines, prompt_positions(args.model, args.seed), args.by_position))
         return
     if args.report:
         merged = {"meta": {}, "engines": {}}

@@ -31,7 +31,9 @@
 #                                         # carry .gpu-ruler finds it gone from the checkout (log: ~/ruler-bg.log)
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
-#   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK)
+#   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
+#                                         # the prompt's index), default settings and gamma 0.95; not timed,
+#                                         # so it may run beside the RULER queue
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs); TESTS: which
 #                                         # files (default tests/gpu), DIR: the checkout to test (default .)
@@ -113,8 +115,12 @@ for stage in "$@"; do
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
                 cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
+    # the default settings (gamma 0.9 on Qwen2) beside gamma 0.95; the mass of every query is
+    # computed once per layer, each setting only chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
-                   --samples 1 --task ${TASK:-niah_multikey} --out "$OUT/recall-qwen.json" 2>&1 | tail -40 ;;
+                   --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
+                   --config default='{}' --config g95='{"gamma": 0.95}' \
+                   --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     # each test's name and result in the log as it ends, the slowest ones last: a stage cut
     # by its timeout still says where it was

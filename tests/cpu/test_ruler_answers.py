@@ -203,3 +203,58 @@ def test_every_line_of_the_gpu_queue_is_a_ruler_command_line():
         args = ruler.arguments().parse_args(["--model", "qwen2.5-coder-1.5b", *words])
         engines, _ = ruler.parse_engines(args.engines, args.engine, args.rates)
         assert engines, line
+
+
+def test_answers_found_by_one_engine_are_split_by_where_their_needle_stands():
+    def record(engine, texts):
+        return {"engine": engine, "settings": None, "config": None, "rates": None, "via": "vllm", "model": "m",
+                "length": 32, "task": "niah_multivalue", "prompts": "p", "texts": texts,
+                "expected": [["a1", "a2"], ["b1", "b2"]]}
+
+    # prompt 0: a1's needle at token 3 (first chunk), a2's at 20; prompt 1: b1 at 5, b2 at 25
+    starts = {0: [3, 20], 1: [5, 25]}
+    records = [record("dense", ["a1 a2", "b1 b2"]), record("flex", ["a1", "b1 b2 a2"])]
+    out = ruler.by_position(records, None, lambda task, n, i, expected: starts[i], chunk=16)
+    # dense alone found a2 (after the first chunk); flex found nothing dense missed
+    assert out.splitlines()[1].split(": ", 1)[1] == "0/0 | 1/0; niah_multivalue 0/0 | 1/0"
+    records[1]["texts"] = ["a2", "b1 b2"]  # now flex misses a1 (first chunk) and finds a2
+    out = ruler.by_position(records, None, lambda task, n, i, expected: starts[i], chunk=16)
+    assert out.splitlines()[1].split(": ", 1)[1] == "1/0 | 0/0; niah_multivalue 1/0 | 0/0"
+    left_out = ruler.by_position(records, None, lambda *a: None, chunk=16)
+    assert "2 prompts left out" in left_out
+
+
+def test_records_that_say_where_their_needles_stand_need_no_prompts():
+    def record(engine, texts):
+        return {"engine": engine, "settings": None, "config": None, "rates": None, "via": "vllm", "model": "m",
+                "length": 32, "task": "vt", "prompts": "p", "texts": texts, "expected": [["X", "Y"]],
+                "answer_starts": [[4, 30]]}
+
+    def no_prompts(*args):
+        raise AssertionError("the records say where the needles stand")
+
+    out = ruler.by_position([record("dense", ["X Y"]), record("flex", ["X"])], None, no_prompts, chunk=16)
+    assert out.splitlines()[1].split(": ", 1)[1] == "0/0 | 1/0; vt 0/0 | 1/0"
+
+
+class CharTokenizer:
+    """One token per character: a tokenizer for the task generator without a model."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+def test_each_answer_starts_where_its_needle_stands():
+    from ruler_tasks import Generator
+
+    gen = Generator(CharTokenizer())
+    for task in ("niah_multivalue", "niah_multikey", "vt"):
+        sample = gen.sample(task, 3000, 1)
+        assert len(sample.answer_starts) == len(sample.answers)
+        for answer, start in zip(sample.answers, sample.answer_starts):
+            needle = next(b for a, b in sample.needle_spans if a == start)
+            assert answer in "".join(map(chr, sample.token_ids[start:needle]))
+    assert gen.sample("cwe", 20000, 1).answer_starts == ()
