@@ -98,13 +98,16 @@ def recall(mass: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return (mass * kept).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-30)
 
 
-def needle_blocks(sample, block_size: int) -> list[list[int]]:
-    return [list(range(a // block_size, (b - 1) // block_size + 1)) for a, b in sample.needle_spans]
+def needle_blocks(sample, block_size: int, n: int | None = None) -> list[list[int]]:
+    """The key blocks of each needle (of those inside the first ``n`` tokens, if given)."""
+    return [list(range(a // block_size, (b - 1) // block_size + 1)) for a, b in sample.needle_spans
+            if n is None or b <= n]
 
 
 def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
-    """Per config (name -> FlexPrefillConfig): recall [HQ], final-tile recall [HQ], needle reads
-    and drops of one layer."""
+    """Per config (name -> FlexPrefillConfig): recall [HQ], final-tile recall [HQ], the recall
+    of the query tiles that hold needle tokens [HQ] (how much of its context the needle itself
+    still reads; None without needles), needle reads and drops of one layer."""
     from vllm_flexprefill.attention import select_blocks
     from vllm_flexprefill.layout.batch import BatchLayout
 
@@ -120,11 +123,15 @@ def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
         selection = select_blocks(q, k, layout, cfg, scale)
         kept = kept_mask(selection, layout, 0)
         final = slice(mass.shape[1] - 1, mass.shape[1])
+        needles = needle_blocks(sample, bs, n)
+        # the whole prompt is the query: tile r holds the queries of key block r
+        tiles = sorted({b for blocks in needles for b in blocks})
         row = {"recall": recall(mass, kept).tolist(), "final_recall": recall(mass[:, final], kept[:, final]).tolist(),
+               "needle_recall": recall(mass[:, tiles], kept[:, tiles]).tolist() if tiles else None,
                "density": selection.density(layout)[0].tolist(), "query_aware": selection.query_aware[0].tolist(),
                "reads": 0, "drops": 0}
         last = mass[:, -1]  # [HQ, NB] the final tile's dense mass per key block
-        for blocks in needle_blocks(sample, bs):
+        for blocks in needles:
             share = last[:, blocks].sum(-1) / last.sum(-1)
             reads = share >= needle_mass
             row["reads"] += int(reads.sum())
@@ -145,6 +152,9 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
                         help="FlexPrefill settings to analyse (default: the defaults)")
     parser.add_argument("--needle-mass", type=float, default=0.01)
+    parser.add_argument("--prefix", type=int, default=None, metavar="N",
+                        help="analyse the first N tokens only, as chunked prefill computes its first chunk "
+                             "(the final tile is then the chunk's last, not the question)")
     parser.add_argument("--out", default=None, help="JSON file for every number")
     args = parser.parse_args()
 
@@ -166,14 +176,14 @@ def main() -> None:
         sample = gen.sample(args.task, args.length, index, args.seed)
         captured.clear()
         with torch.no_grad():
-            ids = torch.tensor([sample.token_ids], device=device)
+            ids = torch.tensor([sample.token_ids[:args.prefix]], device=device)
             # the last position's logits only: all of them at 32k are 20 GB in float32
             logits = model(ids, logits_to_keep=1).logits[0, -1]
         answer_token = tokenizer.decode([int(logits.argmax())])
         layers = [analyse(q, k, scale, configs, sample, args.needle_mass) for q, k, scale in captured]
-        results.append({"index": index, "tokens": len(sample.token_ids), "needles": sample.needle_spans,
+        results.append({"index": index, "tokens": int(ids.shape[1]), "needles": sample.needle_spans,
                         "first_answer_token": answer_token, "answers": sample.answers, "layers": layers})
-        print(f"sample {index}: {len(sample.token_ids)} tokens, needles at {sample.needle_spans}, "
+        print(f"sample {index}: {ids.shape[1]} tokens, needles at {sample.needle_spans}, "
               f"dense first token {answer_token!r} (answer {sample.answers[0]!r})", flush=True)
         for name in configs:
             rec = [x for layer in layers for x in layer[name]["recall"]]
@@ -183,9 +193,12 @@ def main() -> None:
             drops = sum(layer[name]["drops"] for layer in layers)
             worst = min(range(len(fin)), key=fin.__getitem__)
             heads = len(layers[0][name]["recall"])
+            held = [x for layer in layers for x in layer[name]["needle_recall"] or []]
+            needle = f"  needle-tile recall mean {statistics.mean(held):.3f} min {min(held):.3f}" if held else ""
             print(f"  {name:>10}: density {statistics.mean(dens):.3f}  recall mean {statistics.mean(rec):.3f} "
                   f"min {min(rec):.3f}  final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
-                  f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}", flush=True)
+                  f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}{needle}",
+                  flush=True)
     if args.out:
         resolved = {n: c.to_dict() for n, c in configs.items()}
         pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": resolved, "samples": results}))
