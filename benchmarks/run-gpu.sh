@@ -34,6 +34,8 @@
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
 #                                         # the prompt's index), default settings and gamma 0.95; not timed,
 #                                         # so it may run beside the RULER queue
+#   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
+#                                         # made with the GPU machine's Python, as they were answered (no GPU)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
 #   bash benchmarks/run-gpu.sh tests      # GPU tier (kernels, estimator, long planted inputs); TESTS: which
 #                                         # files (default tests/gpu), DIR: the checkout to test (default .)
@@ -79,7 +81,7 @@ qwen_absent() {
 }
 for stage in "$@"; do
   case "$stage" in
-  qwen-model*|ttft-qwen|ruler-qwen*|recall-qwen|long-document) qwen_absent "$stage" && continue ;;
+  qwen-model*|ttft-qwen|ruler-qwen*|recall-qwen|ruler-positions|long-document) qwen_absent "$stage" && continue ;;
   esac
   case "$stage" in
     model) python benchmarks/checkpoints.py smollm2 --yarn 2>&1 | tail -1 ;;
@@ -121,6 +123,11 @@ for stage in "$@"; do
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
                    --config default='{}' --config g95='{"gamma": 0.95}' \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
+    # where the answers one engine alone found stand, with the prompts made on this machine's
+    # Python (the one that answered them on the GPU): exact for records without answer_starts
+    ruler-positions) timeout 300 python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl \
+                       --table-engines ${TABLE_ENGINES:-dense flex g90} --by-position ${CHUNK:-16384} \
+                       --model qwen2.5-coder-1.5b 2>&1 | sed -n '/answers found/,$p' ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     # each test's name and result in the log as it ends, the slowest ones last: a stage cut
     # by its timeout still says where it was
@@ -175,7 +182,7 @@ for stage in "$@"; do
              done ;;
     *) echo "unknown stage $stage (model, qwen-model, qwen-model-bg, tests, seg-package, kernels, tune-est, ruler, ruler-qwen,"
        echo "ruler-qwen-bg, ruler-wait, ruler-stop, sweep, ttft-real,"
-       echo "ttft-qwen, recall-qwen, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
+       echo "ttft-qwen, recall-qwen, ruler-positions, long-document, serve, profile, e2e, tp2, ttft, ttft-default, shapes)"
        exit 2 ;;
   esac
 done
