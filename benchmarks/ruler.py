@@ -25,8 +25,8 @@ Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "fl
 (FLEX_PREFILL, default settings), "flex-sparse" (FLEX_PREFILL with every prefill chunk
 sparse: min_sparse_tokens = min_sparse_query_tokens = 0), and NAME=JSON for FLEX_PREFILL
 with the given settings, or NAME=dense for dense attention under another name (the same
-prompts answered again on another GPU, whose answers the file keeps apart); ``--rates NAME=JSON``: default settings with the cost model's rates
-replaced (``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
+prompts answered again on another GPU, whose answers the file keeps apart); ``--rates
+NAME=JSON``: default settings with the cost model's rates replaced (``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
 first prompt by prompt: how many prompts only one of them answered in full, per task, and
 the two-sided sign test of those counts (a difference of a few prompts in 100 is the
 spread of a sample, not a change). Each engine runs in its own process; chunked prefill is left as
@@ -153,7 +153,8 @@ def run_engine(spec: dict) -> dict:
         print(f"[{spec['engine']}] {cell['length']} tokens, {cell['task']}: {len(prompts)} prompts", flush=True)
         outputs = llm.generate(prompts, params, use_tqdm=spec["progress"])
         summary = stats.summarize(stats.read(stats_file)[done:])
-        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "answer_starts": cell["answer_starts"], **who,
+        append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"],
+                                        "answer_starts": cell["answer_starts"], **who,
                                         "texts": [o.outputs[0].text for o in outputs],
                                         "density": summary.density, "sparse_tokens": summary.sparse_tokens,
                                         "dense_tokens": summary.dense_tokens, "query_aware": summary.query_aware})
@@ -220,8 +221,8 @@ def run_engine_hf(spec: dict) -> dict:
             for ids, n in zip(cell["token_ids"], cell["max_new_tokens"]):
                 out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False)
                 texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
-            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"], "answer_starts": cell["answer_starts"],
-                                            "texts": texts, **who,
+            append_answer(spec["answers"], {**cell["key"], "expected": cell["expected"],
+                                            "answer_starts": cell["answer_starts"], "texts": texts, **who,
                                             "density": None, "sparse_tokens": 0,
                                             "dense_tokens": 0, "query_aware": None})
         time_prompts(spec, lambda ids: model(torch.tensor([ids], device=device), logits_to_keep=1), gpu)
@@ -361,6 +362,16 @@ def engine_labels(cells: list[dict]) -> dict[str, str]:
     return labels
 
 
+def columns_of(cells: list[dict], engines: list[str] | None) -> tuple[list[str], dict]:
+    """The table's columns (``engine_labels``) that ``engines`` pick, in that order (None: every
+    one, in the records' order; a plain name picks each of its columns), and each record by
+    (column, length, task): the last record of a cell wins."""
+    labels = engine_labels(cells)
+    columns = list(dict.fromkeys(labels[key_of(r)] for r in cells))
+    names = [c for e in engines for c in columns if c == e or c.startswith(e + "[")] if engines else columns
+    return names, {(labels[key_of(r)], r["length"], r["task"]): r for r in cells}
+
+
 def results_from_answers(records: list[dict], engines: list[str] | None = None) -> dict:
     """Results (as ``assemble`` gives them, for ``report`` and ``paired``) from answer records
     alone, scored with the answers each record expects: no model, tokenizer or prompts.
@@ -378,10 +389,7 @@ def results_from_answers(records: list[dict], engines: list[str] | None = None) 
         raise SystemExit(f"{len(missing)} records carry no expected answers (written before records did, e.g. "
                          f"{missing[0]['engine']} {missing[0]['length']} {missing[0]['task']}): score them with "
                          "the run's own report")
-    labels = engine_labels(cells)
-    columns = list(dict.fromkeys(labels[key_of(r)] for r in cells))
-    names = ([c for e in engines for c in columns if c == e or c.startswith(e + "[")] if engines else columns)
-    by = {(labels[key_of(r)], r["length"], r["task"]): r for r in cells}  # the last record of a cell wins
+    names, by = columns_of(cells, engines)
     results = {"meta": {"tasks": [], "samples": None, "pairs": {}}, "engines": {}}
     for name in names:
         rows = []
@@ -609,18 +617,15 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
     prefill's first chunk, which the default settings run dense) or after them.
 
     Where the needles stand comes from the reference's record (``answer_starts``, in records
-    written since they carry it), or for older records from positions(task, length, index, expected): the
-    needles' first tokens of one prompt's answers as made again, or None where that prompt
-    expects other answers than the record (then the prompt is left out and counted).
+    written since they carry it), or for older records from positions(task, length, index,
+    expected): the needles' first tokens of one prompt's answers as made again, or None where
+    that prompt expects other answers than the record (then the prompt is left out and counted).
     """
     cells = [r for r in records if "texts" in r and "expected" in r]
-    labels = engine_labels(cells)
-    columns = list(dict.fromkeys(labels[key_of(r)] for r in cells))
-    names = [c for e in engines for c in columns if c == e or c.startswith(e + "[")] if engines else columns
-    by = {(labels[key_of(r)], r["length"], r["task"]): r for r in cells}
+    names, by = columns_of(cells, engines)
     ref = names[0]
-    lines = [f"answers found by {ref} only / by the engine only, by where the needle stands "
-             f"(first {chunk} tokens | after)"]
+    lines = [(f"answers found by {ref} only / by the engine only, by where the needle stands "
+              f"(first {chunk} tokens | after)")]
     for name in names[1:]:
         for length in sorted({r["length"] for r in cells}):
             counts, unmatched = {}, 0
