@@ -56,8 +56,8 @@ class Sample:
     token_ids: the whole prompt (chat template, context, question, answer prefix).
     answers: strings a correct completion contains (all of them).
     needle_spans: (first, end) token positions of each needle in token_ids (empty for cwe).
-    answer_starts: per answer, the first token of the needle that holds it (empty for cwe):
-        where in the prompt each answer is to be found.
+    answer_starts: per answer, the first token of the needle that holds it (None if none
+        does; empty for cwe): where in the prompt each answer is to be found.
     """
 
     task: str
@@ -67,7 +67,7 @@ class Sample:
     answers: tuple[str, ...]
     needle_spans: tuple[tuple[int, int], ...]
     max_new_tokens: int
-    answer_starts: tuple[int, ...] = ()
+    answer_starts: tuple[int | None, ...] = ()
 
     def score(self, completion: str) -> float:
         """Share of the answers found in the completion (case-insensitive), as RULER scores."""
@@ -154,7 +154,8 @@ class Generator:
         ids, spans = self._place(start, filler, needle_ids, end, rng, keep_order=task == "vt", depth=depth)
         # each needle's span is where its tokens were placed; each answer's, its first needle's
         starts = {j: next(a for a, b in spans if ids[a:b] == n) for j, n in enumerate(needle_ids)}
-        answer_starts = tuple(starts[next(j for j, n in enumerate(needles) if a in n)] for a in answers)
+        holder = [next((j for j, n in enumerate(needles) if a in n), None) for a in answers]
+        answer_starts = tuple(None if j is None else starts[j] for j in holder)
         return Sample(task, length, index, tuple(ids), tuple(answers), tuple(spans), new_tokens, answer_starts)
 
     def _fill(self, task: str, budget: int, rng: random.Random) -> list[list[int]]:
