@@ -26,7 +26,8 @@ Engines: "dense" (vLLM's FLASH_ATTN on GPUs, its stock CPU backend on CPUs), "fl
 sparse: min_sparse_tokens = min_sparse_query_tokens = 0), and NAME=JSON for FLEX_PREFILL
 with the given settings, or NAME=dense for dense attention under another name (the same
 prompts answered again on another GPU, whose answers the file keeps apart); ``--rates
-NAME=JSON``: default settings with the cost model's rates replaced (``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
+NAME=JSON``: default settings with the cost model's rates replaced
+(``VLLM_FLEXPREFILL_RATES``). After the table, every engine is compared with the
 first prompt by prompt: how many prompts only one of them answered in full, per task, and
 the two-sided sign test of those counts (a difference of a few prompts in 100 is the
 spread of a sample, not a change). Each engine runs in its own process; chunked prefill is left as
@@ -642,7 +643,8 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
                     for answer, start in zip(expected, starts):
                         if start is None:
                             continue
-                        a, b = answer.lower() in a_text.lower(), answer.lower() in b_text.lower()
+                        # found: as the task scores it, one answer at a time
+                        a, b = (ruler_tasks.score([answer], text) == 1.0 for text in (a_text, b_text))
                         if a != b:
                             c = counts.setdefault(task, [0, 0, 0, 0])
                             c[(0 if start < chunk else 2) + (0 if a else 1)] += 1
