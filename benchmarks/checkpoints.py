@@ -295,21 +295,28 @@ def checkpoint(name: str = "smollm2", yarn: bool = False, cache: pathlib.Path | 
         return native
     scaled = cache / f"{model.name}-yarn{model.yarn_factor}"
     if not (scaled / "config.json").is_file():
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".yarn-"))
-        try:
-            for item in native.iterdir():
-                if item.name != "config.json":
-                    os.symlink(item.resolve(), tmp / item.name)
-            config = json.loads((native / "config.json").read_text())
-            theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
-            config["rope_parameters"] = yarn_rope(model, theta)
-            config["max_position_embeddings"] = model.native_context * model.yarn_factor
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            if not (scaled / "config.json").is_file():
-                tmp.replace(scaled)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with converting(cache, scaled.name):
+            if not (scaled / "config.json").is_file():  # not made while this process waited
+                yarn_variant(model, native, scaled)
     return scaled
+
+
+def yarn_variant(model: Model, native: pathlib.Path, scaled: pathlib.Path) -> None:
+    """Makes ``scaled``: links to the native checkpoint's files and its config with YaRN rope
+    scaling, written into a temporary folder that then takes the final name."""
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=scaled.parent, prefix=".yarn-"))
+    try:
+        for item in native.iterdir():
+            if item.name != "config.json":
+                os.symlink(item.resolve(), tmp / item.name)
+        config = json.loads((native / "config.json").read_text())
+        theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
+        config["rope_parameters"] = yarn_rope(model, theta)
+        config["max_position_embeddings"] = model.native_context * model.yarn_factor
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.replace(scaled)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ each piece and the joined file are checked, and a missing or wrong piece is name
 
 import dataclasses
 import hashlib
+import json
 import pathlib
 import zipfile
 
@@ -158,3 +159,44 @@ def test_two_processes_asking_for_a_model_convert_it_once(tmp_path, monkeypatch)
     assert len(converted) == 1
     assert folders == [tmp_path / "c" / "Fake"] * 2
     assert (tmp_path / "c" / "Fake" / "config.json").is_file()
+
+
+def test_the_yarn_variant_made_while_waiting_is_taken_as_it_is(tmp_path, monkeypatch):
+    # a conversion in the background makes the YaRN folder while a benchmark waits for it: the
+    # benchmark must take that folder, not make a second one over it (which failed with
+    # "Directory not empty")
+    import threading
+
+    model, _, _ = fake_model(tmp_path)
+    monkeypatch.setitem(checkpoints.MODELS, "fake", model)
+    cache = tmp_path / "c"
+    (cache / "Fake").mkdir(parents=True)
+    (cache / "Fake" / "config.json").write_text('{"rope_theta": 10000.0}')
+    (cache / "Fake" / "model.safetensors").write_text("weights")
+    scaled = cache / "Fake-yarn4"
+    folders = []
+    with checkpoints.converting(cache, scaled.name):
+        waiting = threading.Thread(target=lambda: folders.append(checkpoints.checkpoint("fake", yarn=True, cache=cache)))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive(), "the variant was made without waiting for the lock"
+        scaled.mkdir()
+        (scaled / "config.json").write_text('{"made": "elsewhere"}')
+    waiting.join()
+    assert folders == [scaled]
+    assert (scaled / "config.json").read_text() == '{"made": "elsewhere"}'
+
+
+def test_the_yarn_variant_links_the_weights_and_scales_the_rope(tmp_path, monkeypatch):
+    model, _, _ = fake_model(tmp_path)
+    monkeypatch.setitem(checkpoints.MODELS, "fake", model)
+    cache = tmp_path / "c"
+    (cache / "Fake").mkdir(parents=True)
+    (cache / "Fake" / "config.json").write_text('{"rope_theta": 10000.0}')
+    (cache / "Fake" / "model.safetensors").write_text("weights")
+    scaled = checkpoints.checkpoint("fake", yarn=True, cache=cache)
+    config = json.loads((scaled / "config.json").read_text())
+    assert config["max_position_embeddings"] == 4096 * 4
+    assert config["rope_parameters"]["factor"] == 4
+    assert (scaled / "model.safetensors").resolve() == (cache / "Fake" / "model.safetensors").resolve()
+    assert not list(cache.glob(".yarn-*"))
