@@ -180,7 +180,8 @@ def main() -> None:
             # the last position's logits only: all of them at 32k are 20 GB in float32
             logits = model(ids, logits_to_keep=1).logits[0, -1]
         answer_token = tokenizer.decode([int(logits.argmax())])
-        layers = [analyse(q, k, scale, configs, sample, args.needle_mass) for q, k, scale in captured]
+        layers = [analyse(q, k, scale, {n: c.for_layer(i) for n, c in configs.items()}, sample, args.needle_mass)
+                  for i, (q, k, scale) in enumerate(captured)]
         results.append({"index": index, "tokens": int(ids.shape[1]), "needles": sample.needle_spans,
                         "first_answer_token": answer_token, "answers": sample.answers, "layers": layers})
         print(f"sample {index}: {ids.shape[1]} tokens, needles at {sample.needle_spans}, "

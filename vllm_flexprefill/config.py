@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +74,12 @@ class FlexPrefillConfig:
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
     sequence. None (default): the cost model decides. An integer is a fixed rule."""
 
+    layer_gamma: Mapping[str, float] | tuple[tuple[int, int, float], ...] | None = None
+    """gamma for some layers by their index in the model, e.g. ``{"14-24": 0.95}`` (inclusive
+    ranges or single indices, as strings or integers); every other layer uses ``gamma``. Read
+    by vLLM and transformers, which know each layer's index; the functional API runs one
+    layer's settings (``for_layer``). Kept as ``((first, last, gamma), ...)``."""
+
     kernel: str = "auto"
     """The block-sparse attention kernel: "fa4" (vLLM's own FlashAttention-4, on Hopper),
     "triton" (this package's kernel, every CUDA GPU), or "auto" (default): FA4 where it
@@ -94,6 +102,7 @@ class FlexPrefillConfig:
         if self.sparse_block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"sparse_block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.sparse_block_size!r} {where}")
+        object.__setattr__(self, "layer_gamma", layer_ranges(self.layer_gamma, where))
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r} {where}")
         for name in ("min_sparse_tokens", "min_sparse_query_tokens"):
@@ -101,6 +110,13 @@ class FlexPrefillConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or None (the cost model decides), "
                                  f"got {value!r} {where}")
+
+    def for_layer(self, index: int | None) -> FlexPrefillConfig:
+        """The settings layer ``index`` runs with: its ``layer_gamma`` where one names it, else
+        these (also for None, a layer of unknown index)."""
+        if not self.layer_gamma or index is None:
+            return self
+        return _layer_settings(self, index)
 
     @property
     def min_blocks(self) -> int:
@@ -153,4 +169,57 @@ class FlexPrefillConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as ``from_dict`` takes them; ``layer_gamma`` only where set (a record
+        of settings made before it existed reads the same)."""
+        out = dataclasses.asdict(self)
+        if self.layer_gamma is None:
+            del out["layer_gamma"]
+        else:
+            out["layer_gamma"] = {(f"{a}" if a == b else f"{a}-{b}"): g for a, b, g in self.layer_gamma}
+        return out
+
+
+def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] | None:
+    """``layer_gamma`` as sorted, non-overlapping ``(first, last, gamma)``; None when empty.
+
+    values: None, a mapping ``{"14-24": 0.95, 3: 1.0}`` or such triples.
+    """
+    if values is None:
+        return None
+    example = "such as {'14-24': 0.95, '3': 1.0}"
+    if isinstance(values, Mapping):
+        items = list(values.items())
+    elif isinstance(values, (list, tuple)) and all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
+        items = [((a, b), g) for a, b, g in values]
+    else:
+        raise ValueError(f"layer_gamma must be a dictionary of layers to gamma {example}, got {values!r} {where}")
+    ranges = []
+    for layers, gamma in items:
+        if isinstance(layers, tuple):
+            first, last = layers
+        elif isinstance(layers, int) and not isinstance(layers, bool):
+            first = last = layers
+        elif isinstance(layers, str) and (m := re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", layers)):
+            first, last = int(m[1]), int(m[2] or m[1])
+        else:
+            raise ValueError(f"layer_gamma names layers by index or inclusive range {example}, "
+                             f"got the key {layers!r} {where}")
+        if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (first, last))
+                or not 0 <= first <= last):
+            raise ValueError(f"layer_gamma's range {layers!r} must run from a layer index >= 0 up {where}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
+            raise ValueError(f"layer_gamma's gamma for layers {layers!r} must be a number in (0, 1], "
+                             f"got {gamma!r} {where}")
+        ranges.append((first, last, float(gamma)))
+    ranges.sort()
+    for (a0, b0, _), (a1, b1, _) in zip(ranges, ranges[1:]):
+        if a1 <= b0:
+            raise ValueError(f"layer_gamma names layers {a1}-{min(b0, b1)} twice ({a0}-{b0} and {a1}-{b1}) {where}")
+    return tuple(ranges) or None
+
+
+@functools.lru_cache(maxsize=1024)
+def _layer_settings(cfg: FlexPrefillConfig, index: int) -> FlexPrefillConfig:
+    """One layer's settings (cached: a layer asks on every forward)."""
+    gamma = next((g for a, b, g in cfg.layer_gamma if a <= index <= b), cfg.gamma)
+    return dataclasses.replace(cfg, gamma=gamma, layer_gamma=None)

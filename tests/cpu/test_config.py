@@ -48,3 +48,26 @@ def test_unknown_key_lists_allowed_keys():
 def test_bad_values_name_the_field_and_where_to_set_it(kwargs, message):
     with pytest.raises(ValueError, match=f"{message}.*additional_config"):
         FlexPrefillConfig(**kwargs)
+
+
+def test_layer_gamma_sets_some_layers_and_reads_back():
+    cfg = FlexPrefillConfig.from_dict({"layer_gamma": {"14-24": 0.95, 3: 1}}, "qwen2")
+    assert cfg.gamma == 0.9 and cfg.layer_gamma == ((3, 3, 1.0), (14, 24, 0.95))
+    assert [cfg.for_layer(i).gamma for i in (0, 3, 13, 14, 24, 25)] == [0.9, 1.0, 0.9, 0.95, 0.95, 0.9]
+    assert cfg.for_layer(14).layer_gamma is None and cfg.for_layer(14).tau == cfg.tau
+    assert cfg.for_layer(None) is cfg and FlexPrefillConfig().for_layer(7) == FlexPrefillConfig()
+    assert cfg.to_dict()["layer_gamma"] == {"3": 1.0, "14-24": 0.95}
+    assert FlexPrefillConfig.from_dict(cfg.to_dict()) == cfg
+    # settings without it read as they did before it existed (answer files key on them)
+    assert "layer_gamma" not in FlexPrefillConfig().to_dict()
+
+
+@pytest.mark.parametrize("layer_gamma,message", [
+    ({"a": 0.9}, "by index or inclusive range"), ({"-1": 0.9}, "by index or inclusive range"),
+    ({"5-2": 0.9}, "from a layer index >= 0 up"), ({"2": 1.5}, r"gamma for layers '2' must be a number in \(0, 1\]"),
+    ({"1-5": 0.9, "5-8": 0.95}, "names layers 5-5 twice"), ([0.9], "must be a dictionary of layers to gamma"),
+    ({True: 0.9}, "by index or inclusive range"),
+])
+def test_bad_layer_gamma_says_what_to_write(layer_gamma, message):
+    with pytest.raises(ValueError, match=f"{message}.*additional_config"):
+        FlexPrefillConfig(layer_gamma=layer_gamma)

@@ -89,3 +89,15 @@ def test_real_model_exact_mode_equals_sdpa():
     ids = torch.tensor([Generator(tokenizer).sample("niah_single_noise", 600, 0).token_ids])
     with torch.no_grad():
         torch.testing.assert_close(flex(ids).logits, sdpa(ids).logits, atol=2e-3, rtol=1e-3)
+
+
+def test_each_layer_runs_its_layer_gamma(tiny_llama):
+    settings = {"block_size": 32, "flex_prefill_min_budget": 32, "min_sparse_tokens": 0, "gamma": 0.5}
+    plain = patch_model(load(tiny_llama, "sdpa"), settings)
+    layered = patch_model(load(tiny_llama, "sdpa"), {**settings, "layer_gamma": {"1": 0.99}})
+    ids = torch.randint(10, 150, (1, 700), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = plain(ids).logits, layered(ids).logits
+    gammas = [layer.self_attn._flexprefill_config.gamma for layer in layered.model.layers]
+    assert gammas[1] == 0.99 and set(gammas[:1] + gammas[2:]) == {0.5}
+    assert not torch.allclose(a, b, atol=1e-5), "layer 1's gamma changed nothing"

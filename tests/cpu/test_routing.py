@@ -12,7 +12,9 @@ import torch
 from reference import ATOL, dense_reference
 
 from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
-from vllm_flexprefill.backend.sparse import sparse_prefill
+from vllm_flexprefill.attention import select_blocks
+from vllm_flexprefill.backend.compat import layer_index
+from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
 from vllm_flexprefill.config import FlexPrefillConfig
 
 PAGE = 16
@@ -137,3 +139,23 @@ def test_slice_requests_gives_metadata_of_a_request_range():
     assert part.seq_lens.tolist() == [900, 50] and part.max_seq_len == 900 and part.max_query_len == 200
     assert torch.equal(part.block_table_tensor, table[3:5])
     assert torch.equal(part.slot_mapping, slots[1001:1251])
+
+
+def test_each_layer_chooses_blocks_with_its_own_gamma():
+    query, keys, values, key_cache, value_cache, block_table = paged_batch(3)
+    base = dict(min_budget=32, min_sparse_tokens=600, min_sparse_query_tokens=100, sparse_block_size=32)
+    cfg = FlexPrefillConfig(gamma=0.5, layer_gamma={"2-3": 0.99}, **base)
+    qsl = torch.tensor([0, *itertools.accumulate(Q_LENS)], dtype=torch.int32)
+    plan = plan_batch(qsl, torch.tensor(SEQ_LENS), block_table, PAGE, cfg, decode_threshold=1)
+    (group,) = plan.groups
+    q, k = query[group.q_rows], key_cache[group.kv_pages, group.kv_offsets]
+    assert layer_index("model.layers.2.self_attn.attn") == 2 and layer_index("lm_head") is None
+    for name, gamma in [("model.layers.1.self_attn.attn", 0.5), ("model.layers.2.self_attn.attn", 0.99),
+                        ("model.layers.4.self_attn.attn", 0.5), ("attn", 0.5)]:
+        got = choose_and_record(q, k, group, plan, 0.125, name)
+        want = select_blocks(q, k, group.layout, FlexPrefillConfig(gamma=gamma, **base), 0.125)
+        assert torch.equal(got.block_cnt, want.block_cnt), name
+    # the two gammas choose differently on this batch (else the test could not fail)
+    low = choose_and_record(q, k, group, plan, 0.125, "model.layers.1.self_attn.attn")
+    high = choose_and_record(q, k, group, plan, 0.125, "model.layers.3.self_attn.attn")
+    assert high.block_cnt.sum() > low.block_cnt.sum()

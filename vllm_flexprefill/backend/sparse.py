@@ -8,7 +8,7 @@ import torch
 
 from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
-from vllm_flexprefill.backend.compat import logger
+from vllm_flexprefill.backend.compat import layer_index, logger
 from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
 
 
@@ -98,13 +98,15 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Spa
 
 def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan: SparsePlan, scale: float,
                       layer_name: str, k_rows: torch.Tensor | None = None):
-    """The group's block selection; its density goes to the router's memory (the block-list
-    kernel adds to its counters: no synchronisation, no launch of its own). A layer that
-    measures (``SparsePlan.measures``) calls this alone."""
+    """The group's block selection, with this layer's settings (``layer_gamma``); its density
+    goes to the router's memory (the block-list kernel adds to its counters: no
+    synchronisation, no launch of its own). A layer that measures (``SparsePlan.measures``)
+    calls this alone."""
     counter = None
     if plan.memory is not None:
         counter = plan.memory.counter(layer_name, group.bucket, group.causal_blocks * q.shape[1])
-    return select_blocks(q, k, group.layout, plan.config, scale, k_rows, count_into=counter)
+    cfg = plan.config.for_layer(layer_index(layer_name))
+    return select_blocks(q, k, group.layout, cfg, scale, k_rows, count_into=counter)
 
 
 def record_layer(selection, group: SparseGroup, layer_name: str, kernel: str) -> None:

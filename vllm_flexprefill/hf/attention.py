@@ -45,11 +45,13 @@ def say_once(message: str, level: int = logging.INFO) -> None:
 
 
 def layer_config(module: torch.nn.Module) -> FlexPrefillConfig:
-    """The layer's validated settings, built once per attention module from its model config."""
+    """The layer's validated settings (its ``layer_gamma`` by the module's ``layer_idx``),
+    built once per attention module from its model config."""
     cfg = getattr(module, "_flexprefill_config", None)
     if cfg is None:
         cfg = FlexPrefillConfig.from_dict(getattr(module.config, CONFIG_KEY, None),
                                           getattr(module.config, "model_type", None))
+        cfg = cfg.for_layer(getattr(module, "layer_idx", None))
         module._flexprefill_config = cfg
     return cfg
 
