@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -212,7 +213,7 @@ def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] 
                              f"got {gamma!r} {where}")
         ranges.append((first, last, float(gamma)))
     ranges.sort()
-    for (a0, b0, _), (a1, b1, _) in zip(ranges, ranges[1:]):
+    for (a0, b0, _), (a1, b1, _) in itertools.pairwise(ranges):
         if a1 <= b0:
             raise ValueError(f"layer_gamma names layers {a1}-{min(b0, b1)} twice ({a0}-{b0} and {a1}-{b1}) {where}")
     return tuple(ranges) or None

@@ -11,9 +11,9 @@ import itertools
 import torch
 from reference import ATOL, dense_reference
 
-from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
 from vllm_flexprefill.attention import select_blocks
 from vllm_flexprefill.backend.compat import layer_index
+from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
 from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
 from vllm_flexprefill.config import FlexPrefillConfig
 
@@ -142,8 +142,8 @@ def test_slice_requests_gives_metadata_of_a_request_range():
 
 
 def test_each_layer_chooses_blocks_with_its_own_gamma():
-    query, keys, values, key_cache, value_cache, block_table = paged_batch(3)
-    base = dict(min_budget=32, min_sparse_tokens=600, min_sparse_query_tokens=100, sparse_block_size=32)
+    query, _, _, key_cache, _, block_table = paged_batch(3)
+    base = {"min_budget": 32, "min_sparse_tokens": 600, "min_sparse_query_tokens": 100, "sparse_block_size": 32}
     cfg = FlexPrefillConfig(gamma=0.5, layer_gamma={"2-3": 0.99}, **base)
     qsl = torch.tensor([0, *itertools.accumulate(Q_LENS)], dtype=torch.int32)
     plan = plan_batch(qsl, torch.tensor(SEQ_LENS), block_table, PAGE, cfg, decode_threshold=1)
