@@ -117,11 +117,11 @@ for stage in "$@"; do
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
                 cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
-    # the default settings (gamma 0.9 on Qwen2) beside gamma 0.95; the mass of every query is
-    # computed once per layer, each setting only chooses blocks
+    # the default settings (gamma 0.9 on Qwen2) beside gamma 0.95 and every head query-aware at
+    # 0.95; the mass of every query is computed once per layer, each setting only chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
-                   --config default='{}' --config g95='{"gamma": 0.95}' \
+                   --config default='{}' --config g95='{"gamma": 0.95}' --config qa95='{"gamma": 0.95, "tau": 1.0}' \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
     # where the answers one engine alone found stand, with the prompts made on this machine's
     # Python (the one that answered them on the GPU): exact for records without answer_starts
