@@ -161,18 +161,24 @@ def test_two_processes_asking_for_a_model_convert_it_once(tmp_path, monkeypatch)
     assert (tmp_path / "c" / "Fake" / "config.json").is_file()
 
 
-def test_the_yarn_variant_made_while_waiting_is_taken_as_it_is(tmp_path, monkeypatch):
-    # a conversion in the background makes the YaRN folder while a benchmark waits for it: the
-    # benchmark must take that folder, not make a second one over it (which failed with
-    # "Directory not empty")
-    import threading
-
+def converted_fake(tmp_path, monkeypatch):
+    """A cache holding the fake model's native checkpoint (a config and one weights file)."""
     model, _, _ = fake_model(tmp_path)
     monkeypatch.setitem(checkpoints.MODELS, "fake", model)
     cache = tmp_path / "c"
     (cache / "Fake").mkdir(parents=True)
     (cache / "Fake" / "config.json").write_text('{"rope_theta": 10000.0}')
     (cache / "Fake" / "model.safetensors").write_text("weights")
+    return cache
+
+
+def test_the_yarn_variant_made_while_waiting_is_taken_as_it_is(tmp_path, monkeypatch):
+    # a conversion in the background makes the YaRN folder while a benchmark waits for it: the
+    # benchmark must take that folder, not make a second one over it (which failed with
+    # "Directory not empty")
+    import threading
+
+    cache = converted_fake(tmp_path, monkeypatch)
     scaled = cache / "Fake-yarn4"
     folders = []
     with checkpoints.converting(cache, scaled.name):
@@ -188,12 +194,7 @@ def test_the_yarn_variant_made_while_waiting_is_taken_as_it_is(tmp_path, monkeyp
 
 
 def test_the_yarn_variant_links_the_weights_and_scales_the_rope(tmp_path, monkeypatch):
-    model, _, _ = fake_model(tmp_path)
-    monkeypatch.setitem(checkpoints.MODELS, "fake", model)
-    cache = tmp_path / "c"
-    (cache / "Fake").mkdir(parents=True)
-    (cache / "Fake" / "config.json").write_text('{"rope_theta": 10000.0}')
-    (cache / "Fake" / "model.safetensors").write_text("weights")
+    cache = converted_fake(tmp_path, monkeypatch)
     scaled = checkpoints.checkpoint("fake", yarn=True, cache=cache)
     config = json.loads((scaled / "config.json").read_text())
     assert config["max_position_embeddings"] == 4096 * 4
