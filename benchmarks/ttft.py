@@ -250,8 +250,8 @@ def by_layer(records: list[dict]) -> dict[int, list]:
     groups: dict[int, list[dict]] = {}
     for r in records:
         if r.get("kind") == "layer":
-            digits = [int(part) for part in r["layer"].split(".") if part.isdigit()]
-            groups.setdefault(digits[0] if digits else -1, []).append(r)
+            index = stats.layer_index(r["layer"])
+            groups.setdefault(-1 if index is None else index, []).append(r)
     summaries = {i: stats.summarize(group) for i, group in sorted(groups.items())}
     return {i: [s.layer_calls, s.density] for i, s in summaries.items()}
 

@@ -20,11 +20,21 @@ The debug log (``VLLM_LOGGING_LEVEL=DEBUG``) says the same for people; programs 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 
 ENV = "FLEXPREFILL_STATS"
+
+
+@functools.lru_cache(maxsize=4096)
+def layer_index(layer_name: str) -> int | None:
+    """A decoder layer's index from the name of its attention layer, as the layer records carry
+    it ("model.layers.14.self_attn.attn" -> 14): the name's one number; None where it holds
+    none or several (cached: the backend asks on every layer call)."""
+    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    return numbers[0] if len(numbers) == 1 else None
 
 
 def path() -> str | None:

@@ -12,10 +12,10 @@ import torch
 from reference import ATOL, dense_reference
 
 from vllm_flexprefill.attention import select_blocks
-from vllm_flexprefill.backend.compat import layer_index
 from vllm_flexprefill.backend.routing import choose_sparse, dense_runs, plan_batch
 from vllm_flexprefill.backend.sparse import choose_and_record, sparse_prefill
 from vllm_flexprefill.config import FlexPrefillConfig
+from vllm_flexprefill.stats import layer_index
 
 PAGE = 16
 #          decode   fresh   chunk   prefix-hit  short

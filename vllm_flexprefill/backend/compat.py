@@ -287,11 +287,3 @@ def additional_config(vllm_config) -> dict:
 def model_type(vllm_config) -> str | None:
     """The served model's Hugging Face ``model_type`` (None for engine arguments, which have no model config)."""
     return getattr(getattr(getattr(vllm_config, "model_config", None), "hf_config", None), "model_type", None)
-
-
-@functools.lru_cache(maxsize=4096)
-def layer_index(layer_name: str) -> int | None:
-    """A decoder layer's index from its attention layer's name ("model.layers.14.self_attn.attn"
-    -> 14), as vLLM numbers layers; None where the name holds no single number."""
-    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
-    return numbers[0] if len(numbers) == 1 else None

@@ -8,7 +8,7 @@ import torch
 
 from vllm_flexprefill import stats
 from vllm_flexprefill.attention import select_blocks, sparse_attention
-from vllm_flexprefill.backend.compat import layer_index, logger
+from vllm_flexprefill.backend.compat import logger
 from vllm_flexprefill.backend.routing import SparseGroup, SparsePlan
 
 
@@ -105,7 +105,7 @@ def choose_and_record(q: torch.Tensor, k: torch.Tensor, group: SparseGroup, plan
     counter = None
     if plan.memory is not None:
         counter = plan.memory.counter(layer_name, group.bucket, group.causal_blocks * q.shape[1])
-    cfg = plan.config.for_layer(layer_index(layer_name))
+    cfg = plan.config.for_layer(stats.layer_index(layer_name))
     return select_blocks(q, k, group.layout, cfg, scale, k_rows, count_into=counter)
 
 
