@@ -151,9 +151,8 @@ class Generator:
         if budget < 16:
             raise ValueError(f"length {length} is too short for task {task}")
         filler = self._fill(task, budget, rng)
-        ids, spans = self._place(start, filler, needle_ids, end, rng, keep_order=task == "vt", depth=depth)
-        # each needle's span is where its tokens were placed; each answer's, its first needle's
-        starts = {j: next(a for a, b in spans if ids[a:b] == n) for j, n in enumerate(needle_ids)}
+        ids, spans, starts = self._place(start, filler, needle_ids, end, rng, keep_order=task == "vt", depth=depth)
+        # each answer stands where the first needle holding it was placed
         holder = [next((j for j, n in enumerate(needles) if a in n), None) for a in answers]
         answer_starts = tuple(None if j is None else starts[j] for j in holder)
         return Sample(task, length, index, tuple(ids), tuple(answers), tuple(spans), new_tokens, answer_starts)
@@ -173,7 +172,8 @@ class Generator:
 
     @staticmethod
     def _place(start, filler, needles, end, rng, keep_order, depth=None):
-        """Inserts the needles into the filler at random depths; returns ids and needle spans."""
+        """Inserts the needles into the filler at random depths; returns ids, the needle spans in
+        prompt order, and each needle's first token by its index in ``needles``."""
         if depth is not None:
             depths = [round(depth * len(filler))] * len(needles)
         else:
@@ -183,16 +183,18 @@ class Generator:
             rng.shuffle(order)
         ids = list(start)
         spans = []
+        starts = [0] * len(needles)
         k = 0
         for j in range(len(filler) + 1):
             while k < len(needles) and depths[k] == j:
                 needle = needles[order[k]]
                 spans.append((len(ids), len(ids) + len(needle)))
+                starts[order[k]] = len(ids)
                 ids += needle
                 k += 1
             if j < len(filler):
                 ids += filler[j]
-        return ids + list(end), spans
+        return ids + list(end), spans, starts
 
     def _key(self, rng: random.Random, taken: set) -> str:
         while True:
