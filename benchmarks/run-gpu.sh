@@ -32,7 +32,8 @@
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
-#                                         # the prompt's index), default settings and gamma 0.95; not timed,
+#                                         # the prompt's index), default settings, gamma 0.95 and every head
+#                                         # query-aware at 0.95; not timed,
 #                                         # so it may run beside the RULER queue
 #   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
 #                                         # made with the GPU machine's Python, as they were answered (no GPU)
