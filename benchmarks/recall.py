@@ -166,8 +166,7 @@ def main() -> None:
     configs = {}
     for item in args.config or ["default={}"]:
         name, _, settings = item.partition("=")
-        configs[name] = FlexPrefillConfig.from_dict({**json.loads(settings), "min_sparse_tokens": 0},
-                                                    model.config.model_type)
+        configs[name] = FlexPrefillConfig.from_dict({**json.loads(settings), "min_sparse_tokens": 0})
     from ruler_tasks import Generator
 
     gen = Generator(tokenizer)

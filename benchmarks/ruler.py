@@ -255,17 +255,14 @@ def sample_scores(samples_by_length, texts: dict) -> dict[str, list[float]]:
 KEY_FIELDS = ("engine", "settings", "config", "rates", "via", "model", "length", "task", "prompts", "ttft")
 
 
-def resolved_settings(settings: dict | None, model_type: str | None) -> dict | None:
+def resolved_settings(settings: dict | None) -> dict | None:
     """Every FlexPrefill setting an engine runs with, as the package on the path fills in what
-    ``settings`` leaves out for this model type (None for dense)."""
+    ``settings`` leaves out (None for dense)."""
     if settings is None:
         return None
     from vllm_flexprefill.config import FlexPrefillConfig
 
-    try:
-        return FlexPrefillConfig.from_dict(settings, model_type).to_dict()
-    except TypeError:  # a package from before per-model defaults (a queue's package= line): one default
-        return FlexPrefillConfig.from_dict(settings).to_dict()
+    return FlexPrefillConfig.from_dict(settings).to_dict()
 
 
 def key_of(record: dict) -> str:
@@ -490,10 +487,9 @@ def run_engine_cells(name: str, config: dict | None, rates: dict | None, variant
 
     variants: (model folder, max_model_len, its lengths) per model variant.
     options: model (the name), via, max_num_batched_tokens, stats_dir, gpu_memory_utilization
-    (optional; None: 0.8 on a GPU), model_type (optional: the model's Hugging Face type, which
-    picks some defaults).
+    (optional; None: 0.8 on a GPU).
     """
-    who = {"engine": name, "settings": config, "config": resolved_settings(config, options.get("model_type")),
+    who = {"engine": name, "settings": config, "config": resolved_settings(config),
            "rates": rates, "via": options["via"], "model": options["model"]}
     answers.parent.mkdir(parents=True, exist_ok=True)
     for model, max_len, variant_lengths in variants:
@@ -778,9 +774,8 @@ def main() -> None:
                "engines": {}}
     tmp = tempfile.mkdtemp(prefix="ruler-stats-")
     answers = pathlib.Path(args.answers) if args.answers else pathlib.Path(tmp) / "answers.jsonl"
-    model_type = json.loads((pathlib.Path(native) / "config.json").read_text()).get("model_type")
     options = {"model": args.model, "via": args.via, "max_num_batched_tokens": args.max_num_batched_tokens,
-               "stats_dir": tmp, "gpu_memory_utilization": args.gpu_memory_utilization, "model_type": model_type}
+               "stats_dir": tmp, "gpu_memory_utilization": args.gpu_memory_utilization}
     for name, config in engines.items():
         results["engines"][name] = run_engine_cells(name, config, engine_rates.get(name), variants, samples, tasks,
                                                     args.lengths, answers, options)

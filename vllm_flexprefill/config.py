@@ -29,12 +29,6 @@ REFERENCE_ALIASES = {
     "flex_prefill_max_budget": "max_budget",
 }
 
-# gamma where the settings name none, by the model's Hugging Face ``model_type``: the FlexPrefill
-# paper's per-model choice (0.9 for Qwen2 and Yi, 0.95 for Llama and GLM), measured here on
-# Qwen2.5-Coder-1.5B at 64k and 128k (docs/quality.md). Yi checkpoints say "llama" and keep 0.95.
-MODEL_GAMMA = {"qwen2": 0.9}
-
-
 @dataclasses.dataclass(frozen=True)
 class FlexPrefillConfig:
     """How FlexPrefill chooses the attention blocks it computes."""
@@ -42,9 +36,9 @@ class FlexPrefillConfig:
     gamma: float = 0.95
     """Coverage gamma in (0, 1]: the chosen vertical blocks carry at least this share of
     the probe's vertical attention mass, and the chosen slash (block-diagonal) offsets at
-    least this share of its slash mass. Higher is denser and more accurate. In vLLM and
-    transformers a model listed in ``MODEL_GAMMA`` gets its own value when the settings
-    name no gamma (Qwen2 and Qwen2.5: 0.9)."""
+    least this share of its slash mass. Higher is denser and more accurate. The same for
+    every model: the paper's 0.9 for Qwen2 lost answers that dense found on
+    Qwen2.5-Coder-1.5B at 32k and 64k, and 0.95 did not at 32k (docs/quality.md)."""
 
     tau: float = 0.1
     """Pattern threshold tau >= 0: a head whose Jensen-Shannon distance between the
@@ -141,12 +135,8 @@ class FlexPrefillConfig:
         return k_len >= self.min_sparse_tokens
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None, model_type: str | None = None) -> FlexPrefillConfig:
-        """Builds a config from a user dictionary; unknown keys are an error listing the valid ones.
-
-        model_type: the model's Hugging Face ``model_type``; where ``values`` names no gamma,
-        ``MODEL_GAMMA`` gives it for the models listed there.
-        """
+    def from_dict(cls, values: Mapping[str, Any] | None) -> FlexPrefillConfig:
+        """Builds a config from a user dictionary; unknown keys are an error listing the valid ones."""
         if values is None:
             values = {}
         if not isinstance(values, Mapping):
@@ -165,8 +155,6 @@ class FlexPrefillConfig:
             if name in kwargs:
                 raise ValueError(f"flexprefill config sets {name!r} twice (as {key!r} and under another name)")
             kwargs[name] = value
-        if "gamma" not in kwargs and model_type in MODEL_GAMMA:
-            kwargs["gamma"] = MODEL_GAMMA[model_type]
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

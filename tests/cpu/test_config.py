@@ -22,15 +22,6 @@ def test_reference_keys_are_accepted():
     assert FlexPrefillConfig.from_dict(None) == FlexPrefillConfig()
 
 
-def test_a_listed_model_gets_its_gamma_only_where_the_settings_name_none():
-    # the paper's 0.9 for Qwen2 (Qwen2.5 models say "qwen2" too); every other model keeps 0.95
-    assert FlexPrefillConfig.from_dict(None, "qwen2") == FlexPrefillConfig(gamma=0.9)
-    assert FlexPrefillConfig.from_dict({"tau": 0.2}, "qwen2") == FlexPrefillConfig(gamma=0.9, tau=0.2)
-    assert FlexPrefillConfig.from_dict({"gamma": 0.95}, "qwen2").gamma == 0.95
-    assert FlexPrefillConfig.from_dict({"flex_prefill_gamma": 0.99}, "qwen2").gamma == 0.99
-    assert FlexPrefillConfig.from_dict(None, "llama") == FlexPrefillConfig.from_dict(None) == FlexPrefillConfig()
-
-
 def test_unknown_key_lists_allowed_keys():
     with pytest.raises(ValueError, match=r"unknown flexprefill config key 'gama'; did you mean 'gamma'\? allowed keys: .*gamma.*tau"):
         FlexPrefillConfig.from_dict({"gama": 0.9})
@@ -51,7 +42,7 @@ def test_bad_values_name_the_field_and_where_to_set_it(kwargs, message):
 
 
 def test_layer_gamma_sets_some_layers_and_reads_back():
-    cfg = FlexPrefillConfig.from_dict({"layer_gamma": {"14-24": 0.95, 3: 1}}, "qwen2")
+    cfg = FlexPrefillConfig.from_dict({"gamma": 0.9, "layer_gamma": {"14-24": 0.95, 3: 1}})
     assert cfg.gamma == 0.9 and cfg.layer_gamma == ((3, 3, 1.0), (14, 24, 0.95))
     assert [cfg.for_layer(i).gamma for i in (0, 3, 13, 14, 24, 25)] == [0.9, 1.0, 0.9, 0.95, 0.95, 0.9]
     assert cfg.for_layer(14).layer_gamma is None and cfg.for_layer(14).tau == cfg.tau

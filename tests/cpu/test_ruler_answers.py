@@ -44,10 +44,9 @@ class FakeEngine:
         return {}
 
 
-def run(tmp_path, engine, lengths=(1024, 4096), config=None, model_type=None):
+def run(tmp_path, engine, lengths=(1024, 4096), config=None):
     variants = [("native", 2048, [1024]), ("yarn", 8192, [4096])]
-    options = {"model": "m", "via": "vllm", "max_num_batched_tokens": None, "stats_dir": str(tmp_path),
-               "model_type": model_type}
+    options = {"model": "m", "via": "vllm", "max_num_batched_tokens": None, "stats_dir": str(tmp_path)}
     return ruler.run_engine_cells("flex", config if config is not None else {}, None, variants,
                                   fake_samples(lengths), TASKS, list(lengths), tmp_path / "answers.jsonl", options,
                                   run=engine)
@@ -80,12 +79,15 @@ def test_other_settings_under_the_same_name_run_again(tmp_path):
     assert other.cells_run == 4
 
 
-def test_the_same_settings_under_another_default_run_again(tmp_path):
-    # "{}" on a Qwen2 model runs gamma 0.9: not the answers "{}" gave at 0.95
+def test_the_same_settings_under_another_default_run_again(tmp_path, monkeypatch):
+    # "{}" under a package whose default gamma is 0.9: not the answers "{}" gave at 0.95
     run(tmp_path, FakeEngine())
-    qwen = FakeEngine()
-    run(tmp_path, qwen, model_type="qwen2")
-    assert qwen.cells_run == 4
+    resolved = ruler.resolved_settings
+    monkeypatch.setattr(ruler, "resolved_settings", lambda s: s if s is None else {**resolved(s), "gamma": 0.9})
+    other_default = FakeEngine()
+    run(tmp_path, other_default)
+    assert other_default.cells_run == 4
+    monkeypatch.undo()
     gammas = {r["config"]["gamma"] for r in ruler.read_answers(tmp_path / "answers.jsonl").values() if "task" in r}
     assert gammas == {0.95, 0.9}
     named = FakeEngine()
@@ -99,7 +101,7 @@ def test_a_length_with_a_task_missing_has_rows_but_no_prompt_scores(tmp_path):
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     keep = [r for r in records if not (r.get("length") == 4096 and r.get("task") == "vt")]
     answers.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    who = {"engine": "flex", "settings": {}, "config": ruler.resolved_settings({}, None), "rates": None,
+    who = {"engine": "flex", "settings": {}, "config": ruler.resolved_settings({}), "rates": None,
            "via": "vllm", "model": "m"}
     result = ruler.assemble(who,
                             ruler.read_answers(answers), fake_samples([1024, 4096]), TASKS, [1024, 4096])

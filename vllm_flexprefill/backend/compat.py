@@ -282,8 +282,3 @@ def layer_features(impl) -> LayerFeatures:
 def additional_config(vllm_config) -> dict:
     """``additional_config`` of a vLLM config ({} where unset)."""
     return getattr(vllm_config, "additional_config", None) or {}
-
-
-def model_type(vllm_config) -> str | None:
-    """The served model's Hugging Face ``model_type`` (None for engine arguments, which have no model config)."""
-    return getattr(getattr(getattr(vllm_config, "model_config", None), "hf_config", None), "model_type", None)

@@ -26,12 +26,12 @@ def config_from_vllm(vllm_config) -> FlexPrefillConfig:
     Raises FlexPrefillSettingsError (a ValueError, which stops the engine from starting) on
     unknown keys or bad values.
     """
-    return settings_from(compat.additional_config(vllm_config), compat.model_type(vllm_config))
+    return settings_from(compat.additional_config(vllm_config))
 
 
-def settings_from(extra: dict, model_type: str | None = None) -> FlexPrefillConfig:
+def settings_from(extra: dict) -> FlexPrefillConfig:
     try:
-        return FlexPrefillConfig.from_dict(extra.get(KEY), model_type)
+        return FlexPrefillConfig.from_dict(extra.get(KEY))
     except ValueError as e:
         raise FlexPrefillSettingsError(
             f"invalid FlexPrefill setting: {e}. Given as additional_config={{'{KEY}': {extra.get(KEY)!r}}} "

@@ -49,8 +49,7 @@ def layer_config(module: torch.nn.Module) -> FlexPrefillConfig:
     built once per attention module from its model config."""
     cfg = getattr(module, "_flexprefill_config", None)
     if cfg is None:
-        cfg = FlexPrefillConfig.from_dict(getattr(module.config, CONFIG_KEY, None),
-                                          getattr(module.config, "model_type", None))
+        cfg = FlexPrefillConfig.from_dict(getattr(module.config, CONFIG_KEY, None))
         cfg = cfg.for_layer(getattr(module, "layer_idx", None))
         module._flexprefill_config = cfg
     return cfg
@@ -143,8 +142,7 @@ def patch_model(model: torch.nn.Module, pattern: str | FlexPrefillConfig | Mappi
         raise ValueError("patch_model takes (model, config) or (model, 'flex_prefill', config), not both configs")
     else:
         config = pattern
-    cfg = (config if isinstance(config, FlexPrefillConfig)
-           else FlexPrefillConfig.from_dict(config, getattr(model.config, "model_type", None)))
+    cfg = config if isinstance(config, FlexPrefillConfig) else FlexPrefillConfig.from_dict(config)
     register()
     model.config.flexprefill = cfg.to_dict()
     for module in model.modules():
