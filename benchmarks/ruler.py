@@ -55,9 +55,9 @@ pairs only cells whose engines saw the same prompts.
     python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex
 
 Records also say where each answer's needle stands (``answer_starts``); ``--by-position
-CHUNK`` adds to the table the answers found by only one engine, split by whether their
-needle stands in the prefill's first CHUNK tokens or after (older records: the prompts are
-made again with ``--model``'s tokenizer, on this machine's prose).
+CHUNK`` adds to the table the answers found by only one engine, split by the prefill chunk
+of CHUNK tokens their needle stands in (older records: the prompts are made again with
+``--model``'s tokenizer, on this machine's prose).
 
     python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex \
         --by-position 16384 --model qwen2.5-coder-1.5b
@@ -610,8 +610,8 @@ def prompt_positions(model: str, seed: int):
 
 def by_position(records: list[dict], engines: list[str] | None, positions, chunk: int) -> str:
     """Answers (expected strings) found by only one of the first engine and each other engine,
-    by where the needle holding the answer stands: in the first ``chunk`` tokens (chunked
-    prefill's first chunk, which the default settings run dense) or after them.
+    by the chunk of ``chunk`` tokens where the needle holding the answer stands: chunked
+    prefill's chunks (the default settings run the first dense; the last holds the question).
 
     Where the needles stand comes from the reference's record (``answer_starts``, in records
     written since they carry it), or for older records from positions(task, length, index,
@@ -621,11 +621,11 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
     cells = [r for r in records if "texts" in r and "expected" in r]
     names, by = columns_of(cells, engines)
     ref = names[0]
-    lines = [(f"answers found by {ref} only / by the engine only, by where the needle stands "
-              f"(first {chunk} tokens | after)")]
+    lines = [(f"answers found by {ref} only / by the engine only, by the chunk of {chunk} tokens where "
+              f"the needle stands (first | second | ...)")]
     for name in names[1:]:
         for length in sorted({r["length"] for r in cells}):
-            counts, unmatched = {}, 0
+            counts, unmatched, chunks = {}, 0, -(-length // chunk)
             for task in dict.fromkeys(r["task"] for r in cells):
                 ours, theirs = by.get((ref, length, task)), by.get((name, length, task))
                 if not ours or not theirs or ours["prompts"] != theirs["prompts"]:
@@ -642,13 +642,17 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
                         # found: as the task scores it, one answer at a time
                         a, b = (ruler_tasks.score([answer], text) == 1.0 for text in (a_text, b_text))
                         if a != b:
-                            c = counts.setdefault(task, [0, 0, 0, 0])
-                            c[(0 if start < chunk else 2) + (0 if a else 1)] += 1
+                            c = counts.setdefault(task, [[0, 0] for _ in range(chunks)])
+                            c[min(start // chunk, chunks - 1)][0 if a else 1] += 1
+
+            def split(c):
+                return " | ".join(f"{lost}/{won}" for lost, won in c)
+
             if not counts and not unmatched:
                 continue
-            first, after = ([sum(c[k] for c in counts.values()) for k in ks] for ks in ((0, 1), (2, 3)))
-            per_task = ", ".join(f"{t} {c[0]}/{c[1]} | {c[2]}/{c[3]}" for t, c in counts.items())
-            lines.append(f"{name:>16} {length:>6}: {first[0]}/{first[1]} | {after[0]}/{after[1]}"
+            total = [[sum(c[i][k] for c in counts.values()) for k in (0, 1)] for i in range(chunks)]
+            per_task = ", ".join(f"{t} {split(c)}" for t, c in counts.items())
+            lines.append(f"{name:>16} {length:>6}: {split(total)}"
                          + (f"; {per_task}" if per_task else "")
                          + (f"; {unmatched} prompts left out (other answers here)" if unmatched else ""))
     return "\n".join(lines)
@@ -719,9 +723,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--table-engines", nargs="+", default=None,
                         help="with --table: these engines, in this order (the first is the reference)")
     parser.add_argument("--by-position", type=int, default=None, metavar="CHUNK",
-                        help="with --table: the answers found by only one engine, by whether their needle stands "
-                             "in the first CHUNK tokens (the prefill's first chunk) or after; the prompts are made "
-                             "again with --model's tokenizer, from this machine's Python documentation")
+                        help="with --table: the answers found by only one engine, by the prefill chunk of CHUNK "
+                             "tokens their needle stands in; for records without needle positions the prompts are "
+                             "made again with --model's tokenizer, from this machine's Python documentation")
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
                              "a second check of the vLLM path; no density statistics")

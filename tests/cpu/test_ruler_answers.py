@@ -237,6 +237,10 @@ def test_records_that_say_where_their_needles_stand_need_no_prompts():
 
     out = ruler.by_position([record("dense", ["X Y"]), record("flex", ["X"])], None, no_prompts, chunk=16)
     assert out.splitlines()[1].split(": ", 1)[1] == "0/0 | 1/0; vt 0/0 | 1/0"
+    # a longer prompt: one column per chunk, the last (a part chunk) holding the question
+    long = [{**record(e, t), "length": 40, "answer_starts": [[20, 38]]} for e, t in (("dense", ["Y"]), ("flex", ["X"]))]
+    out = ruler.by_position(long, None, no_prompts, chunk=16)
+    assert out.splitlines()[1].split(": ", 1)[1] == "0/0 | 0/1 | 1/0; vt 0/0 | 0/1 | 1/0"
 
 
 class CharTokenizer:
