@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/run-gpu.sh model      # converts SmolLM2-135M-Instruct (needs $SMOLLM2_GGUF: setup-model.sh)
 #   bash benchmarks/run-gpu.sh qwen-model # converts Qwen2.5-Coder-1.5B-Instruct, native and YaRN to 128k (needs
-#                                         # $QWEN_GGUF: benchmarks/gpu/setup-qwen.sh, 18 calls; gguf wheel from
+#                                         # $QWEN_GGUF: benchmarks/gpu/setup-qwen.sh, 20 calls; gguf wheel from
 #                                         # ../shared/gpu/make-model-parts.sh)
 #   bash benchmarks/run-gpu.sh qwen-model-bg  # the same in the background (a new session, which outlives the
 #                                         # call): the call goes on to other work (the GPU tier, say), and
@@ -32,8 +32,8 @@
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
-#                                         # the prompt's index), default settings, gamma 0.95 and every head
-#                                         # query-aware at 0.95; not timed,
+#                                         # the prompt's index), default settings (gamma 0.95), gamma 0.9 and
+#                                         # every head query-aware at 0.95; not timed,
 #                                         # so it may run beside the RULER queue
 #   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
 #                                         # made with the GPU machine's Python, as they were answered (no GPU)
@@ -78,7 +78,7 @@ python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "Run
 qwen_absent() {
   [ -f "${QWEN_GGUF:-}" ] || [ -f "${VLLM_FLEXPREFILL_CACHE:-$HOME/.cache/vllm-flexprefill}/Qwen2.5-Coder-1.5B-Instruct/config.json" ] \
     && return 1
-  echo "$1: skipped, Qwen is not on this machine (a fresh one?): carry its 18 pieces (setup-qwen.sh) first"
+  echo "$1: skipped, Qwen is not on this machine (a fresh one?): carry its pieces (setup-qwen.sh) first"
 }
 for stage in "$@"; do
   case "$stage" in
@@ -118,11 +118,11 @@ for stage in "$@"; do
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
                 cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
-    # the default settings (gamma 0.9 on Qwen2) beside gamma 0.95 and every head query-aware at
-    # 0.95; the mass of every query is computed once per layer, each setting only chooses blocks
+    # the default settings (gamma 0.95) beside gamma 0.9 and every head query-aware at 0.95;
+    # the mass of every query is computed once per layer, each setting only chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
-                   --config default='{}' --config g95='{"gamma": 0.95}' --config qa95='{"gamma": 0.95, "tau": 1.0}' \
+                   --config default='{}' --config g90='{"gamma": 0.9}' --config qa95='{"gamma": 0.95, "tau": 1.0}' \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
     # where the answers one engine alone found stand, with the prompts made on this machine's
     # Python (the one that answered them on the GPU): exact for records without answer_starts
