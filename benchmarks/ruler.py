@@ -623,6 +623,10 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
     ref = names[0]
     lines = [(f"answers found by {ref} only / by the engine only, by the chunk of {chunk} tokens where "
               f"the needle stands (first | second | ...)")]
+
+    def split(c):  # [[lost, won] per chunk] -> "lost/won | lost/won | ..."
+        return " | ".join(f"{lost}/{won}" for lost, won in c)
+
     for name in names[1:]:
         for length in sorted({r["length"] for r in cells}):
             counts, unmatched, chunks = {}, 0, -(-length // chunk)
@@ -644,10 +648,6 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
                         if a != b:
                             c = counts.setdefault(task, [[0, 0] for _ in range(chunks)])
                             c[min(start // chunk, chunks - 1)][0 if a else 1] += 1
-
-            def split(c):
-                return " | ".join(f"{lost}/{won}" for lost, won in c)
-
             if not counts and not unmatched:
                 continue
             total = [[sum(c[i][k] for c in counts.values()) for k in (0, 1)] for i in range(chunks)]
