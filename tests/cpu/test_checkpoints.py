@@ -5,6 +5,8 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
+import subprocess
 import zipfile
 
 import pytest
@@ -201,3 +203,20 @@ def test_the_yarn_variant_links_the_weights_and_scales_the_rope(tmp_path, monkey
     assert config["rope_parameters"]["factor"] == 4
     assert (scaled / "model.safetensors").resolve() == (cache / "Fake" / "model.safetensors").resolve()
     assert not list(cache.glob(".yarn-*"))
+
+
+def test_a_qwen_piece_still_travels_with_the_working_tree():
+    """A GPU call carries at most 64 MiB: the tracked files, one piece of Qwen's GGUF
+    (benchmarks/gpu/qwen-parts.sh's PIECE) and, once, the gguf wheel. The tree grows with
+    docs/results; this fails here before a GPU session finds every piece's call refused."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: which files are tracked is unknown")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    tracked = sum(p.stat().st_size for p in (root / n.decode() for n in names.split(b"\0") if n) if p.is_file())
+    piece_mib = int(re.search(r'PIECE="\$\{PIECE:-(\d+)M\}"', (root / "benchmarks/gpu/qwen-parts.sh").read_text())[1])
+    wheel = 200_000  # gguf 0.19.0's wheel is 118 kB; the setup script and the sums a few kB
+    assert tracked + piece_mib * 2**20 + wheel < 64 * 2**20, (
+        f"{tracked / 2**20:.1f} MiB of tracked files and a {piece_mib} MiB piece pass a call's 64 MiB: "
+        f"cut smaller pieces (PIECE in benchmarks/gpu/qwen-parts.sh, and the counts in its comments and "
+        f"docs/benchmarks.md) or keep large results out of the tree")
