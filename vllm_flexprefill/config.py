@@ -82,7 +82,7 @@ class FlexPrefillConfig:
 
     def __post_init__(self) -> None:
         where = "(set it in FlexPrefillConfig or additional_config['flexprefill'])"
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
+        if not is_gamma(self.gamma):
             raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r} {where}")
         if (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau >= 0.0
                 or math.isinf(self.tau)):
@@ -168,6 +168,11 @@ class FlexPrefillConfig:
         return out
 
 
+def is_gamma(value) -> bool:
+    """Whether ``value`` is a coverage gamma: a number (not a bool) in (0, 1]."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+
+
 def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] | None:
     """``layer_gamma`` as sorted, non-overlapping ``(first, last, gamma)``; None when empty.
 
@@ -196,7 +201,7 @@ def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] 
         if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (first, last))
                 or not 0 <= first <= last):
             raise ValueError(f"layer_gamma's range {layers!r} must run from a layer index >= 0 up {where}")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
+        if not is_gamma(gamma):
             raise ValueError(f"layer_gamma's gamma for layers {layers!r} must be a number in (0, 1], "
                              f"got {gamma!r} {where}")
         ranges.append((first, last, float(gamma)))
