@@ -56,11 +56,11 @@ pairs only cells whose engines saw the same prompts.
 
 Records also say where each answer's needle stands (``answer_starts``); ``--by-position
 CHUNK`` adds to the table the answers found by only one engine, split by the prefill chunk
-of CHUNK tokens their needle stands in (older records: the prompts are made again with
-``--model``'s tokenizer, on this machine's prose).
+of CHUNK tokens their needle stands in (older records: the prompts are made again with the
+tokenizer of the record's model, on this machine's prose).
 
     python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl --table-engines dense flex \
-        --by-position 16384 --model qwen2.5-coder-1.5b
+        --by-position 16384
 """
 
 from __future__ import annotations
@@ -586,21 +586,21 @@ def paired(results: dict) -> str:
     return "\n".join(lines)
 
 
-def prompt_positions(model: str, seed: int):
+def prompt_positions(seed: int):
     """``by_position``'s positions for records without their own: each prompt made again with
-    the model's tokenizer on this machine. The prose comes from this Python's documentation,
-    so on another Python the needles stand a few tokens from where the answering GPU had them
-    (the answers are the same: a prompt expecting others is left out)."""
+    the tokenizer of the record's model on this machine. The prose comes from this Python's
+    documentation, so on another Python the needles stand a few tokens from where the
+    answering GPU had them (the answers are the same: a prompt expecting others is left out)."""
     import checkpoints
     from ruler_tasks import Generator
     from transformers import AutoTokenizer
 
     made = {}
 
-    def positions(task, length, index, expected):
-        if not made:  # the tokenizer and the haystack only where a record needs them
-            made["gen"] = Generator(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint(model))))
-        sample = made["gen"].sample(task, length, index, seed)
+    def positions(model, task, length, index, expected):
+        if model not in made:  # a tokenizer and its haystack only where a record needs them
+            made[model] = Generator(AutoTokenizer.from_pretrained(str(checkpoints.checkpoint(model))))
+        sample = made[model].sample(task, length, index, seed)
         if not sample.needle_spans:  # cwe: the answers are words of the prose, in no needle
             return [None] * len(expected)
         return list(sample.answer_starts) if list(sample.answers) == list(expected) else None
@@ -614,9 +614,10 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
     prefill's chunks (the default settings run the first dense; the last holds the question).
 
     Where the needles stand comes from the reference's record (``answer_starts``, in records
-    written since they carry it), or for older records from positions(task, length, index,
-    expected): the needles' first tokens of one prompt's answers as made again, or None where
-    that prompt expects other answers than the record (then the prompt is left out and counted).
+    written since they carry it), or for older records from positions(model, task, length,
+    index, expected): the needles' first tokens of one prompt's answers as made again with the
+    record's model, or None where that prompt expects other answers than the record (then the
+    prompt is left out and counted).
     """
     cells = [r for r in records if "texts" in r and "expected" in r]
     names, by = columns_of(cells, engines)
@@ -636,7 +637,7 @@ def by_position(records: list[dict], engines: list[str] | None, positions, chunk
                     continue
                 kept = ours.get("answer_starts")
                 for i, (expected, a_text, b_text) in enumerate(zip(ours["expected"], ours["texts"], theirs["texts"])):
-                    starts = kept[i] if kept else positions(task, length, i, expected)
+                    starts = kept[i] if kept else positions(ours["model"], task, length, i, expected)
                     if starts is None:
                         unmatched += 1
                         continue
@@ -725,7 +726,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--by-position", type=int, default=None, metavar="CHUNK",
                         help="with --table: the answers found by only one engine, by the prefill chunk of CHUNK "
                              "tokens their needle stands in; for records without needle positions the prompts are "
-                             "made again with --model's tokenizer, from this machine's Python documentation")
+                             "made again with the tokenizer of each record's model, from this machine's Python "
+                             "documentation")
     parser.add_argument("--via", choices=["vllm", "transformers"], default="vllm",
                         help="transformers: each prompt's prefill in one piece (FlexPrefill's attn_implementation), "
                              "a second check of the vLLM path; no density statistics")
@@ -742,7 +744,7 @@ def main() -> None:
         print(report(results))
         print(paired(results))
         if args.by_position:
-            print(by_position(records, args.table_engines, prompt_positions(args.model, args.seed), args.by_position))
+            print(by_position(records, args.table_engines, prompt_positions(args.seed), args.by_position))
         return
     if args.report:
         merged = {"meta": {}, "engines": {}}

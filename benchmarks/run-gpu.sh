@@ -128,7 +128,7 @@ for stage in "$@"; do
     # Python (the one that answered them on the GPU): exact for records without answer_starts
     ruler-positions) timeout 300 python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl \
                        --table-engines ${TABLE_ENGINES:-dense flex g90} --by-position ${CHUNK:-16384} \
-                       --model qwen2.5-coder-1.5b 2>&1 | sed -n '/answers found/,$p' ;;
+                       2>&1 | sed -n '/answers found/,$p' ;;
     long-document) timeout 590 python examples/long_document.py 2>&1 | grep -v -E "INFO|WARNING" | tail -12 ;;
     # each test's name and result in the log as it ends, the slowest ones last: a stage cut
     # by its timeout still says where it was

@@ -216,11 +216,18 @@ def test_answers_found_by_one_engine_are_split_by_where_their_needle_stands():
     # prompt 0: a1's needle at token 3 (first chunk), a2's at 20; prompt 1: b1 at 5, b2 at 25
     starts = {0: [3, 20], 1: [5, 25]}
     records = [record("dense", ["a1 a2", "b1 b2"]), record("flex", ["a1", "b1 b2 a2"])]
-    out = ruler.by_position(records, None, lambda task, n, i, expected: starts[i], chunk=16)
+    asked = []
+
+    def positions(model, task, n, i, expected):
+        asked.append(model)
+        return starts[i]
+
+    out = ruler.by_position(records, None, positions, chunk=16)
+    assert set(asked) == {"m"}  # the prompts are made again with the records' own model
     # dense alone found a2 (after the first chunk); flex found nothing dense missed
     assert out.splitlines()[1].split(": ", 1)[1] == "0/0 | 1/0; niah_multivalue 0/0 | 1/0"
     records[1]["texts"] = ["a2", "b1 b2"]  # now flex misses a1 (first chunk) and finds a2
-    out = ruler.by_position(records, None, lambda task, n, i, expected: starts[i], chunk=16)
+    out = ruler.by_position(records, None, positions, chunk=16)
     assert out.splitlines()[1].split(": ", 1)[1] == "1/0 | 0/0; niah_multivalue 1/0 | 0/0"
     left_out = ruler.by_position(records, None, lambda *a: None, chunk=16)
     assert "2 prompts left out" in left_out
