@@ -12,6 +12,10 @@ blocks and how much dense attention it gives them.
     python benchmarks/recall.py --length 14336 --samples 4 --config default='{}' --config g90='{"gamma": 0.9}'
     python benchmarks/recall.py --length 8192 --task niah_multikey --out bench-results/recall.json
 
+With ``--chunk N`` the prompt is analysed as chunked prefill runs it: each chunk of N tokens
+chooses its blocks from its own last tile, for its queries against every key before its end,
+and each chunk gets its own line (the needle tiles: those among the chunk's queries).
+
 A (layer, head) "reads the needle" when its final tile puts at least --needle-mass of its
 dense attention on the needle's blocks; the report counts those whose choice drops them.
 
@@ -107,11 +111,16 @@ def needle_blocks(sample, block_size: int, n: int | None = None) -> list[list[in
 def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
     """Per config (name -> FlexPrefillConfig): recall [HQ], final-tile recall [HQ], the recall
     of the query tiles that hold needle tokens [HQ] (how much of its context the needle itself
-    still reads; None without needles), needle reads and drops of one layer."""
+    still reads; None without needles among the queries), needle reads and drops of one layer.
+
+    q: [q_len, HQ, D] the last q_len queries of k's positions (a prefill chunk, or the whole
+    prompt); k: [k_len, H, D]. The final tile is the queries' last: the question for a whole
+    prompt, the chunk's last tile (its probe) for a chunk.
+    """
     from vllm_flexprefill.attention import select_blocks
     from vllm_flexprefill.layout.batch import BatchLayout
 
-    n = q.shape[0]
+    q_len, n = q.shape[0], k.shape[0]
     out = {}
     masses = {}
     for name, cfg in configs.items():
@@ -119,13 +128,14 @@ def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
         if bs not in masses:
             masses[bs] = block_mass(q, k, bs, scale)
         mass = masses[bs]
-        layout = BatchLayout.build([n], [n], bs, q.device)
+        layout = BatchLayout.build([q_len], [n], bs, q.device)
         selection = select_blocks(q, k, layout, cfg, scale)
         kept = kept_mask(selection, layout, 0)
         final = slice(mass.shape[1] - 1, mass.shape[1])
         needles = needle_blocks(sample, bs, n)
-        # the whole prompt is the query: tile r holds the queries of key block r
-        tiles = sorted({b for blocks in needles for b in blocks})
+        # tile r holds the queries of key block first + r (the whole prompt: r itself)
+        first = (n - q_len) // bs
+        tiles = sorted({b - first for blocks in needles for b in blocks if b >= first})
         row = {"recall": recall(mass, kept).tolist(), "final_recall": recall(mass[:, final], kept[:, final]).tolist(),
                "needle_recall": recall(mass[:, tiles], kept[:, tiles]).tolist() if tiles else None,
                "density": selection.density(layout)[0].tolist(), "query_aware": selection.query_aware[0].tolist(),
@@ -138,6 +148,22 @@ def analyse(q, k, scale, configs, sample, needle_mass: float) -> dict:
             row["drops"] += int((reads & ~kept[:, -1, blocks].all(-1)).sum())
         out[name] = row
     return out
+
+
+def summary(layers: list[dict], name: str) -> str:
+    """One setting's numbers over every layer and head of one piece, as one line."""
+    rec = [x for layer in layers for x in layer[name]["recall"]]
+    fin = [x for layer in layers for x in layer[name]["final_recall"]]
+    dens = [x for layer in layers for x in layer[name]["density"]]
+    reads = sum(layer[name]["reads"] for layer in layers)
+    drops = sum(layer[name]["drops"] for layer in layers)
+    worst = min(range(len(fin)), key=fin.__getitem__)
+    heads = len(layers[0][name]["recall"])
+    held = [x for layer in layers for x in layer[name]["needle_recall"] or []]
+    needle = f"  needle-tile recall mean {statistics.mean(held):.3f} min {min(held):.3f}" if held else ""
+    return (f"density {statistics.mean(dens):.3f}  recall mean {statistics.mean(rec):.3f} min {min(rec):.3f}  "
+            f"final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
+            f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}{needle}")
 
 
 def main() -> None:
@@ -155,6 +181,10 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=None, metavar="N",
                         help="analyse the first N tokens only, as chunked prefill computes its first chunk "
                              "(the final tile is then the chunk's last, not the question)")
+    parser.add_argument("--chunk", type=int, default=None, metavar="N",
+                        help="analyse the prompt in prefill chunks of N tokens as vLLM runs them (each "
+                             "chunk's queries against every key before its end, its own last tile the probe), "
+                             "one line per chunk and setting; default: the prompt in one piece")
     parser.add_argument("--out", default=None, help="JSON file for every number")
     args = parser.parse_args()
 
@@ -179,26 +209,23 @@ def main() -> None:
             # the last position's logits only: all of them at 32k are 20 GB in float32
             logits = model(ids, logits_to_keep=1).logits[0, -1]
         answer_token = tokenizer.decode([int(logits.argmax())])
-        layers = [analyse(q, k, scale, {n: c.for_layer(i) for n, c in configs.items()}, sample, args.needle_mass)
-                  for i, (q, k, scale) in enumerate(captured)]
-        results.append({"index": index, "tokens": int(ids.shape[1]), "needles": sample.needle_spans,
-                        "first_answer_token": answer_token, "answers": sample.answers, "layers": layers})
-        print(f"sample {index}: {ids.shape[1]} tokens, needles at {sample.needle_spans}, "
+        n = int(ids.shape[1])
+        # (start, end) of each piece analysed: the prompt, or its prefill chunks
+        pieces = [(s, min(n, s + args.chunk)) for s in range(0, n, args.chunk)] if args.chunk else [(0, n)]
+        chunks = [{"start": s, "end": e,
+                   "layers": [analyse(q[s:e], k[:e], scale, {m: c.for_layer(i) for m, c in configs.items()}, sample,
+                                      args.needle_mass) for i, (q, k, scale) in enumerate(captured)]}
+                  for s, e in pieces]
+        record = {"index": index, "tokens": n, "needles": sample.needle_spans,
+                  "first_answer_token": answer_token, "answers": sample.answers}
+        results.append({**record, "chunks": chunks} if args.chunk else {**record, "layers": chunks[0]["layers"]})
+        print(f"sample {index}: {n} tokens, needles at {sample.needle_spans}, "
               f"dense first token {answer_token!r} (answer {sample.answers[0]!r})", flush=True)
-        for name in configs:
-            rec = [x for layer in layers for x in layer[name]["recall"]]
-            fin = [x for layer in layers for x in layer[name]["final_recall"]]
-            dens = [x for layer in layers for x in layer[name]["density"]]
-            reads = sum(layer[name]["reads"] for layer in layers)
-            drops = sum(layer[name]["drops"] for layer in layers)
-            worst = min(range(len(fin)), key=fin.__getitem__)
-            heads = len(layers[0][name]["recall"])
-            held = [x for layer in layers for x in layer[name]["needle_recall"] or []]
-            needle = f"  needle-tile recall mean {statistics.mean(held):.3f} min {min(held):.3f}" if held else ""
-            print(f"  {name:>10}: density {statistics.mean(dens):.3f}  recall mean {statistics.mean(rec):.3f} "
-                  f"min {min(rec):.3f}  final-tile recall mean {statistics.mean(fin):.3f} min {fin[worst]:.3f} "
-                  f"(layer {worst // heads} head {worst % heads})  needle reads {reads}, dropped {drops}{needle}",
-                  flush=True)
+        for chunk in chunks:
+            if args.chunk:
+                print(f"  chunk {chunk['start']}-{chunk['end']} (its last tile the probe):", flush=True)
+            for name in configs:
+                print(f"  {name:>10}: {summary(chunk['layers'], name)}", flush=True)
     if args.out:
         resolved = {n: c.to_dict() for n, c in configs.items()}
         pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "configs": resolved, "samples": results}))

@@ -32,8 +32,8 @@
 #   bash benchmarks/run-gpu.sh ruler-wait # waits for that queue up to WAIT seconds (560), hands back the answers
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
-#                                         # the prompt's index), default settings (gamma 0.95), gamma 0.9 and
-#                                         # every head query-aware at 0.95; not timed,
+#                                         # the prompt's index; CHUNK=16384: chunk by chunk as vLLM's prefill
+#                                         # runs it), default settings (gamma 0.95) and gamma 0.99; not timed,
 #                                         # so it may run beside the RULER queue
 #   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
 #                                         # made with the GPU machine's Python, as they were answered (no GPU)
@@ -122,7 +122,7 @@ for stage in "$@"; do
     # the mass of every query is computed once per layer, each setting only chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
-                   --config default='{}' --config g90='{"gamma": 0.9}' --config qa95='{"gamma": 0.95, "tau": 1.0}' \
+                   --config default='{}' --config g99='{"gamma": 0.99}' ${CHUNK:+--chunk $CHUNK} \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
     # where the answers one engine alone found stand, with the prompts made on this machine's
     # Python (the one that answered them on the GPU): exact for records without answer_starts

@@ -44,3 +44,20 @@ def test_a_choice_of_every_block_recalls_everything_and_needles_past_a_prefix_ar
     assert len(first["needle_recall"]) == 4
     none = recall.analyse(q[:64], k[:64], 0.2, keep_all, sample, needle_mass=0.01)["all"]
     assert none["needle_recall"] is None
+
+
+def test_a_chunk_is_analysed_against_every_key_before_its_end_with_its_own_needles():
+    torch.manual_seed(2)
+    n, bs = 256, 64
+    q, k = torch.randn(n, 4, 32), torch.randn(n, 2, 32)
+    keep_all = {"all": FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0,
+                                                    "sparse_block_size": bs})}
+    sample = types.SimpleNamespace(needle_spans=((70, 80), (150, 160)))
+    # the chunk of tokens 128-255: tiles 2 and 3, the second needle (block 2) among its queries
+    chunk = recall.analyse(q[128:], k, 0.2, keep_all, sample, needle_mass=0.01)["all"]
+    for key in ("recall", "final_recall", "needle_recall"):
+        assert min(chunk[key]) > 0.999, key
+    # its mass is the dense prompt's rows 2 and 3 (every key before the chunk's end)
+    torch.testing.assert_close(recall.block_mass(q[128:], k, bs, 0.2), recall.block_mass(q, k, bs, 0.2)[:, 2:])
+    # the last tile alone holds no needle token: nothing to report for the needles' tiles
+    assert recall.analyse(q[192:], k, 0.2, keep_all, sample, needle_mass=0.01)["all"]["needle_recall"] is None
