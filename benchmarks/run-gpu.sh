@@ -118,8 +118,9 @@ for stage in "$@"; do
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
                 cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
-    # the default settings (gamma 0.95) beside gamma 0.9 and every head query-aware at 0.95;
-    # the mass of every query is computed once per layer, each setting only chooses blocks
+    # the default settings (gamma 0.95) beside gamma 0.99, the prompt whole or (CHUNK) chunk by
+    # chunk; the mass of every query is computed once per layer and piece, each setting only
+    # chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
                    --config default='{}' --config g99='{"gamma": 0.99}' ${CHUNK:+--chunk $CHUNK} \

@@ -9,6 +9,18 @@ import torch
 from vllm_flexprefill.config import FlexPrefillConfig
 
 
+def keep_every_block(bs: int) -> dict:
+    """One setting, "all", whose budget floor keeps every causal block of these short inputs."""
+    return {"all": FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0,
+                                                "sparse_block_size": bs})}
+
+
+def assert_recalls_everything(row: dict) -> None:
+    """Every head keeps all its dense mass: over all queries, the final tile and the needles' tiles."""
+    for key in ("recall", "final_recall", "needle_recall"):
+        assert min(row[key]) > 0.999, key
+
+
 def test_block_mass_is_dense_causal_attention_summed_per_key_block():
     torch.manual_seed(0)
     n, hq, hkv, d, bs = 300, 4, 2, 16, 64
@@ -31,12 +43,10 @@ def test_a_choice_of_every_block_recalls_everything_and_needles_past_a_prefix_ar
     torch.manual_seed(1)
     n, bs = 256, 64
     q, k = torch.randn(n, 4, 32), torch.randn(n, 2, 32)
-    keep_all = {"all": FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0,
-                                                    "sparse_block_size": bs})}
+    keep_all = keep_every_block(bs)
     sample = types.SimpleNamespace(needle_spans=((70, 80), (250, 262)))
     row = recall.analyse(q, k, 0.2, keep_all, sample, needle_mass=0.01)["all"]
-    for key in ("recall", "final_recall", "needle_recall"):
-        assert min(row[key]) > 0.999, key
+    assert_recalls_everything(row)
     assert row["drops"] == 0
     # as the first 128 tokens: only the first needle counts, its tile is 1
     assert recall.needle_blocks(sample, bs, 128) == [[1]]
@@ -50,13 +60,11 @@ def test_a_chunk_is_analysed_against_every_key_before_its_end_with_its_own_needl
     torch.manual_seed(2)
     n, bs = 256, 64
     q, k = torch.randn(n, 4, 32), torch.randn(n, 2, 32)
-    keep_all = {"all": FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0,
-                                                    "sparse_block_size": bs})}
+    keep_all = keep_every_block(bs)
     sample = types.SimpleNamespace(needle_spans=((70, 80), (150, 160)))
     # the chunk of tokens 128-255: tiles 2 and 3, the second needle (block 2) among its queries
     chunk = recall.analyse(q[128:], k, 0.2, keep_all, sample, needle_mass=0.01)["all"]
-    for key in ("recall", "final_recall", "needle_recall"):
-        assert min(chunk[key]) > 0.999, key
+    assert_recalls_everything(chunk)
     # its mass is the dense prompt's rows 2 and 3 (every key before the chunk's end)
     torch.testing.assert_close(recall.block_mass(q[128:], k, bs, 0.2), recall.block_mass(q, k, bs, 0.2)[:, 2:])
     # the last tile alone holds no needle token: nothing to report for the needles' tiles
