@@ -104,17 +104,19 @@ def prefill(model, ids: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
-def greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Greedy tokens after a prefill (its cache and last logits), up to an end token."""
-    out = []
+def greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> tuple[list[int], list[float]]:
+    """Greedy tokens after a prefill (its cache and last logits), up to an end token, and
+    the log-probability of each."""
+    out, logp = [], []
     for _ in range(max_new_tokens):
         token = int(logits.argmax())
         if token in eos:
             break
         out.append(token)
+        logp.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
         logits = model(torch.tensor([[token]], device=logits.device), past_key_values=cache,
                        use_cache=True).logits[0, -1]
-    return out
+    return out, logp
 
 
 @torch.no_grad()
@@ -131,8 +133,9 @@ def teacher_forced(model, cache, logits: torch.Tensor, answer: list[int]) -> tup
 
 
 def dense_answer(model, attention: SparseLayers, ids: torch.Tensor, chunk: int, max_new_tokens: int,
-                 eos: set[int]) -> list[int]:
-    """Dense attention's greedy answer to ``ids`` [1, N], prefilled in chunks."""
+                 eos: set[int]) -> tuple[list[int], list[float]]:
+    """Dense attention's greedy answer to ``ids`` [1, N], prefilled in chunks, and the
+    log-probability of each of its tokens."""
     attention.use(None, None)
     return greedy(model, *prefill(model, ids, chunk), max_new_tokens, eos)
 
@@ -146,8 +149,9 @@ def score_setting(model, attention: SparseLayers, ids: torch.Tensor, chunk: int,
     cache, logits = prefill(model, ids, chunk)
     attention.use(None, None)
     logp, top = teacher_forced(model, cache, logits, answer)
-    cache.crop(ids.shape[1])  # back to the prompt for the setting's own answer
-    return logp, top, greedy(model, cache, logits, max_new_tokens, eos)
+    if len(answer) > 1:
+        cache.crop(1 - len(answer))  # back to the prompt for the setting's own answer
+    return logp, top, greedy(model, cache, logits, max_new_tokens, eos)[0]
 
 
 def main() -> None:
@@ -183,12 +187,14 @@ def main() -> None:
     for index in range(args.first_sample, args.first_sample + args.samples):
         sample = gen.sample(args.task, args.length, index, args.seed)
         ids = torch.tensor([sample.token_ids], device=device)
-        answer = dense_answer(model, attention, ids, args.chunk, sample.max_new_tokens, eos)
+        answer, dense_logp = dense_answer(model, attention, ids, args.chunk, sample.max_new_tokens, eos)
         text = tokenizer.decode(answer)
         row = {"index": index, "tokens": ids.shape[1], "needles": sample.needle_spans, "answers": sample.answers,
-               "dense": {"answer": text, "score": sample.score(text)}, "settings": {}}
+               "dense": {"answer": text, "score": sample.score(text), "logprob": sum(dense_logp),
+                         "token_logprobs": dense_logp}, "settings": {}}
         print(f"sample {index}: {ids.shape[1]} tokens, needles at {sample.needle_spans}; dense answers "
-              f"{text!r} (score {row['dense']['score']:.2f}, {len(answer)} tokens)", flush=True)
+              f"{text!r} (score {row['dense']['score']:.2f}, {len(answer)} tokens, log-prob "
+              f"{sum(dense_logp):.3f}, lowest token {min(dense_logp, default=0.0):.3f})", flush=True)
         for name, cfg, layers in settings:
             logp, top, tokens = score_setting(model, attention, ids, args.chunk, cfg, layers, answer,
                                               sample.max_new_tokens, eos)

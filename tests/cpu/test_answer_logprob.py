@@ -39,11 +39,12 @@ def test_layers_are_ranges_and_anything_else_says_how_to_write_them():
 def test_every_block_kept_reads_the_dense_answer_as_dense_does(model):
     model, attention = model
     ids = torch.randint(10, 150, (1, 611), generator=torch.Generator().manual_seed(0))
-    answer = al.dense_answer(model, attention, ids, 256, 6, set())
+    answer, logp = al.dense_answer(model, attention, ids, 256, 6, set())
     assert len(answer) == 6
     dense = al.score_setting(model, attention, ids, 256, None, None, answer, 6, set())
     exact = al.score_setting(model, attention, ids, 256, EXACT, None, answer, 6, set())
     assert all(dense[1]) and dense[2] == answer  # the dense answer is dense's greedy answer
+    torch.testing.assert_close(torch.tensor(dense[0]), torch.tensor(logp), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(exact[0]), torch.tensor(dense[0]), atol=1e-4, rtol=1e-4)
     assert exact[1] == dense[1] and exact[2] == answer
     # the cache is built chunk by chunk: one piece gives the same log-probabilities
@@ -54,7 +55,7 @@ def test_every_block_kept_reads_the_dense_answer_as_dense_does(model):
 def test_a_setting_acts_only_in_its_layers(model, monkeypatch):
     model, attention = model
     ids = torch.randint(10, 150, (1, 700), generator=torch.Generator().manual_seed(1))
-    answer = al.dense_answer(model, attention, ids, 256, 4, set())
+    answer = al.dense_answer(model, attention, ids, 256, 4, set())[0]
     calls = []
     import vllm_flexprefill.attention as attn
 
