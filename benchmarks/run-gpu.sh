@@ -35,6 +35,9 @@
 #                                         # the prompt's index; CHUNK=16384: chunk by chunk as vLLM's prefill
 #                                         # runs it), default settings (gamma 0.95) and gamma 0.99; not timed,
 #                                         # so it may run beside the RULER queue
+#   bash benchmarks/run-gpu.sh answer-qwen  # answer_logprob.py: SAMPLES (4) prompts of LENGTH (65536) from FIRST,
+#                                         # chunks of CHUNK (16384), gamma 0.95 in every layer, in layers 0-13
+#                                         # only, in 14-27 only, and 0.99 in 0-13; not timed (beside the queue)
 #   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
 #                                         # made with the GPU machine's Python, as they were answered (no GPU)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
@@ -125,6 +128,14 @@ for stage in "$@"; do
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
                    --config default='{}' --config g99='{"gamma": 0.99}' ${CHUNK:+--chunk $CHUNK} \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
+    # which layers move dense's answer: gamma 0.95 sparse everywhere, in layers 0-13 only, in
+    # 14-27 only, and gamma 0.99 in 0-13 (every chunk sparse; transformers, bf16)
+    answer-qwen) timeout 590 python benchmarks/answer_logprob.py --model qwen2.5-coder-1.5b --length ${LENGTH:-65536} \
+                   --chunk ${CHUNK:-16384} --task ${TASK:-niah_multiquery} --first-sample ${FIRST:-0} --samples ${SAMPLES:-4} \
+                   --config all='{"gamma": 0.95}' --config early='{"gamma": 0.95, "layers": "0-13"}' \
+                   --config late='{"gamma": 0.95, "layers": "14-27"}' \
+                   --config early99='{"gamma": 0.95, "layer_gamma": {"0-13": 0.99}}' \
+                   --out "$OUT/answer-qwen.json" 2>&1 | grep -v -E "Loading|Warning|crop" | tail -40 ;;
     # where the answers one engine alone found stand, with the prompts made on this machine's
     # Python (the one that answered them on the GPU): exact for records without answer_starts
     ruler-positions) timeout 300 python benchmarks/ruler.py --table docs/results/ruler-qwen.jsonl \
