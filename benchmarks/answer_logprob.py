@@ -201,15 +201,15 @@ def main() -> None:
             own = tokenizer.decode(tokens)
             row["settings"][name] = {"logprob": sum(logp), "token_logprobs": logp, "top": sum(top),
                                      "answer": own, "score": sample.score(own)}
-            print(f"  {name:>8}: dense's answer log-prob {sum(logp):8.3f} (lowest token {min(logp):7.3f}), "
+            print(f"  {name:>8}: dense's answer log-prob {sum(logp):8.3f} (lowest token {min(logp, default=0.0):7.3f}), "
                   f"{sum(top)}/{len(top)} tokens still the most likely; own answer score "
                   f"{sample.score(own):.2f} {own!r}", flush=True)
         results.append(row)
-    if args.out:
-        resolved = {name: {**cfg.to_dict(), "layers": sorted(layers) if layers else "all"}
-                    for name, cfg, layers in settings}
-        pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "settings": resolved,
-                                                      "samples": results}))
+        if args.out:  # after each prompt: a run cut short keeps what it measured
+            resolved = {name: {**cfg.to_dict(), "layers": sorted(layers) if layers else "all"}
+                        for name, cfg, layers in settings}
+            pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "settings": resolved,
+                                                          "samples": results}))
 
 
 if __name__ == "__main__":
