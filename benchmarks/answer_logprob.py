@@ -22,20 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import sys
 
 import torch
 
 
 def parse_layers(text: str) -> frozenset[int]:
-    """ "0-13" or "3,5-7" -> the layer indices; a clear error for anything else."""
+    """ "0-13" or "3,5-7" -> the layer indices; a clear error for anything else. Each range
+    is read as ``layer_gamma`` reads its keys (``config.layer_ranges``)."""
+    from vllm_flexprefill.config import layer_ranges
+
     layers = set()
     for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m or int(m[2] or m[1]) < int(m[1]):
-            raise ValueError(f"layers {text!r}: give ranges such as '0-13' or '3,5-7'")
-        layers.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+        try:
+            ((first, last, _),) = layer_ranges({part: 1.0})
+        except ValueError:
+            raise ValueError(f"layers {text!r}: give ranges such as '0-13' or '3,5-7'") from None
+        layers.update(range(first, last + 1))
     return frozenset(layers)
 
 
@@ -183,6 +186,8 @@ def main() -> None:
     eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None}
     eos = {x for t in eos for x in (t if isinstance(t, list) else [t])}
     gen = Generator(tokenizer)
+    resolved = {name: {**cfg.to_dict(), "layers": sorted(layers) if layers else "all"}
+                for name, cfg, layers in settings}
     results = []
     for index in range(args.first_sample, args.first_sample + args.samples):
         sample = gen.sample(args.task, args.length, index, args.seed)
@@ -206,8 +211,6 @@ def main() -> None:
                   f"{sample.score(own):.2f} {own!r}", flush=True)
         results.append(row)
         if args.out:  # after each prompt: a run cut short keeps what it measured
-            resolved = {name: {**cfg.to_dict(), "layers": sorted(layers) if layers else "all"}
-                        for name, cfg, layers in settings}
             pathlib.Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "settings": resolved,
                                                           "samples": results}))
 
