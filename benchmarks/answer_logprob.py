@@ -63,9 +63,11 @@ class SparseLayers:
         self.cfg = None
         self.layers: frozenset[int] | None = None
 
-    def use(self, cfg, layers) -> None:
-        """cfg None: dense everywhere; layers None: every layer."""
-        self.cfg, self.layers = cfg, layers
+    def use(self, cfg, layers, num_layers: int | None = None) -> None:
+        """cfg None: dense everywhere; layers None: every layer; num_layers: the model's depth,
+        for ``layer_gamma``'s shares of it."""
+        self.cfg = cfg if cfg is None or num_layers is None else cfg.for_depth(num_layers)
+        self.layers = layers
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -148,7 +150,7 @@ def score_setting(model, attention: SparseLayers, ids: torch.Tensor, chunk: int,
     """The setting's prefill of ``ids`` [1, N]; then, reading its cache densely as decode does,
     ``answer``'s per-token log-probabilities and whether each is the most likely token, and
     the setting's own greedy answer."""
-    attention.use(cfg, layers)
+    attention.use(cfg, layers, model.config.num_hidden_layers)
     cache, logits = prefill(model, ids, chunk)
     attention.use(None, None)
     logp, top = teacher_forced(model, cache, logits, answer)

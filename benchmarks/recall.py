@@ -196,7 +196,8 @@ def main() -> None:
     configs = {}
     for item in args.config or ["default={}"]:
         name, _, settings = item.partition("=")
-        configs[name] = FlexPrefillConfig.from_dict({**json.loads(settings), "min_sparse_tokens": 0})
+        configs[name] = FlexPrefillConfig.from_dict({**json.loads(settings), "min_sparse_tokens": 0}).for_depth(
+            model.config.num_hidden_layers)
     from ruler_tasks import Generator
 
     gen = Generator(tokenizer)

@@ -70,11 +70,14 @@ class FlexPrefillConfig:
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
     sequence. None (default): the cost model decides. An integer is a fixed rule."""
 
-    layer_gamma: Mapping[str, float] | tuple[tuple[int, int, float], ...] | None = None
-    """gamma for some layers by their index in the model, e.g. ``{"14-24": 0.95}`` (inclusive
-    ranges or single indices, as strings or integers); every other layer uses ``gamma``. Read
-    by vLLM and transformers, which know each layer's index; the functional API runs one
-    layer's settings (``for_layer``). Kept as ``((first, last, gamma), ...)``."""
+    layer_gamma: Mapping[str, float] | tuple[tuple[int | float, int | float, float], ...] | None = None
+    """gamma for some layers, e.g. ``{"14-24": 0.95}``: by index in the model (inclusive ranges
+    or single indices, as strings or integers), or by share of the model's depth,
+    ``{"0%-50%": 0.99}`` (the layers from 0 % of the depth up to, not including, 50 %: layers
+    0-13 of 28, 0-14 of 30); every other layer uses ``gamma``. Read by vLLM and transformers,
+    which know each layer's index and the model's depth (``for_depth``); the functional API
+    runs one layer's settings (``for_layer``). Kept as ``((first, last, gamma), ...)``: layer
+    indices as integers, shares of the depth as floats in [0, 1]."""
 
     kernel: str = "auto"
     """The block-sparse attention kernel: "fa4" (vLLM's own FlashAttention-4, on Hopper),
@@ -107,11 +110,30 @@ class FlexPrefillConfig:
                 raise ValueError(f"{name} must be an integer >= 0 or None (the cost model decides), "
                                  f"got {value!r} {where}")
 
+    def for_depth(self, num_layers: int) -> FlexPrefillConfig:
+        """These settings in a model of ``num_layers`` layers: ``layer_gamma``'s shares of the
+        depth as layer indices (a range that holds no layer drops out). Raises ValueError
+        where a share names a layer an index range names too."""
+        shares = [r for r in self.layer_gamma or () if isinstance(r[0], float)]
+        if not shares:
+            return self
+        where = f"(in a model of {num_layers} layers; set it in FlexPrefillConfig or additional_config['flexprefill'])"
+        ranges = [r for r in self.layer_gamma if not isinstance(r[0], float)]
+        for a, b, gamma in shares:
+            first, end = math.ceil(a * num_layers - 1e-9), math.ceil(b * num_layers - 1e-9)
+            if first < end:
+                ranges.append((first, end - 1, gamma))
+        return dataclasses.replace(self, layer_gamma=layer_ranges(ranges, where))
+
     def for_layer(self, index: int | None) -> FlexPrefillConfig:
         """The settings layer ``index`` runs with: its ``layer_gamma`` where one names it, else
-        these (also for None, a layer of unknown index)."""
+        these (also for None, a layer of unknown index). Shares of the depth need the model's
+        depth first (``for_depth``)."""
         if not self.layer_gamma or index is None:
             return self
+        if any(isinstance(r[0], float) for r in self.layer_gamma):
+            raise ValueError(f"layer_gamma {self.to_dict()['layer_gamma']} names layers by share of the depth: "
+                             f"call for_depth(num_layers) before for_layer, or name the layers by index")
         return _layer_settings(self, index)
 
     @property
@@ -165,7 +187,7 @@ class FlexPrefillConfig:
         if self.layer_gamma is None:
             del out["layer_gamma"]
         else:
-            out["layer_gamma"] = {(f"{a}" if a == b else f"{a}-{b}"): g for a, b, g in self.layer_gamma}
+            out["layer_gamma"] = {_range_key(a, b): g for a, b, g in self.layer_gamma}
         return out
 
 
@@ -174,14 +196,24 @@ def is_gamma(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
 
 
-def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] | None:
-    """``layer_gamma`` as sorted, non-overlapping ``(first, last, gamma)``; None when empty.
+def _range_key(a, b) -> str:
+    """A ``layer_gamma`` key as ``from_dict`` reads it: "3", "14-24" or "0%-50%"."""
+    if isinstance(a, float):
+        return f"{a * 100:g}%-{b * 100:g}%"
+    return f"{a}" if a == b else f"{a}-{b}"
 
-    values: None, a mapping ``{"14-24": 0.95, 3: 1.0}`` or such triples.
+
+def layer_ranges(values, where: str = "") -> tuple[tuple[int | float, int | float, float], ...] | None:
+    """``layer_gamma`` as sorted ``(first, last, gamma)``: layer indices as integers
+    (inclusive, non-overlapping), shares of the depth as floats ([first, last), 0 <= first <
+    last <= 1, non-overlapping; ``FlexPrefillConfig.for_depth`` turns them into indices);
+    None when empty.
+
+    values: None, a mapping ``{"14-24": 0.95, 3: 1.0, "50%-100%": 0.9}`` or such triples.
     """
     if values is None:
         return None
-    example = "such as {'14-24': 0.95, '3': 1.0}"
+    example = "such as {'14-24': 0.95, '3': 1.0} or {'0%-50%': 0.99}"
     if isinstance(values, Mapping):
         items = list(values.items())
     elif isinstance(values, (list, tuple)) and all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
@@ -196,21 +228,36 @@ def layer_ranges(values, where: str = "") -> tuple[tuple[int, int, float], ...] 
             first = last = layers
         elif isinstance(layers, str) and (m := re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", layers)):
             first, last = int(m[1]), int(m[2] or m[1])
+        elif isinstance(layers, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*%\s*-\s*(\d+(?:\.\d*)?)\s*%\s*",
+                                                             layers)):
+            first, last = float(m[1]) / 100, float(m[2]) / 100
+            if not 0.0 <= first < last <= 1.0:
+                raise ValueError(f"layer_gamma's share of the depth {layers!r} must run from 0% up to at most "
+                                 f"100%, such as '0%-50%' {where}")
         else:
-            raise ValueError(f"layer_gamma names layers by index or inclusive range {example}, "
+            raise ValueError(f"layer_gamma names layers by index, inclusive range or share of the depth {example}, "
                              f"got the key {layers!r} {where}")
-        if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (first, last))
+        if isinstance(first, float) or isinstance(last, float):
+            if not (isinstance(first, float) and isinstance(last, float) and 0.0 <= first < last <= 1.0):
+                raise ValueError(f"layer_gamma's share of the depth {layers!r} must run from 0.0 up to at most "
+                                 f"1.0 {where}")
+        elif (not all(isinstance(x, int) and not isinstance(x, bool) for x in (first, last))
                 or not 0 <= first <= last):
             raise ValueError(f"layer_gamma's range {layers!r} must run from a layer index >= 0 up {where}")
         if not is_gamma(gamma):
             raise ValueError(f"layer_gamma's gamma for layers {layers!r} must be a number in (0, 1], "
                              f"got {gamma!r} {where}")
         ranges.append((first, last, float(gamma)))
-    ranges.sort()
-    for (a0, b0, _), (a1, b1, _) in itertools.pairwise(ranges):
+    indices = sorted(r for r in ranges if not isinstance(r[0], float))
+    shares = sorted(r for r in ranges if isinstance(r[0], float))
+    for (a0, b0, _), (a1, b1, _) in itertools.pairwise(indices):
         if a1 <= b0:
             raise ValueError(f"layer_gamma names layers {a1}-{min(b0, b1)} twice ({a0}-{b0} and {a1}-{b1}) {where}")
-    return tuple(ranges) or None
+    for (a0, b0, _), (a1, b1, _) in itertools.pairwise(shares):
+        if a1 < b0:
+            raise ValueError(f"layer_gamma names the depth from {_range_key(a1, min(b0, b1))} twice "
+                             f"({_range_key(a0, b0)} and {_range_key(a1, b1)}) {where}")
+    return tuple(indices + shares) or None
 
 
 @functools.lru_cache(maxsize=1024)

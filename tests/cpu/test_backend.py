@@ -97,6 +97,22 @@ def test_every_served_model_gets_the_same_defaults():
     assert config_from_vllm(served("qwen2", {"gamma": 0.9})).gamma == 0.9
 
 
+def test_shares_of_the_depth_become_the_served_model_s_layers():
+    from types import SimpleNamespace
+
+    from vllm_flexprefill.backend.settings import FlexPrefillSettingsError, config_from_vllm
+
+    settings = {"flexprefill": {"layer_gamma": {"0%-50%": 0.99}}}
+    model = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=28))
+    assert config_from_vllm(SimpleNamespace(model_config=model, additional_config=settings)).layer_gamma == (
+        (0, 13, 0.99),)
+    # engine arguments hold no model: validated, kept as shares
+    assert config_from_vllm(SimpleNamespace(additional_config=settings)).layer_gamma == ((0.0, 0.5, 0.99),)
+    clash = {"flexprefill": {"layer_gamma": {"0%-50%": 0.99, "3": 1.0}}}
+    with pytest.raises(FlexPrefillSettingsError, match="names layers 3-3 twice.*in a model of 28 layers"):
+        config_from_vllm(SimpleNamespace(model_config=model, additional_config=clash))
+
+
 def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):
     # default settings (the cost model), with rates where every prefill may pay: a layer that
     # has measured nothing yet runs the batch dense and the estimation alone

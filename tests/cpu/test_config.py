@@ -53,11 +53,32 @@ def test_layer_gamma_sets_some_layers_and_reads_back():
     assert "layer_gamma" not in FlexPrefillConfig().to_dict()
 
 
+def test_layer_gamma_by_share_of_the_depth_becomes_the_model_s_layers():
+    cfg = FlexPrefillConfig.from_dict({"gamma": 0.95, "layer_gamma": {"0%-50%": 0.99, "27": 1.0}})
+    assert cfg.layer_gamma == ((27, 27, 1.0), (0.0, 0.5, 0.99))
+    assert cfg.to_dict()["layer_gamma"] == {"27": 1.0, "0%-50%": 0.99}
+    assert FlexPrefillConfig.from_dict(cfg.to_dict()) == cfg
+    # the first half: layers 0-13 of 28, 0-14 of 30 (layer i sits at i / depth < 50 %)
+    assert cfg.for_depth(28).layer_gamma == ((0, 13, 0.99), (27, 27, 1.0))
+    assert cfg.for_depth(30).layer_gamma == ((0, 14, 0.99), (27, 27, 1.0))
+    assert [cfg.for_depth(28).for_layer(i).gamma for i in (0, 13, 14, 27)] == [0.99, 0.99, 0.95, 1.0]
+    # a share that holds no layer drops out; settings without shares pass through
+    assert FlexPrefillConfig(layer_gamma={"40%-45%": 0.99}).for_depth(2).layer_gamma is None
+    assert FlexPrefillConfig(layer_gamma={"3": 0.99}).for_depth(2) == FlexPrefillConfig(layer_gamma={"3": 0.99})
+    with pytest.raises(ValueError, match=r"names layers by share of the depth: call for_depth\(num_layers\)"):
+        cfg.for_layer(3)
+    with pytest.raises(ValueError, match="names layers 13-13 twice.*in a model of 28 layers"):
+        FlexPrefillConfig(layer_gamma={"0%-50%": 0.99, "13": 1.0}).for_depth(28)
+
+
 @pytest.mark.parametrize("layer_gamma,message", [
-    ({"a": 0.9}, "by index or inclusive range"), ({"-1": 0.9}, "by index or inclusive range"),
+    ({"50%-10%": 0.9}, "must run from 0% up to at most 100%"), ({"0%-150%": 0.9}, "must run from 0% up to at most"),
+    ({"0-50%": 0.9}, "by index, inclusive range or share of the depth"),
+    ({"0%-50%": 0.9, "25%-75%": 0.99}, "names the depth from 25%-50% twice"),
+    ({"a": 0.9}, "by index, inclusive range"), ({"-1": 0.9}, "by index, inclusive range"),
     ({"5-2": 0.9}, "from a layer index >= 0 up"), ({"2": 1.5}, r"gamma for layers '2' must be a number in \(0, 1\]"),
     ({"1-5": 0.9, "5-8": 0.95}, "names layers 5-5 twice"), ([0.9], "must be a dictionary of layers to gamma"),
-    ({True: 0.9}, "by index or inclusive range"),
+    ({True: 0.9}, "by index, inclusive range"),
 ])
 def test_bad_layer_gamma_says_what_to_write(layer_gamma, message):
     with pytest.raises(ValueError, match=f"{message}.*additional_config"):

@@ -102,3 +102,7 @@ def test_each_layer_runs_its_layer_gamma(tiny_llama):
     gammas = [layer.self_attn._flexprefill_config.gamma for layer in layered.model.layers]
     assert gammas[1] == 0.99 and set(gammas[:1] + gammas[2:]) == {0.5}
     assert not torch.allclose(a, b, atol=1e-5), "layer 1's gamma changed nothing"
+    # by share of the depth: the second half of two layers is layer 1
+    halves = patch_model(load(tiny_llama, "sdpa"), {**settings, "layer_gamma": {"50%-100%": 0.99}})
+    with torch.no_grad():
+        torch.testing.assert_close(halves(ids).logits, b, atol=0, rtol=0)

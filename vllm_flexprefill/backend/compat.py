@@ -279,6 +279,21 @@ def layer_features(impl) -> LayerFeatures:
     )
 
 
+def num_layers(vllm_config) -> int | None:
+    """The served model's number of decoder layers (all of them, whatever the pipeline
+    stage), or None where the config holds no model (engine arguments)."""
+    model = getattr(vllm_config, "model_config", None)
+    total = getattr(model, "get_total_num_hidden_layers", None)
+    if callable(total):
+        try:
+            return int(total())
+        except (AttributeError, TypeError, ValueError):
+            pass
+    text = getattr(model, "hf_text_config", None) or getattr(model, "hf_config", None)
+    value = getattr(text, "num_hidden_layers", None)
+    return value if isinstance(value, int) else None
+
+
 def additional_config(vllm_config) -> dict:
     """``additional_config`` of a vLLM config ({} where unset)."""
     return getattr(vllm_config, "additional_config", None) or {}

@@ -21,17 +21,19 @@ class FlexPrefillSettingsError(ValueError):
 
 def config_from_vllm(vllm_config) -> FlexPrefillConfig:
     """``additional_config["flexprefill"]`` as a validated FlexPrefillConfig (vLLM's config or
-    its engine arguments: both hold ``additional_config``).
+    its engine arguments: both hold ``additional_config``), ``layer_gamma``'s shares of the
+    depth as layer indices where the config holds the model.
 
     Raises FlexPrefillSettingsError (a ValueError, which stops the engine from starting) on
     unknown keys or bad values.
     """
-    return settings_from(compat.additional_config(vllm_config))
+    return settings_from(compat.additional_config(vllm_config), compat.num_layers(vllm_config))
 
 
-def settings_from(extra: dict) -> FlexPrefillConfig:
+def settings_from(extra: dict, num_layers: int | None = None) -> FlexPrefillConfig:
     try:
-        return FlexPrefillConfig.from_dict(extra.get(KEY))
+        cfg = FlexPrefillConfig.from_dict(extra.get(KEY))
+        return cfg if num_layers is None else cfg.for_depth(num_layers)
     except ValueError as e:
         raise FlexPrefillSettingsError(
             f"invalid FlexPrefill setting: {e}. Given as additional_config={{'{KEY}': {extra.get(KEY)!r}}} "

@@ -45,12 +45,13 @@ def say_once(message: str, level: int = logging.INFO) -> None:
 
 
 def layer_config(module: torch.nn.Module) -> FlexPrefillConfig:
-    """The layer's validated settings (its ``layer_gamma`` by the module's ``layer_idx``),
-    built once per attention module from its model config."""
+    """The layer's validated settings (its ``layer_gamma`` by the module's ``layer_idx`` and
+    the model's ``num_hidden_layers``), built once per attention module from its model config."""
     cfg = getattr(module, "_flexprefill_config", None)
     if cfg is None:
         cfg = FlexPrefillConfig.from_dict(getattr(module.config, CONFIG_KEY, None))
-        cfg = cfg.for_layer(getattr(module, "layer_idx", None))
+        depth = getattr(module.config, "num_hidden_layers", None)
+        cfg = (cfg if depth is None else cfg.for_depth(depth)).for_layer(getattr(module, "layer_idx", None))
         module._flexprefill_config = cfg
     return cfg
 
@@ -143,6 +144,8 @@ def patch_model(model: torch.nn.Module, pattern: str | FlexPrefillConfig | Mappi
     else:
         config = pattern
     cfg = config if isinstance(config, FlexPrefillConfig) else FlexPrefillConfig.from_dict(config)
+    if isinstance(getattr(model.config, "num_hidden_layers", None), int):
+        cfg.for_depth(model.config.num_hidden_layers)  # a share of the depth that overlaps an index: said now
     register()
     model.config.flexprefill = cfg.to_dict()
     for module in model.modules():
