@@ -231,16 +231,13 @@ def layer_ranges(values, where: str = "") -> tuple[tuple[int | float, int | floa
         elif isinstance(layers, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*%\s*-\s*(\d+(?:\.\d*)?)\s*%\s*",
                                                              layers)):
             first, last = float(m[1]) / 100, float(m[2]) / 100
-            if not 0.0 <= first < last <= 1.0:
-                raise ValueError(f"layer_gamma's share of the depth {layers!r} must run from 0% up to at most "
-                                 f"100%, such as '0%-50%' {where}")
         else:
             raise ValueError(f"layer_gamma names layers by index, inclusive range or share of the depth {example}, "
                              f"got the key {layers!r} {where}")
         if isinstance(first, float) or isinstance(last, float):
             if not (isinstance(first, float) and isinstance(last, float) and 0.0 <= first < last <= 1.0):
-                raise ValueError(f"layer_gamma's share of the depth {layers!r} must run from 0.0 up to at most "
-                                 f"1.0 {where}")
+                raise ValueError(f"layer_gamma's share of the depth {layers!r} must run from 0% up to at most "
+                                 f"100%, such as '0%-50%' {where}")
         elif (not all(isinstance(x, int) and not isinstance(x, bool) for x in (first, last))
                 or not 0 <= first <= last):
             raise ValueError(f"layer_gamma's range {layers!r} must run from a layer index >= 0 up {where}")

@@ -111,6 +111,9 @@ def test_shares_of_the_depth_become_the_served_model_s_layers():
     clash = {"flexprefill": {"layer_gamma": {"0%-50%": 0.99, "3": 1.0}}}
     with pytest.raises(FlexPrefillSettingsError, match="names layers 3-3 twice.*in a model of 28 layers"):
         config_from_vllm(SimpleNamespace(model_config=model, additional_config=clash))
+    unknown = SimpleNamespace(hf_config=SimpleNamespace())
+    with pytest.raises(FlexPrefillSettingsError, match="gives no number of layers: name them by index"):
+        config_from_vllm(SimpleNamespace(model_config=unknown, additional_config=settings))
 
 
 def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):

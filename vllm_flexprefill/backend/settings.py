@@ -27,13 +27,20 @@ def config_from_vllm(vllm_config) -> FlexPrefillConfig:
     Raises FlexPrefillSettingsError (a ValueError, which stops the engine from starting) on
     unknown keys or bad values.
     """
-    return settings_from(compat.additional_config(vllm_config), compat.num_layers(vllm_config))
+    has_model = getattr(vllm_config, "model_config", None) is not None
+    return settings_from(compat.additional_config(vllm_config), compat.num_layers(vllm_config), has_model)
 
 
-def settings_from(extra: dict, num_layers: int | None = None) -> FlexPrefillConfig:
+def settings_from(extra: dict, num_layers: int | None = None, has_model: bool = False) -> FlexPrefillConfig:
     try:
         cfg = FlexPrefillConfig.from_dict(extra.get(KEY))
-        return cfg if num_layers is None else cfg.for_depth(num_layers)
+        if num_layers is not None:
+            return cfg.for_depth(num_layers)
+        if has_model and any(isinstance(r[0], float) for r in cfg.layer_gamma or ()):
+            # said at start-up, not by the first layer call
+            raise ValueError("layer_gamma names layers by share of the depth, and this model's config gives no "
+                             "number of layers: name them by index")
+        return cfg
     except ValueError as e:
         raise FlexPrefillSettingsError(
             f"invalid FlexPrefill setting: {e}. Given as additional_config={{'{KEY}': {extra.get(KEY)!r}}} "
