@@ -112,18 +112,28 @@ def test_supported_range_is_stated_once_and_the_readme_and_setup_read_it():
 
 def test_bad_settings_raise_our_sentence_not_the_configs_validation_error(tmp_path):
     # LLM(...) builds its config from engine arguments; the plugin checks them first, so the
-    # caller's exception is ours alone: key, value, what is allowed, where to set it
+    # caller's exception is ours alone: key, value, what is allowed, where to set it. Shares
+    # of the depth are checked against the model's layers once vLLM's config holds the model
+    # (its real ModelConfig here: a 2-layer model, whose first half is layer 0)
+    from synthetic import make_tiny_model
+
+    tiny = make_tiny_model(tmp_path / "tiny")
     out = run(
         "from vllm.engine.arg_utils import EngineArgs\n"
-        "for settings in ({'gamma': 2}, {'gama': 0.9}):\n"
+        "said = []\n"
+        f"for model, settings in (('{tmp_path}', {{'gamma': 2}}), ('{tmp_path}', {{'gama': 0.9}}),\n"
+        f"                        ('{tiny}', {{'layer_gamma': {{'0%-50%': 0.99, '0': 1.0}}}})):\n"
         "    try:\n"
-        f"        EngineArgs(model='{tmp_path}', additional_config={{'flexprefill': settings}}).create_engine_config()\n"
+        "        EngineArgs(model=model, additional_config={'flexprefill': settings}).create_engine_config()\n"
         "    except Exception as e:\n"
-        "        print(type(e).__name__, '|', str(e).replace(chr(10), ' '), end=' || ')\n"
-        "print()")
-    first, second = out.split(" || ")[:2]
+        "        said.append(f\"{type(e).__name__} | {str(e).replace(chr(10), ' ')}\")\n"
+        "print(' || '.join(said))")  # one line, after vLLM's log lines
+    first, second, third = out.split(" || ")
     assert first.startswith("FlexPrefillSettingsError | invalid FlexPrefill setting: gamma must be a number in (0, 1], "
                             "got 2"), first
     assert "additional_config={'flexprefill': {'gamma': 2}}" in first and "--additional-config" in first
     assert "pydantic" not in first and "ValidationError" not in first and "ArgsKwargs" not in first
     assert "unknown flexprefill config key 'gama'; did you mean 'gamma'?" in second
+    assert third.startswith("FlexPrefillSettingsError | invalid FlexPrefill setting: layer_gamma names layers 0-0 "
+                            "twice (0-0 and 0-0) (in a model of 2 layers"), third
+    assert "pydantic" not in third and "ValidationError" not in third

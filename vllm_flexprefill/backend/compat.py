@@ -145,8 +145,9 @@ def wrap_platform(method: str, make_wrapper) -> None:
     setattr(platform, method, classmethod(wrapper))
 
 
-def wrap_engine_config(check) -> None:
-    """Runs ``check(engine_args)`` before ``EngineArgs.create_engine_config``; once per process."""
+def wrap_engine_config(check, check_after) -> None:
+    """Runs ``check(engine_args)`` before ``EngineArgs.create_engine_config`` and
+    ``check_after(vllm_config)`` on what it built; once per process."""
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
@@ -156,7 +157,9 @@ def wrap_engine_config(check) -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         check(self)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        check_after(vllm_config)
+        return vllm_config
 
     setattr(create_engine_config, MARK, True)
     EngineArgs.create_engine_config = create_engine_config

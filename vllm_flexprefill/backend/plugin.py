@@ -48,7 +48,7 @@ def register() -> None:
         compat.alias_enum_name(AttentionBackendEnum, NAME, "CUSTOM")
     compat.wrap_platform("get_attn_backend_cls", honour_selection)
     compat.wrap_platform("check_and_update_config", check_config_first)
-    compat.wrap_engine_config(check_engine_args)
+    compat.wrap_engine_config(check_engine_args, check_engine_config)
 
 
 def backend_member(name: str):
@@ -109,6 +109,15 @@ def check_engine_args(engine_args) -> None:
     config_from_vllm(engine_args)
 
 
+def check_engine_config(vllm_config) -> None:
+    """Checks ``layer_gamma``'s shares of the depth against the model's layers once vLLM's
+    config holds the model, outside the config's own validation (which would wrap our
+    sentence in its own error)."""
+    from vllm_flexprefill.backend.settings import config_from_vllm
+
+    config_from_vllm(vllm_config)
+
+
 def check_config_first(original):
     """The platform's config check, validating ``additional_config["flexprefill"]`` first.
 
@@ -120,7 +129,9 @@ def check_config_first(original):
     def check_and_update_config(cls, vllm_config, *args, **kwargs):
         from vllm_flexprefill.backend.settings import config_from_vllm
 
-        config_from_vllm(vllm_config)
+        # shares of the depth against the model's layers: after the config is built
+        # (check_engine_config), else the config's validation wraps our sentence in its own
+        config_from_vllm(vllm_config, depth=False)
         return original(vllm_config, *args, **kwargs)
 
     return check_and_update_config

@@ -19,16 +19,19 @@ class FlexPrefillSettingsError(ValueError):
     """A bad ``additional_config["flexprefill"]``: what is wrong, and where it was set."""
 
 
-def config_from_vllm(vllm_config) -> FlexPrefillConfig:
+def config_from_vllm(vllm_config, depth: bool = True) -> FlexPrefillConfig:
     """``additional_config["flexprefill"]`` as a validated FlexPrefillConfig (vLLM's config or
     its engine arguments: both hold ``additional_config``), ``layer_gamma``'s shares of the
-    depth as layer indices where the config holds the model.
+    depth as layer indices where the config holds the model (unless ``depth`` is False).
 
     Raises FlexPrefillSettingsError (a ValueError, which stops the engine from starting) on
     unknown keys or bad values.
     """
+    extra = compat.additional_config(vllm_config)
+    if not depth:
+        return settings_from(extra)
     has_model = getattr(vllm_config, "model_config", None) is not None
-    return settings_from(compat.additional_config(vllm_config), compat.num_layers(vllm_config), has_model)
+    return settings_from(extra, compat.num_layers(vllm_config), has_model)
 
 
 def settings_from(extra: dict, num_layers: int | None = None, has_model: bool = False) -> FlexPrefillConfig:
