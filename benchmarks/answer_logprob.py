@@ -36,9 +36,9 @@ def parse_layers(text: str) -> frozenset[int]:
     for part in text.split(","):
         try:
             ((first, last, _),) = layer_ranges({part: 1.0})
-        except ValueError:
+            layers.update(range(first, last + 1))  # a share of the depth ("0%-50%": floats) is a TypeError here
+        except (ValueError, TypeError):
             raise ValueError(f"layers {text!r}: give ranges such as '0-13' or '3,5-7'") from None
-        layers.update(range(first, last + 1))
     return frozenset(layers)
 
 
@@ -63,11 +63,9 @@ class SparseLayers:
         self.cfg = None
         self.layers: frozenset[int] | None = None
 
-    def use(self, cfg, layers, num_layers: int | None = None) -> None:
-        """cfg None: dense everywhere; layers None: every layer; num_layers: the model's depth,
-        for ``layer_gamma``'s shares of it."""
-        self.cfg = cfg if cfg is None or num_layers is None else cfg.for_depth(num_layers)
-        self.layers = layers
+    def use(self, cfg, layers) -> None:
+        """cfg None: dense everywhere; layers None: every layer."""
+        self.cfg, self.layers = cfg, layers
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -150,7 +148,7 @@ def score_setting(model, attention: SparseLayers, ids: torch.Tensor, chunk: int,
     """The setting's prefill of ``ids`` [1, N]; then, reading its cache densely as decode does,
     ``answer``'s per-token log-probabilities and whether each is the most likely token, and
     the setting's own greedy answer."""
-    attention.use(cfg, layers, model.config.num_hidden_layers)
+    attention.use(cfg, layers)
     cache, logits = prefill(model, ids, chunk)
     attention.use(None, None)
     logp, top = teacher_forced(model, cache, logits, answer)
@@ -184,6 +182,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     attention = SparseLayers()
     model = load(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), attention)
+    # layer_gamma's shares of the depth as this model's layers, once
+    settings = [(name, cfg.for_depth(model.config.num_hidden_layers), layers) for name, cfg, layers in settings]
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None}
     eos = {x for t in eos for x in (t if isinstance(t, list) else [t])}

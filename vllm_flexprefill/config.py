@@ -114,12 +114,11 @@ class FlexPrefillConfig:
         """These settings in a model of ``num_layers`` layers: ``layer_gamma``'s shares of the
         depth as layer indices (a range that holds no layer drops out). Raises ValueError
         where a share names a layer an index range names too."""
-        shares = [r for r in self.layer_gamma or () if isinstance(r[0], float)]
-        if not shares:
+        if not self.has_depth_shares:
             return self
         where = f"(in a model of {num_layers} layers; set it in FlexPrefillConfig or additional_config['flexprefill'])"
         ranges = [r for r in self.layer_gamma if not isinstance(r[0], float)]
-        for a, b, gamma in shares:
+        for a, b, gamma in (r for r in self.layer_gamma if isinstance(r[0], float)):
             first, end = math.ceil(a * num_layers - 1e-9), math.ceil(b * num_layers - 1e-9)
             if first < end:
                 ranges.append((first, end - 1, gamma))
@@ -131,10 +130,15 @@ class FlexPrefillConfig:
         depth first (``for_depth``)."""
         if not self.layer_gamma or index is None:
             return self
-        if any(isinstance(r[0], float) for r in self.layer_gamma):
+        if self.has_depth_shares:
             raise ValueError(f"layer_gamma {self.to_dict()['layer_gamma']} names layers by share of the depth: "
                              f"call for_depth(num_layers) before for_layer, or name the layers by index")
         return _layer_settings(self, index)
+
+    @property
+    def has_depth_shares(self) -> bool:
+        """Whether ``layer_gamma`` names layers by share of the depth (``for_depth`` resolves them)."""
+        return any(isinstance(r[0], float) for r in self.layer_gamma or ())
 
     @property
     def min_blocks(self) -> int:

@@ -39,7 +39,7 @@ def settings_from(extra: dict, num_layers: int | None = None, has_model: bool = 
         cfg = FlexPrefillConfig.from_dict(extra.get(KEY))
         if num_layers is not None:
             return cfg.for_depth(num_layers)
-        if has_model and any(isinstance(r[0], float) for r in cfg.layer_gamma or ()):
+        if has_model and cfg.has_depth_shares:
             # said at start-up, not by the first layer call
             raise ValueError("layer_gamma names layers by share of the depth, and this model's config gives no "
                              "number of layers: name them by index")

@@ -145,7 +145,7 @@ def patch_model(model: torch.nn.Module, pattern: str | FlexPrefillConfig | Mappi
         config = pattern
     cfg = config if isinstance(config, FlexPrefillConfig) else FlexPrefillConfig.from_dict(config)
     if isinstance(getattr(model.config, "num_hidden_layers", None), int):
-        cfg.for_depth(model.config.num_hidden_layers)  # a share of the depth that overlaps an index: said now
+        cfg = cfg.for_depth(model.config.num_hidden_layers)  # this model's layers; an overlap is said now
     register()
     model.config.flexprefill = cfg.to_dict()
     for module in model.modules():
