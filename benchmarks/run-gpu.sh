@@ -33,11 +33,11 @@
 #   bash benchmarks/run-gpu.sh ruler-stop # stops the queue (before timed work), hands back the answers
 #   bash benchmarks/run-gpu.sh recall-qwen  # recall per layer and head of one 128k prompt (LENGTH, TASK, FIRST:
 #                                         # the prompt's index; CHUNK=16384: chunk by chunk as vLLM's prefill
-#                                         # runs it), default settings (gamma 0.95) and gamma 0.99; not timed,
+#                                         # runs it), default settings and gamma 0.99 everywhere; not timed,
 #                                         # so it may run beside the RULER queue
 #   bash benchmarks/run-gpu.sh answer-qwen  # answer_logprob.py: SAMPLES (4) prompts of LENGTH (65536) from FIRST,
 #                                         # chunks of CHUNK (16384), gamma 0.95 in every layer, in layers 0-13
-#                                         # only, in 14-27 only, and 0.99 in 0-13; not timed (beside the queue)
+#                                         # only, in 14-27 only, and the default (0.99 in 0-13); not timed
 #   bash benchmarks/run-gpu.sh ruler-positions  # ruler.py --by-position on docs/results/ruler-qwen.jsonl, the prompts
 #                                         # made with the GPU machine's Python, as they were answered (no GPU)
 #   bash benchmarks/run-gpu.sh long-document  # examples/long_document.py: ~100k tokens, FLASH_ATTN vs FLEX_PREFILL
@@ -121,19 +121,20 @@ for stage in "$@"; do
                 [ "$stage" = ruler-stop ] && kill -- -"$(cat "$HOME/ruler-bg.pid")" 2>/dev/null && sleep 3
                 grep -E "^==|^\[|^ *[0-9]+ (MEAN|density)|cells answered|^done|Error|rror:" "$HOME/ruler-bg.log" | tail -40
                 cp "$HOME"/gpu-ruler/*.jsonl "$OUT/" 2>/dev/null ;;
-    # the default settings (gamma 0.95) beside gamma 0.99, the prompt whole or (CHUNK) chunk by
+    # the default settings beside gamma 0.99 in every layer, the prompt whole or (CHUNK) chunk by
     # chunk; the mass of every query is computed once per layer and piece, each setting only
     # chooses blocks
     recall-qwen) timeout 590 python benchmarks/recall.py --model qwen2.5-coder-1.5b --length ${LENGTH:-131072} \
                    --samples 1 --first-sample ${FIRST:-0} --task ${TASK:-niah_multikey} \
-                   --config default='{}' --config g99='{"gamma": 0.99}' ${CHUNK:+--chunk $CHUNK} \
+                   --config default='{}' --config g99='{"gamma": 0.99, "layer_gamma": {}}' ${CHUNK:+--chunk $CHUNK} \
                    --out "$OUT/recall-qwen.json" 2>&1 | grep -v -E "Loading|Warning" | tail -40 ;;
     # which layers move dense's answer: gamma 0.95 sparse everywhere, in layers 0-13 only, in
-    # 14-27 only, and gamma 0.99 in 0-13 (every chunk sparse; transformers, bf16)
+    # 14-27 only, and the default, gamma 0.99 in 0-13 (every chunk sparse; transformers, bf16)
     answer-qwen) timeout 590 python benchmarks/answer_logprob.py --model qwen2.5-coder-1.5b --length ${LENGTH:-65536} \
                    --chunk ${CHUNK:-16384} --task ${TASK:-niah_multiquery} --first-sample ${FIRST:-0} --samples ${SAMPLES:-4} \
-                   --config all='{"gamma": 0.95}' --config early='{"gamma": 0.95, "layers": "0-13"}' \
-                   --config late='{"gamma": 0.95, "layers": "14-27"}' \
+                   --config all='{"gamma": 0.95, "layer_gamma": {}}' \
+                   --config early='{"gamma": 0.95, "layer_gamma": {}, "layers": "0-13"}' \
+                   --config late='{"gamma": 0.95, "layer_gamma": {}, "layers": "14-27"}' \
                    --config early99='{"gamma": 0.95, "layer_gamma": {"0-13": 0.99}}' \
                    --out "$OUT/answer-qwen.json" 2>&1 | grep -v -E "Loading|Warning|crop" | tail -40 ;;
     # where the answers one engine alone found stand, with the prompts made on this machine's
@@ -170,7 +171,7 @@ for stage in "$@"; do
               timeout 190 python benchmarks/ttft.py --shape "$shape" --lengths 32768 --engines FLASH_ATTN FLEX_10 \
                 --reps 1 --out "$OUT/$shape" 2>&1 | grep -E "^ +on|failed|Error" | tail -4
             done ;;
-    sweep) sparse='"min_sparse_tokens": 0, "min_sparse_query_tokens": 0'
+    sweep) sparse='"layer_gamma": {}, "min_sparse_tokens": 0, "min_sparse_query_tokens": 0'
            timeout 590 python benchmarks/ruler.py --out "$OUT" --name sweep --lengths 16384 32768 --engines \
              --engine "g90={\"gamma\": 0.9, $sparse}" --engine "g95={$sparse}" --engine "g99={\"gamma\": 0.99, $sparse}" \
              ${SWEEP_ARGS:---samples 50} 2>&1 | tee "$OUT/sweep.log" | grep -v -E "INFO|WARNING|it/s" | tail -40 ;;

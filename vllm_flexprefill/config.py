@@ -36,10 +36,11 @@ class FlexPrefillConfig:
     gamma: float = 0.95
     """Coverage gamma in (0, 1]: the chosen vertical blocks carry at least this share of
     the probe's vertical attention mass, and the chosen slash (block-diagonal) offsets at
-    least this share of its slash mass. Higher is denser and more accurate. The same for
-    every model: the paper's 0.9 for Qwen2 lost answers that dense found on
-    Qwen2.5-Coder-1.5B at 32k and 64k, 0.95 did not at 32k and fewer at 64k, where 0.99
-    answered as dense; at 128k 0.95 lost more and 0.99 fewer (docs/quality.md)."""
+    least this share of its slash mass. Higher is denser and more accurate. Every layer
+    that ``layer_gamma`` does not name runs it (by default the second half of the model).
+    The same for every model: the paper's 0.9 for Qwen2 lost answers that dense found on
+    Qwen2.5-Coder-1.5B at 32k and 64k; 0.95 did not at 32k and lost some at 64k and 128k,
+    all in the first half of the layers (docs/quality.md)."""
 
     tau: float = 0.1
     """Pattern threshold tau >= 0: a head whose Jensen-Shannon distance between the
@@ -70,14 +71,19 @@ class FlexPrefillConfig:
     """In vLLM, prefill chunks with fewer new tokens than this run dense even in a long
     sequence. None (default): the cost model decides. An integer is a fixed rule."""
 
-    layer_gamma: Mapping[str, float] | tuple[tuple[int | float, int | float, float], ...] | None = None
+    layer_gamma: Mapping[str, float] | tuple[tuple[int | float, int | float, float], ...] | None = (
+        (0.0, 0.5, 0.99),)
     """gamma for some layers, e.g. ``{"14-24": 0.95}``: by index in the model (inclusive ranges
     or single indices, as strings or integers), or by share of the model's depth,
     ``{"0%-50%": 0.99}`` (the layers from 0 % of the depth up to, not including, 50 %: layers
-    0-13 of 28, 0-14 of 30); every other layer uses ``gamma``. Read by vLLM and transformers,
-    which know each layer's index and the model's depth (``for_depth``); the functional API
-    runs one layer's settings (``for_layer``). Kept as ``((first, last, gamma), ...)``: layer
-    indices as integers, shares of the depth as floats in [0, 1]."""
+    0-13 of 28, 0-14 of 30); every other layer uses ``gamma``. Default ``{"0%-50%": 0.99}``:
+    on Qwen2.5-Coder-1.5B the answers gamma 0.95 lost at 64k and 128k were lost in the first
+    half of the layers, and 0.99 there kept them at 64k and most of them at 128k
+    (docs/quality.md). ``{}`` (or None) runs ``gamma`` in every layer, as the paper does.
+    Read by vLLM and transformers, which know each layer's index and the model's depth
+    (``for_depth``); the functional API runs one layer's settings (``for_layer``), ``gamma``
+    where no index is given. Kept as ``((first, last, gamma), ...)`` or None: layer indices as
+    integers, shares of the depth as floats in [0, 1]."""
 
     kernel: str = "auto"
     """The block-sparse attention kernel: "fa4" (vLLM's own FlashAttention-4, on Hopper),
@@ -185,13 +191,10 @@ class FlexPrefillConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as ``from_dict`` takes them; ``layer_gamma`` only where set (a record
-        of settings made before it existed reads the same)."""
+        """The settings as ``from_dict`` takes them (``from_dict(cfg.to_dict()) == cfg``);
+        ``layer_gamma`` as a dictionary, {} for none."""
         out = dataclasses.asdict(self)
-        if self.layer_gamma is None:
-            del out["layer_gamma"]
-        else:
-            out["layer_gamma"] = {_range_key(a, b): g for a, b, g in self.layer_gamma}
+        out["layer_gamma"] = {_range_key(a, b): g for a, b, g in self.layer_gamma or ()}
         return out
 
 

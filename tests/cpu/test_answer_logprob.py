@@ -10,10 +10,11 @@ import answer_logprob as al  # noqa: E402
 
 from vllm_flexprefill.config import FlexPrefillConfig  # noqa: E402
 
-# every block kept: FlexPrefill must equal SDPA
-EXACT = FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0, "sparse_block_size": 32})
+# every block kept: FlexPrefill must equal SDPA; LOSSY: gamma 0.5 in every layer it runs in
+EXACT = FlexPrefillConfig.from_dict({"min_budget": 1000000, "min_sparse_tokens": 0, "sparse_block_size": 32,
+                                     "layer_gamma": {}})
 LOSSY = FlexPrefillConfig.from_dict({"min_budget": 32, "gamma": 0.5, "min_sparse_tokens": 0,
-                                     "sparse_block_size": 32})
+                                     "sparse_block_size": 32, "layer_gamma": {}})
 
 
 @pytest.fixture(scope="module")

@@ -90,10 +90,12 @@ def test_every_served_model_gets_the_same_defaults():
     from vllm_flexprefill.config import FlexPrefillConfig
 
     def served(model_type, settings=None):
-        model = SimpleNamespace(hf_config=SimpleNamespace(model_type=model_type))
+        model = SimpleNamespace(hf_config=SimpleNamespace(model_type=model_type, num_hidden_layers=28))
         return SimpleNamespace(model_config=model, additional_config={"flexprefill": settings} if settings else {})
 
-    assert config_from_vllm(served("qwen2")) == config_from_vllm(served("llama")) == FlexPrefillConfig()
+    # the default's first half of the layers as this model's layers 0-13
+    assert config_from_vllm(served("qwen2")) == config_from_vllm(served("llama")) == FlexPrefillConfig(
+        layer_gamma={"0-13": 0.99})
     assert config_from_vllm(served("qwen2", {"gamma": 0.9})).gamma == 0.9
 
 
@@ -114,6 +116,11 @@ def test_shares_of_the_depth_become_the_served_model_s_layers():
     unknown = SimpleNamespace(hf_config=SimpleNamespace())
     with pytest.raises(FlexPrefillSettingsError, match="gives no number of layers: name them by index"):
         config_from_vllm(SimpleNamespace(model_config=unknown, additional_config=settings))
+    # the default names the first half too: the error says how to run without it
+    with pytest.raises(FlexPrefillSettingsError, match=r"\(the default names the first half\).*set layer_gamma to \{\}"):
+        config_from_vllm(SimpleNamespace(model_config=unknown, additional_config={}))
+    uniform = {"flexprefill": {"layer_gamma": {}}}
+    assert config_from_vllm(SimpleNamespace(model_config=unknown, additional_config=uniform)).layer_gamma is None
 
 
 def test_a_measuring_layer_runs_dense_and_records_its_density(monkeypatch):

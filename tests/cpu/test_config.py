@@ -9,6 +9,11 @@ def test_defaults_and_block_budgets():
     cfg = FlexPrefillConfig()
     assert (cfg.gamma, cfg.tau, cfg.min_budget, cfg.max_budget, cfg.sparse_block_size) == (0.95, 0.1, 1024, None, 128)
     assert cfg.min_blocks == 8 and cfg.max_blocks is None
+    # gamma 0.99 in the first half of the layers, gamma in the rest
+    assert cfg.layer_gamma == ((0.0, 0.5, 0.99),) and cfg.to_dict()["layer_gamma"] == {"0%-50%": 0.99}
+    assert [cfg.for_depth(28).for_layer(i).gamma for i in (0, 13, 14, 27)] == [0.99, 0.99, 0.95, 0.95]
+    assert [cfg.for_depth(30).for_layer(i).gamma for i in (14, 15)] == [0.99, 0.95]
+    assert cfg.for_layer(None).gamma == 0.95  # a layer of unknown index (the functional API)
     assert FlexPrefillConfig(min_budget=1000, max_budget=1025, sparse_block_size=64).min_blocks == 16
     assert FlexPrefillConfig(min_budget=None, max_budget=1025, sparse_block_size=64).max_blocks == 17
     assert FlexPrefillConfig(min_budget=None).min_blocks == 1
@@ -46,11 +51,13 @@ def test_layer_gamma_sets_some_layers_and_reads_back():
     assert cfg.gamma == 0.9 and cfg.layer_gamma == ((3, 3, 1.0), (14, 24, 0.95))
     assert [cfg.for_layer(i).gamma for i in (0, 3, 13, 14, 24, 25)] == [0.9, 1.0, 0.9, 0.95, 0.95, 0.9]
     assert cfg.for_layer(14).layer_gamma is None and cfg.for_layer(14).tau == cfg.tau
-    assert cfg.for_layer(None) is cfg and FlexPrefillConfig().for_layer(7) == FlexPrefillConfig()
+    uniform = FlexPrefillConfig(layer_gamma=None)
+    assert cfg.for_layer(None) is cfg and uniform.for_layer(7) == uniform
     assert cfg.to_dict()["layer_gamma"] == {"3": 1.0, "14-24": 0.95}
     assert FlexPrefillConfig.from_dict(cfg.to_dict()) == cfg
-    # settings without it read as they did before it existed (answer files key on them)
-    assert "layer_gamma" not in FlexPrefillConfig().to_dict()
+    # {} and None: gamma in every layer, and so it reads back (not as the default)
+    assert FlexPrefillConfig.from_dict({"layer_gamma": {}}) == uniform and uniform.to_dict()["layer_gamma"] == {}
+    assert FlexPrefillConfig.from_dict(uniform.to_dict()) == uniform != FlexPrefillConfig()
 
 
 def test_layer_gamma_by_share_of_the_depth_becomes_the_model_s_layers():

@@ -125,5 +125,7 @@ def test_exact_mode_other_architectures(arch, tmp_path):
     assert flex is not None, log[-3000:]
     assert layer_calls(records), f"FlexPrefill never ran for {arch}"
     assert flex[0]["token_ids"] == stock[0]["token_ids"]
-    # settings that name no gamma take the default, the same on every model
+    # settings that name no gamma take the default, the same on every model: 0.99 in the first
+    # half of the layers (layer 0 of this model's two), resolved in the engine's process
     assert "FlexPrefill active (CPU): FlexPrefillConfig(gamma=0.95," in log, log[-3000:]
+    assert "layer_gamma=((0, 0, 0.99),)" in log, log[-3000:]

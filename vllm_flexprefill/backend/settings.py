@@ -41,8 +41,9 @@ def settings_from(extra: dict, num_layers: int | None = None, has_model: bool = 
             return cfg.for_depth(num_layers)
         if has_model and cfg.has_depth_shares:
             # said at start-up, not by the first layer call
-            raise ValueError("layer_gamma names layers by share of the depth, and this model's config gives no "
-                             "number of layers: name them by index")
+            raise ValueError(f"layer_gamma {cfg.to_dict()['layer_gamma']} names layers by share of the depth "
+                             "(the default names the first half), and this model's config gives no number of "
+                             "layers: name them by index, or set layer_gamma to {} for gamma in every layer")
         return cfg
     except ValueError as e:
         raise FlexPrefillSettingsError(
