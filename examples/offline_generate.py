@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--no-chunked-prefill", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (a faster start)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
@@ -53,7 +54,7 @@ def main() -> None:
     kwargs = dict(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=True,
                   enable_chunked_prefill=not args.no_chunked_prefill, tensor_parallel_size=args.tensor_parallel_size,
-                  load_format=args.load_format, seed=0)
+                  load_format=args.load_format, enforce_eager=args.enforce_eager, seed=0)
     if args.attention_backend.lower() != "auto":
         kwargs["attention_backend"] = args.attention_backend
     if args.additional_config:

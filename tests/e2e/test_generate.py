@@ -8,6 +8,9 @@ from conftest import EXACT, SPARSE, generate, layer_calls
 
 EXACT_ARGS = ["--num-prompts", "3", "--prompt-words", "1500", "2500", "3000", "--repeat", "2",
               "--max-num-batched-tokens", "1024"]
+# without torch.compile: a start 30 s shorter on a 2-core CPU; the tp tests (and the server's)
+# run FlexPrefill under vLLM's default compilation
+EAGER = "--enforce-eager"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_exact_mode_tokens_equal_stock_backend(tiny_model, tmp_path, stock, tp, 
 def test_default_settings_run_sparse_through_custom_name(tiny_model, tmp_path):
     flex, log, records = generate(tmp_path, tiny_model, "--attention-backend", "CUSTOM",
                                   "--additional-config", json.dumps(SPARSE), "--num-prompts", "2",
-                                  "--prompt-words", "3000", "--max-num-batched-tokens", "4096")
+                                  "--prompt-words", "3000", "--max-num-batched-tokens", "4096", EAGER)
     assert flex is not None, log[-3000:]
     densities = [density(c) for c in layer_calls(records)]
     # a short first chunk may keep every block; the long ones must not
@@ -92,7 +95,7 @@ def test_environment_variable_selects_flexprefill(tiny_model, tmp_path):
     from conftest import vllm_env
 
     flex, log, records = generate(tmp_path, tiny_model, "--attention-backend", "auto", "--additional-config",
-                                  json.dumps(SPARSE), "--num-prompts", "1", "--prompt-words", "2000",
+                                  json.dumps(SPARSE), "--num-prompts", "1", "--prompt-words", "2000", EAGER,
                                   env=vllm_env(VLLM_ATTENTION_BACKEND="FLEX_PREFILL"))
     assert flex is not None, log[-3000:]
     assert layer_calls(records), "VLLM_ATTENTION_BACKEND=FLEX_PREFILL did not select FlexPrefill"
@@ -117,7 +120,7 @@ def test_exact_mode_other_architectures(arch, tmp_path):
     from synthetic import make_tiny_model
 
     model = make_tiny_model(tmp_path / f"tiny-{arch}", arch=arch, seed=3)
-    args = ["--num-prompts", "2", "--prompt-words", "1200", "2000", "--max-num-batched-tokens", "1024"]
+    args = ["--num-prompts", "2", "--prompt-words", "1200", "2000", "--max-num-batched-tokens", "1024", EAGER]
     stock, log, _ = generate(tmp_path, model, "--attention-backend", "auto", *args)
     assert stock is not None, log[-3000:]
     flex, log, records = generate(tmp_path, model, "--attention-backend", "FLEX_PREFILL",
