@@ -59,11 +59,15 @@ def test_sparse_prefill_differs_from_sdpa_only_where_blocks_were_skipped(tiny_ll
 
 def test_a_qwen2_model_gets_the_default_gamma_unless_the_config_names_one():
     # no model has a gamma of its own (Qwen2's 0.9 lost answers on Qwen2.5: docs/quality.md)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1)
     model = transformers.Qwen2ForCausalLM(config)
-    assert patch_model(model).config.flexprefill["gamma"] == 0.95
-    assert patch_model(model, "flex_prefill", {"flex_prefill_gamma": 0.9}).config.flexprefill["gamma"] == 0.9
+    # 0.99 in the first half of the layers (layer 0 of two), as this model's layers
+    settings = patch_model(model).config.flexprefill
+    assert settings["gamma"] == 0.95 and settings["layer_gamma"] == {"0": 0.99}
+    settings = patch_model(model, "flex_prefill", {"flex_prefill_gamma": 0.9}).config.flexprefill
+    assert settings["gamma"] == 0.9 and settings["layer_gamma"] == {"0": 0.99}
+    assert patch_model(model, {"gamma": 0.9, "layer_gamma": {}}).config.flexprefill["layer_gamma"] == {}
 
 
 def test_bad_config_raises_the_same_clear_error():
