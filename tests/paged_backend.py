@@ -47,7 +47,8 @@ HQ, H, D = 4, 2, 64
 # long prefills: more than one new token, >= 600 in all, >= 100 new (docs/configuration.md)
 ROUTING = {"min_sparse_tokens": 600, "min_sparse_query_tokens": 100, "sparse_block_size": 64}
 EXACT = {**ROUTING, "min_budget": 100000}  # every block kept
-SPARSE = {**ROUTING, "gamma": 0.9, "tau": 0.1, "min_budget": 128}
+# gamma 0.9 in every layer, whichever layer the test builds: the reference runs one gamma
+SPARSE = {**ROUTING, "gamma": 0.9, "layer_gamma": {}, "tau": 0.1, "min_budget": 128}
 
 
 def long_prefills(requests: list[Request]) -> list[int]:
