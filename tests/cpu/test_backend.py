@@ -117,7 +117,8 @@ def test_shares_of_the_depth_become_the_served_model_s_layers():
     with pytest.raises(FlexPrefillSettingsError, match="gives no number of layers: name them by index"):
         config_from_vllm(SimpleNamespace(model_config=unknown, additional_config=settings))
     # the default names the first half too: the error says how to run without it
-    with pytest.raises(FlexPrefillSettingsError, match=r"\(the default names the first half\).*set layer_gamma to \{\}"):
+    with pytest.raises(FlexPrefillSettingsError,
+                       match=r"\(the default names the first half\).*set layer_gamma to \{\}"):
         config_from_vllm(SimpleNamespace(model_config=unknown, additional_config={}))
     uniform = {"flexprefill": {"layer_gamma": {}}}
     assert config_from_vllm(SimpleNamespace(model_config=unknown, additional_config=uniform)).layer_gamma is None
