@@ -36,9 +36,11 @@ def parse_layers(text: str) -> frozenset[int]:
     for part in text.split(","):
         try:
             ((first, last, _),) = layer_ranges({part: 1.0})
-            layers.update(range(first, last + 1))  # a share of the depth ("0%-50%": floats) is a TypeError here
-        except (ValueError, TypeError):
+            if isinstance(first, float):  # a share of the depth ("0%-50%")
+                raise ValueError(part)
+        except ValueError:
             raise ValueError(f"layers {text!r}: give ranges such as '0-13' or '3,5-7'") from None
+        layers.update(range(first, last + 1))
     return frozenset(layers)
 
 

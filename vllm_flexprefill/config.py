@@ -120,11 +120,11 @@ class FlexPrefillConfig:
         """These settings in a model of ``num_layers`` layers: ``layer_gamma``'s shares of the
         depth as layer indices (a range that holds no layer drops out). Raises ValueError
         where a share names a layer an index range names too."""
-        if not self.has_depth_shares:
+        ranges, shares = _indices_and_shares(self.layer_gamma)
+        if not shares:
             return self
         where = f"(in a model of {num_layers} layers; set it in FlexPrefillConfig or additional_config['flexprefill'])"
-        ranges = [r for r in self.layer_gamma if not isinstance(r[0], float)]
-        for a, b, gamma in (r for r in self.layer_gamma if isinstance(r[0], float)):
+        for a, b, gamma in shares:
             first, end = math.ceil(a * num_layers - 1e-9), math.ceil(b * num_layers - 1e-9)
             if first < end:
                 ranges.append((first, end - 1, gamma))
@@ -144,7 +144,7 @@ class FlexPrefillConfig:
     @property
     def has_depth_shares(self) -> bool:
         """Whether ``layer_gamma`` names layers by share of the depth (``for_depth`` resolves them)."""
-        return any(isinstance(r[0], float) for r in self.layer_gamma or ())
+        return bool(_indices_and_shares(self.layer_gamma)[1])
 
     @property
     def min_blocks(self) -> int:
@@ -210,6 +210,12 @@ def _range_key(a, b) -> str:
     return f"{a}" if a == b else f"{a}-{b}"
 
 
+def _indices_and_shares(ranges) -> tuple[list, list]:
+    """``layer_gamma``'s triples (or None) as (layer-index ranges, shares of the depth: floats)."""
+    ranges = ranges or ()
+    return [r for r in ranges if not isinstance(r[0], float)], [r for r in ranges if isinstance(r[0], float)]
+
+
 def layer_ranges(values, where: str = "") -> tuple[tuple[int | float, int | float, float], ...] | None:
     """``layer_gamma`` as sorted ``(first, last, gamma)``: layer indices as integers
     (inclusive, non-overlapping), shares of the depth as floats ([first, last), 0 <= first <
@@ -252,8 +258,7 @@ def layer_ranges(values, where: str = "") -> tuple[tuple[int | float, int | floa
             raise ValueError(f"layer_gamma's gamma for layers {layers!r} must be a number in (0, 1], "
                              f"got {gamma!r} {where}")
         ranges.append((first, last, float(gamma)))
-    indices = sorted(r for r in ranges if not isinstance(r[0], float))
-    shares = sorted(r for r in ranges if isinstance(r[0], float))
+    indices, shares = (sorted(part) for part in _indices_and_shares(ranges))
     for (a0, b0, _), (a1, b1, _) in itertools.pairwise(indices):
         if a1 <= b0:
             raise ValueError(f"layer_gamma names layers {a1}-{min(b0, b1)} twice ({a0}-{b0} and {a1}-{b1}) {where}")
