@@ -94,12 +94,14 @@ for stage in "$@"; do
                      > "$HOME/qwen-convert.log" 2>&1 < /dev/null &
                    echo "qwen-model: converting in the background (log: $HOME/qwen-convert.log)" ;;
     # eager by default, every engine alike (COMPILATION=vllm for vLLM's default): with
-    # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s
+    # torch.compile a Qwen engine took about 130 s to start on an H200, eager about 65 s; each
+    # FlexPrefill engine's "FlexPrefill active" line shows its settings as its process resolved
+    # them (layer_gamma as layer ranges)
     ttft-qwen) timeout 570 python benchmarks/ttft.py --shape qwen2.5-coder-1.5b --lengths ${LENGTHS:-32768 65536 131072} \
                  --engines ${ENGINES:-FLASH_ATTN FLEX_PREFILL FLEX_SPARSE} ${RATES:+--rates $RATES} ${SETTINGS:+--settings $SETTINGS} \
                  ${PACKAGES:+--packages $PACKAGES} \
                  --reps 3 --rounds ${ROUNDS:-1} ${FIRST_ROUND:+--first-round $FIRST_ROUND} --compilation ${COMPILATION:-eager} --out "$OUT" 2>&1 \
-                 | grep -E "^ +on|failed|Error|GPU busy|what ran|by layer|host:|package:" | tail -30 ;;
+                 | grep -E "^ +on|failed|Error|GPU busy|what ran|by layer|host:|package:|FlexPrefill active" | tail -36 ;;
     ruler-qwen) answers=".gpu-ruler/${RULER_FILE:-qwen}.jsonl"; mkdir -p .gpu-ruler
                 timeout 560 python benchmarks/ruler.py --model qwen2.5-coder-1.5b --out "$OUT" --answers "$answers" \
                   ${RULER_ARGS:---lengths 16384 32768 --samples 100} 2>&1 | tee "$OUT/ruler.log" \
